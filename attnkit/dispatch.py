@@ -1,0 +1,314 @@
+"""Backend registry and dispatch.
+
+Every dispatched op is split in two:
+
+* a *prepare* function (registered with :func:`op`) that validates the public arguments and
+  returns a :class:`Call`: the normalised keyword arguments that every backend implementation
+  takes, plus the :class:`Inputs` summary (device, dtype, head dims, features) that backends
+  use to accept or refuse the call;
+* one implementation per backend (registered with :func:`register`), each stating what it
+  supports and giving reasons when it refuses an input.
+
+The public function is then ``run(name, prepare(...), backend)``; adding a backend for an op
+never touches the op's public function. ``explain`` runs only the prepare step and the
+acceptance checks, never a kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "Call",
+    "Explanation",
+    "Inputs",
+    "explain",
+    "op",
+    "register",
+    "registered",
+    "run",
+]
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend is not installed, has no kernel for the op, or cannot run this input."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a backend needs to know to accept or refuse a call (no tensor values)."""
+
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    head_dims: tuple[int, ...] = ()
+    # Free-form feature tags, e.g. {"varlen", "grad", "qk_norm=rms", "feature_map=callable"}.
+    features: frozenset[str] = frozenset()
+
+    def has(self, feature: str) -> bool:
+        return feature in self.features
+
+
+@dataclass
+class Call:
+    """A validated call: `kwargs` are the normalised arguments every implementation takes."""
+
+    inputs: Inputs
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Implementation:
+    op: str
+    backend: str
+    target: Callable[..., Any] | str  # a function, or "module:attr" imported on first use
+    priority: int
+    devices: tuple[str, ...] | None
+    dtypes: tuple[torch.dtype, ...] | None
+    head_dim_range: tuple[int, int] | None
+    check: Callable[[Inputs], Iterable[str]] | None
+    automatic: bool
+
+    def function(self) -> Callable[..., Any]:
+        if isinstance(self.target, str):
+            module, _, attr = self.target.partition(":")
+            self.target = getattr(importlib.import_module(module), attr)
+        return self.target
+
+    def reasons(self, inputs: Inputs) -> list[str]:
+        out = list(_backend_reasons(self.backend, inputs))
+        if out:
+            return out
+        if self.devices is not None and inputs.device.type not in self.devices:
+            out.append(f"runs on {'/'.join(self.devices)} tensors, got {inputs.device.type}")
+        if self.dtypes is not None and inputs.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            out.append(f"supports dtypes {names}, got {str(inputs.dtype).replace('torch.', '')}")
+        if self.head_dim_range is not None:
+            lo, hi = self.head_dim_range
+            bad = [d for d in inputs.head_dims if not lo <= d <= hi]
+            if bad:
+                out.append(f"supports head dims {lo}..{hi}, got {bad}")
+        if self.check is not None:
+            out.extend(self.check(inputs))
+        return out
+
+
+_OPS: dict[str, Callable[..., Call]] = {}
+_IMPLS: dict[str, dict[str, Implementation]] = {}
+
+
+def op(name: str) -> Callable[[Callable[..., Call]], Callable[..., Call]]:
+    """Register the prepare (validation) function of a dispatched op."""
+
+    def deco(prepare: Callable[..., Call]) -> Callable[..., Call]:
+        if name in _OPS:
+            raise RuntimeError(f"op {name!r} registered twice")
+        _OPS[name] = prepare
+        return prepare
+
+    return deco
+
+
+def register(
+    op_name: str,
+    backend: str,
+    target: Callable[..., Any] | str,
+    *,
+    priority: int = 0,
+    devices: Iterable[str] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    head_dim_range: tuple[int, int] | None = None,
+    check: Callable[[Inputs], Iterable[str]] | None = None,
+    automatic: bool = True,
+) -> None:
+    """Register `target` as `backend`'s implementation of `op_name`.
+
+    `target` is a function or a ``"module:attr"`` string imported on first use (so that, e.g.,
+    Triton kernels are only compiled/decorated once they are needed). `priority` orders the
+    automatic choice (highest first); `automatic=False` keeps an implementation out of the
+    automatic choice (it still runs when named). `check(inputs)` returns refusal reasons.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _IMPLS.setdefault(op_name, {})[backend] = Implementation(
+        op=op_name,
+        backend=backend,
+        target=target,
+        priority=priority,
+        devices=tuple(devices) if devices is not None else None,
+        dtypes=tuple(dtypes) if dtypes is not None else None,
+        head_dim_range=head_dim_range,
+        check=check,
+        automatic=automatic,
+    )
+
+
+def registered(op_name: str) -> dict[str, Implementation]:
+    """The implementations registered for `op_name`, by backend name."""
+    return dict(_IMPLS.get(op_name, {}))
+
+
+# --------------------------------------------------------------------------- backend-level checks
+
+
+def _triton_reasons(inputs: Inputs) -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton)"]
+    if inputs.device.type == "cuda":
+        return []
+    if inputs.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return []
+        return ["CPU tensors run on the triton backend only under TRITON_INTERPRET=1 "
+                "(set it before triton is imported)"]
+    return [f"runs on CUDA tensors, got {inputs.device.type}"]
+
+
+def _cuda_reasons(inputs: Inputs) -> list[str]:
+    try:
+        native = importlib.import_module("attnkit.native")
+    except ImportError:
+        return ["the compiled extension (attnkit.native) is not part of this install"]
+    return list(native.unavailable_reasons(inputs))
+
+
+def _backend_reasons(backend: str, inputs: Inputs) -> list[str]:
+    if backend == "triton":
+        return _triton_reasons(inputs)
+    if backend == "cuda":
+        return _cuda_reasons(inputs)
+    return []
+
+
+def _automatic_reasons(impl: Implementation, inputs: Inputs) -> list[str]:
+    if not impl.automatic:
+        return ["not chosen automatically for this op; pass backend=" + repr(impl.backend)]
+    if impl.backend == "triton" and inputs.device.type == "cpu":
+        return ["the Triton interpreter (CPU) is for testing and is never chosen automatically; "
+                "pass backend='triton'"]
+    return []
+
+
+# --------------------------------------------------------------------------------------- choice
+
+
+def _requested(backend: str | None) -> str | None:
+    name = backend if backend is not None else (os.environ.get("ATTNKIT_BACKEND") or None)
+    if name is not None and name not in BACKENDS:
+        source = "backend" if backend is not None else "ATTNKIT_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {name!r}")
+    return name
+
+
+def _refusals(op_name: str, inputs: Inputs, automatic: bool) -> dict[str, list[str]]:
+    impls = _IMPLS.get(op_name, {})
+    out: dict[str, list[str]] = {}
+    for name in BACKENDS:
+        impl = impls.get(name)
+        if impl is None:
+            out[name] = [f"has no implementation of {op_name}"]
+            continue
+        reasons = impl.reasons(inputs)
+        if automatic and not reasons:
+            reasons = _automatic_reasons(impl, inputs)
+        out[name] = reasons
+    return out
+
+
+def _choose(op_name: str, inputs: Inputs, backend: str | None) -> tuple[Implementation | None, dict]:
+    requested = _requested(backend)
+    impls = _IMPLS.get(op_name, {})
+    refusals = _refusals(op_name, inputs, automatic=requested is None)
+    if requested is not None:
+        ok = not refusals[requested]
+        return (impls[requested] if ok else None), refusals
+    ranked = sorted(impls.values(), key=lambda i: -i.priority)
+    for impl in ranked:
+        if not refusals[impl.backend]:
+            return impl, refusals
+    return None, refusals
+
+
+def _format(refusals: dict[str, list[str]], only: str | None = None) -> str:
+    lines = []
+    for name, reasons in refusals.items():
+        if only is not None and name != only:
+            continue
+        for r in reasons:
+            lines.append(f"  {name}: {r}")
+    return "\n".join(lines)
+
+
+def run(op_name: str, call: Call, backend: str | None = None) -> Any:
+    """Choose a backend for a validated call and run it."""
+    impl, refusals = _choose(op_name, call.inputs, backend)
+    if impl is None:
+        requested = _requested(backend)
+        if requested is not None:
+            source = "backend" if backend is not None else "ATTNKIT_BACKEND"
+            raise BackendUnavailable(
+                f"{op_name}: {source}={requested!r} cannot run this input:\n"
+                + _format(refusals, only=requested))
+        raise BackendUnavailable(f"{op_name}: no backend can run this input:\n" + _format(refusals))
+    return impl.function()(**call.kwargs)
+
+
+@dataclass
+class Explanation:
+    """What the automatic (or requested) choice would do for a call, and why."""
+
+    op: str
+    backend: str | None
+    requested: str | None
+    refusals: dict[str, list[str]]
+    inputs: Inputs
+
+    def __str__(self) -> str:
+        head = f"{self.op}: " + (f"runs on {self.backend!r}" if self.backend else "no backend can run this input")
+        if self.requested:
+            head += f" (requested {self.requested!r})"
+        body = []
+        for name, reasons in self.refusals.items():
+            if name == self.backend:
+                continue
+            body.append(f"  {name}: " + ("; ".join(reasons) if reasons else "accepts, lower priority"))
+        return "\n".join([head, *body])
+
+
+def explain(op_name: str, *args: Any, **kwargs: Any) -> Explanation:
+    """Validate a call and report which backend would run it, without running anything.
+
+    Args:
+        op_name: the public name of a dispatched op, e.g. ``"lightning_attention"``.
+        *args, **kwargs: the arguments the op would be called with (``backend=`` included).
+
+    Returns:
+        An :class:`Explanation`; ``str()`` of it is a readable report.
+
+    Example:
+        >>> print(attnkit.explain("attention", q, k, v, causal=True))
+    """
+    if op_name not in _OPS:
+        raise ValueError(f"op_name must be one of {sorted(_OPS)}, got {op_name!r}")
+    backend = kwargs.pop("backend", None)
+    call = _OPS[op_name](*args, **kwargs)
+    requested = _requested(backend)
+    impl, refusals = _choose(op_name, call.inputs, backend)
+    return Explanation(op_name, impl.backend if impl else None, requested, refusals, call.inputs)
+
+
+def ops() -> list[str]:
+    """Names of every dispatched op."""
+    return sorted(_OPS)

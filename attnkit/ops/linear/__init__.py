@@ -1,0 +1,5 @@
+"""Linear attention and lightning attention (chunked prefill, recurrent decode step)."""
+
+from .api import layer_decay, lightning_attention, lightning_slopes, linear_attention, linear_attention_step
+
+__all__ = ["layer_decay", "lightning_attention", "lightning_slopes", "linear_attention", "linear_attention_step"]
