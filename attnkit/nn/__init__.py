@@ -1,3 +1,5 @@
 """Drop-in nn.Module layers built on attnkit ops."""
 
-__all__: list[str] = []
+from .linear import LightningAttention, LinearAttention, RMSNorm
+
+__all__ = ["LightningAttention", "LinearAttention", "RMSNorm"]
