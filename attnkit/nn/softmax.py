@@ -1,0 +1,381 @@
+"""Softmax-attention layers: GQA/MQA with QK-norm and RoPE (Llama/Qwen3), a KV cache, and a drop-in
+`torch.nn.MultiheadAttention`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.softmax import attention, attention_decode, qk_norm
+
+# --------------------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin `[..., head_dim]` for integer `positions`, as Llama / Qwen3 build them in transformers
+    (`inv_freq = 1 / theta^(2i/d)` in float32, frequencies repeated over the two halves)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+                                / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x [B, T, H, D]`, `cos/sin [B, T, D]`: `x·cos + rotate_half(x)·sin` (the Llama convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+# ------------------------------------------------------------------------------------ KV cache
+
+
+class KVCache:
+    """A preallocated KV cache for one attention layer.
+
+    `k [B, max_seqlen, Hk, D]`, `v [B, max_seqlen, Hk, Dv]` and `seqlens` int32 `[B]` (tokens cached
+    per row). `GroupedQueryAttention.forward(x, cache=...)` appends to it in place and advances
+    `seqlens` on the device (no host synchronisation).
+
+    Example:
+        >>> cache = KVCache.for_module(layer, batch_size=4, max_seqlen=4096)
+        >>> y = layer(prompt, cache=cache)          # prefill
+        >>> y = layer(next_token, cache=cache)      # decode, one token per row
+    """
+
+    def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int,
+                 v_head_dim: int | None = None, *, device=None, dtype=torch.float32) -> None:
+        self.k = torch.zeros(batch_size, max_seqlen, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch_size, max_seqlen, num_kv_heads, v_head_dim or head_dim, device=device,
+                             dtype=dtype)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self._empty = True  # host-side: nothing appended yet (lets prefill use the prefill kernel)
+
+    @classmethod
+    def for_module(cls, module: GroupedQueryAttention, batch_size: int, max_seqlen: int, *, device=None,
+                   dtype=None) -> KVCache:
+        w = module.k_proj.weight
+        return cls(batch_size, max_seqlen, module.num_kv_heads, module.head_dim, device=device or w.device,
+                   dtype=dtype or w.dtype)
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+        self._empty = True
+
+
+# ------------------------------------------------------------------------------- GQA / MQA layer
+
+
+class _HeadRMSNorm(nn.Module):
+    """`q_norm`/`k_norm` of Qwen3 attention: a `weight [head_dim]`, computed by `attnkit.qk_norm`."""
+
+    def __init__(self, head_dim: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qk_norm(x, self.weight, mode="rms", eps=self.variance_epsilon)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query self-attention with the parameters and computation of Llama / Qwen3 attention.
+
+    `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm` with a `weight [head_dim]` when
+    `qk_norm="rms"`) have the names and shapes of transformers' `LlamaAttention` / `Qwen3Attention`,
+    so their weights load unchanged. The computation is theirs: per-head RMS norm of q and k, then
+    RoPE (rotate-half convention, `rope_theta`), then causal softmax attention with scale
+    `head_dim ** -0.5`, then `o_proj`. Without RoPE, the QK-norm is fused into the attention kernel.
+
+    Args:
+        hidden_size: model width. num_heads: query heads `H`. num_kv_heads: KV heads (`None`: `H`).
+        head_dim: default `hidden_size // num_heads`.
+        bias: biases on all four projections (Llama/Qwen3 `attention_bias`).
+        qk_norm: `None`, `"rms"` (Qwen3/OLMo2-style per-head norm with weights) or `"l2"` (QKNorm;
+            no weights, see `attnkit.attention`).
+        causal: causal self-attention (default).
+        rope_theta: RoPE base; `None` means no rotary embedding.
+        norm_eps: epsilon of the QK-norm.
+        backend: attnkit backend for the ops (`None`: automatic).
+
+    Example:
+        >>> layer = attnkit.nn.GroupedQueryAttention(2048, 16, 4, qk_norm="rms", rope_theta=1e6)
+        >>> y = layer(x)   # [B, T, 2048]
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 *, bias: bool = False, qk_norm: str | None = None, causal: bool = True,
+                 rope_theta: float | None = None, norm_eps: float = 1e-6, backend: str | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if qk_norm not in (None, "rms", "l2"):
+            raise ValueError(f"qk_norm must be None, 'rms' or 'l2', got {qk_norm!r}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.qk_norm = qk_norm
+        self.causal = causal
+        self.rope_theta = rope_theta
+        self.norm_eps = norm_eps
+        self.scaling = self.head_dim ** -0.5
+        self.backend = backend
+        kw = dict(device=device, dtype=dtype)
+        D = self.head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * D, bias=bias, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * D, bias=bias, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * D, bias=bias, **kw)
+        self.o_proj = nn.Linear(num_heads * D, hidden_size, bias=bias, **kw)
+        if qk_norm == "rms":
+            self.q_norm = _HeadRMSNorm(D, norm_eps, **kw)
+            self.k_norm = _HeadRMSNorm(D, norm_eps, **kw)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"qk_norm={self.qk_norm}, causal={self.causal}, rope_theta={self.rope_theta}")
+
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None):
+        """q `[B, T, H, D]`, k/v `[B, T, Hk, D]` after QK-norm and RoPE, or with the norm left for the
+        attention kernel to fuse (returned as the `attention` keyword arguments)."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x).view(B, T, self.num_heads, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, D)
+        fused = {}
+        if self.qk_norm is not None:
+            if self.rope_theta is None:
+                fused = dict(qk_norm=self.qk_norm, norm_eps=self.norm_eps)
+                if self.qk_norm == "rms":
+                    fused.update(q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight)
+            else:  # RoPE after the norm: the norm cannot be fused into attention
+                if self.qk_norm == "rms":
+                    q, k = self.q_norm(q), self.k_norm(k)
+                else:
+                    q = qk_norm(q, mode="l2", eps=self.norm_eps, backend=self.backend)
+                    k = qk_norm(k, mode="l2", eps=self.norm_eps, backend=self.backend)
+        if self.rope_theta is not None:
+            if positions is None:
+                positions = torch.arange(T, device=x.device)[None].expand(B, T)
+            cos, sin = rope_cos_sin(positions, D, self.rope_theta, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v, fused
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Args:
+            x: `[B, T, hidden_size]`.
+            cache: a :class:`KVCache`; the new tokens are appended and attend to everything cached
+                (prefill then token-by-token decode equals one forward over the whole sequence).
+            position_ids: `[B, T]` RoPE positions; default `0..T-1`, or continuing each row's cache.
+
+        Returns:
+            `y [B, T, hidden_size]`.
+        """
+        B, T, _ = x.shape
+        if cache is not None and position_ids is None:
+            position_ids = cache.seqlens[:, None].long() + torch.arange(T, device=x.device)[None]
+        q, k, v, fused = self.project_qkv(x, position_ids)
+        if cache is None:
+            o = attention(q, k, v, causal=self.causal, scale=self.scaling, backend=self.backend, **fused)
+        else:
+            if not self.causal:
+                raise ValueError("cache decoding needs a causal layer (causal=True)")
+            if fused:  # decoding reads normalised keys from the cache: normalise before appending
+                q, k = self._norm_unfused(q, k, fused)
+            if cache._empty and T > 1:
+                o = attention(q, k, v, causal=True, scale=self.scaling, backend=self.backend)
+                if T > cache.max_seqlen:
+                    raise ValueError(f"cache holds at most {cache.max_seqlen} tokens per row, got a prefill of {T}")
+                cache.k[:, :T] = k
+                cache.v[:, :T] = v
+            else:
+                with torch.no_grad():
+                    o = attention_decode(q, cache.k, cache.v, cache.seqlens, k_new=k, v_new=v, scale=self.scaling,
+                                         backend=self.backend)
+            cache.seqlens += T
+            cache._empty = False
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _norm_unfused(self, q, k, fused):
+        mode, eps = fused["qk_norm"], fused["norm_eps"]
+        return (qk_norm(q, fused.get("q_norm_weight"), mode=mode, eps=eps, backend=self.backend),
+                qk_norm(k, fused.get("k_norm_weight"), mode=mode, eps=eps, backend=self.backend))
+
+
+class MultiQueryAttention(GroupedQueryAttention):
+    """Multi-query attention: :class:`GroupedQueryAttention` with one KV head."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None, **kwargs) -> None:
+        kwargs.pop("num_kv_heads", None)
+        super().__init__(hidden_size, num_heads, 1, head_dim, **kwargs)
+
+
+# ------------------------------------------------------------------------ MultiheadAttention
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in `torch.nn.MultiheadAttention` running attnkit's fused attention when it can.
+
+    Same constructor, parameters, `state_dict` and `forward` signature and return values as
+    `torch.nn.MultiheadAttention` (it is a subclass). With `need_weights=False` and no mask other
+    than a causal hint on a square attention (or none), no key padding mask, no dropout in
+    training, no `add_bias_kv`/`add_zero_attn`, the fused kernels run; every other case runs
+    PyTorch's own implementation, so results are exact in every case.
+    """
+
+    def fused_refusal(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal) -> str | None:
+        """Why the fused path cannot serve this call (None when it can)."""
+        if need_weights:
+            return "need_weights=True (attention weights are not materialised by the kernels)"
+        if key_padding_mask is not None:
+            return "key_padding_mask is set"
+        if self.training and self.dropout > 0:
+            return "dropout in training"
+        if self.bias_k is not None or self.add_zero_attn:
+            return "add_bias_kv/add_zero_attn"
+        if query.is_nested or key.is_nested or value.is_nested:
+            return "nested tensors"
+        if query.dim() not in (2, 3):
+            return "unsupported input rank"
+        tdim = 0 if (query.dim() == 2 or not self.batch_first) else 1
+        if attn_mask is not None:
+            if not is_causal or query.shape[tdim] != key.shape[tdim]:
+                return "attn_mask other than a causal hint on square attention"
+        elif is_causal:
+            return "is_causal without attn_mask (PyTorch raises; defer to it)"
+        return None
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        reason = self.fused_refusal(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        if reason is not None:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # now [T, B, E] as torch's functional path uses
+        E, H = self.embed_dim, self.num_heads
+        hd = E // H
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        T, B = query.shape[:2]
+        S = key.shape[0]
+        q = F.linear(query, w_q, b_q).view(T, B, H, hd).transpose(0, 1)
+        k = F.linear(key, w_k, b_k).view(S, B, H, hd).transpose(0, 1)
+        v = F.linear(value, w_v, b_v).view(S, B, H, hd).transpose(0, 1)
+        o = attention(q, k, v, causal=attn_mask is not None and is_causal)  # [B, T, H, hd]
+        out = F.linear(o.reshape(B, T, E), self.out_proj.weight, self.out_proj.bias)
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
+    return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
+                add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, kdim=m.kdim, vdim=m.vdim,
+                batch_first=m.batch_first)
+
+
+def replace_multihead_attention(model: nn.Module) -> nn.Module:
+    """Swap every `torch.nn.MultiheadAttention` inside `model` for :class:`MultiheadAttention`, in place,
+    keeping weights, device, dtype and training mode. Returns `model` (or the replacement if `model`
+    itself is one)."""
+    if isinstance(model, nn.MultiheadAttention) and not isinstance(model, MultiheadAttention):
+        return _swap(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.MultiheadAttention) and not isinstance(child, MultiheadAttention):
+            setattr(model, name, _swap(child))
+        else:
+            replace_multihead_attention(child)
+    return model
+
+
+def _swap(m: nn.MultiheadAttention) -> MultiheadAttention:
+    ref = m.out_proj.weight
+    new = MultiheadAttention(**_mha_kwargs(m), device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(m.state_dict(), strict=True)
+    new.train(m.training)
+    return new
+
+
+# ----------------------------------------------------------------------------------- conversion
+
+
+def _pool_heads(w: torch.Tensor, heads: int, groups: int, head_dim: int) -> torch.Tensor:
+    """Mean-pool the output rows of a projection `[heads*head_dim, ...]` over contiguous head groups."""
+    rest = w.shape[1:]
+    return w.reshape(groups, heads // groups, head_dim, *rest).mean(1).reshape(groups * head_dim, *rest)
+
+
+@torch.no_grad()
+def convert_mha_to_gqa(module: nn.Module, num_kv_heads: int) -> GroupedQueryAttention:
+    """Convert a `torch.nn.MultiheadAttention` (self-attention) or a :class:`GroupedQueryAttention` to a
+    :class:`GroupedQueryAttention` with `num_kv_heads` KV heads, mean-pooling the K/V projection heads
+    (weights and biases) of each group — the GQA paper's recipe before uptraining.
+
+    From an MHA the result is non-causal, without RoPE, with biases as the source had them; with
+    `num_kv_heads == num_heads` its outputs equal the source's.
+    """
+    if isinstance(module, GroupedQueryAttention):
+        H, src_kv, D = module.num_heads, module.num_kv_heads, module.head_dim
+        if num_kv_heads < 1 or src_kv % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide the source's {src_kv} KV heads, got {num_kv_heads}")
+        w = module.q_proj.weight
+        out = GroupedQueryAttention(module.hidden_size, H, num_kv_heads, D, bias=module.q_proj.bias is not None,
+                                    qk_norm=module.qk_norm, causal=module.causal, rope_theta=module.rope_theta,
+                                    norm_eps=module.norm_eps, backend=module.backend, device=w.device, dtype=w.dtype)
+        sd = module.state_dict()
+        for p in ("k_proj", "v_proj"):
+            for kind in ("weight", "bias"):
+                key = f"{p}.{kind}"
+                if key in sd:
+                    sd[key] = _pool_heads(sd[key], src_kv, num_kv_heads, D)
+        out.load_state_dict(sd, strict=True)
+        return out
+    if not isinstance(module, nn.MultiheadAttention):
+        raise TypeError(f"module must be a torch.nn.MultiheadAttention or GroupedQueryAttention, "
+                        f"got {type(module).__name__}")
+    if not module._qkv_same_embed_dim:
+        raise ValueError("module must be a self-attention MultiheadAttention (kdim == vdim == embed_dim)")
+    if module.bias_k is not None or module.add_zero_attn:
+        raise ValueError("module with add_bias_kv/add_zero_attn cannot be converted")
+    E, H = module.embed_dim, module.num_heads
+    D = E // H
+    if num_kv_heads < 1 or H % num_kv_heads:
+        raise ValueError(f"num_kv_heads must divide num_heads ({H}), got {num_kv_heads}")
+    w = module.in_proj_weight
+    bias = module.in_proj_bias is not None
+    out = GroupedQueryAttention(E, H, num_kv_heads, D, bias=bias, causal=False, device=w.device, dtype=w.dtype)
+    w_q, w_k, w_v = w.chunk(3)
+    out.q_proj.weight.copy_(w_q)
+    out.k_proj.weight.copy_(_pool_heads(w_k, H, num_kv_heads, D))
+    out.v_proj.weight.copy_(_pool_heads(w_v, H, num_kv_heads, D))
+    out.o_proj.weight.copy_(module.out_proj.weight)
+    if bias:
+        b_q, b_k, b_v = module.in_proj_bias.chunk(3)
+        out.q_proj.bias.copy_(b_q)
+        out.k_proj.bias.copy_(_pool_heads(b_k, H, num_kv_heads, D))
+        out.v_proj.bias.copy_(_pool_heads(b_v, H, num_kv_heads, D))
+        out.o_proj.bias.copy_(module.out_proj.bias)
+    return out
