@@ -87,6 +87,24 @@ def expect_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     return value
 
 
+def expect_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_float_scale(scale: Any, head_dim: int) -> float:
+    """`scale` for ops without a gradient for it: None -> head_dim ** -0.5, else a Python float."""
+    if isinstance(scale, torch.Tensor):
+        raise TypeError("scale must be a float or None for this op (it has no gradient for scale), "
+                        "got a tensor; pass float(scale)")
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
 def expect_positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

@@ -11,8 +11,10 @@ from ... import dispatch
 from ..._validation import (
     REFERENCE_DTYPES,
     check_cu_seqlens,
+    check_float_scale,
     check_index,
     dtype_name,
+    expect_bool,
     expect_float,
     expect_heads,
     expect_ndim,
@@ -50,14 +52,6 @@ def _check_qkv(q, k, v, *, step: bool = False):
         raise ValueError(f"v must have as many heads as k (Hk = {k.shape[2]}), got {v.shape[2]}")
     expect_heads("q", H, "k", k.shape[2])
     return B, T, H, k.shape[2], Dk, v.shape[3]
-
-
-def _check_float_scale(scale: Any, Dk: int) -> float:
-    if scale is None:
-        return Dk ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
 
 
 def _state_dtypes(q: torch.Tensor) -> tuple[torch.dtype, ...]:
@@ -112,12 +106,6 @@ def _check_decay(decay: Any, H: int, q: torch.Tensor) -> None:
         raise ValueError(f"decay must have every entry >= 0 (λ = exp(-decay) <= 1), got {decay.tolist()}")
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _features(q, k, v, state, **flags) -> frozenset[str]:
     tensors = [q, k, v, *(state if isinstance(state, (tuple, list)) else [state])]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -134,11 +122,11 @@ def _features(q, k, v, state, **flags) -> frozenset[str]:
 def _prepare_linear_attention(q, k, v, *, causal=True, feature_map=None, normalize=False, scale=None, eps=1e-6,
                               initial_state=None, output_final_state=False, cu_seqlens=None) -> dispatch.Call:
     B, T, H, Hk, Dk, Dv = _check_qkv(q, k, v)
-    causal = _check_bool("causal", causal)
-    normalize = _check_bool("normalize", normalize)
-    output_final_state = _check_bool("output_final_state", output_final_state)
+    causal = expect_bool("causal", causal)
+    normalize = expect_bool("normalize", normalize)
+    output_final_state = expect_bool("output_final_state", output_final_state)
     fm = _check_feature_map(feature_map)
-    scale = _check_float_scale(scale, Dk)
+    scale = check_float_scale(scale, Dk)
     eps = expect_positive_float("eps", eps)
     N = check_cu_seqlens("cu_seqlens", cu_seqlens, T, B)
     if cu_seqlens is not None:
@@ -208,8 +196,8 @@ def _prepare_lightning_attention(q, k, v, decay=None, *, scale=None, initial_sta
                                  output_final_state=False, cu_seqlens=None) -> dispatch.Call:
     B, T, H, Hk, Dk, Dv = _check_qkv(q, k, v)
     _check_decay(decay, H, q)
-    scale = _check_float_scale(scale, Dk)
-    output_final_state = _check_bool("output_final_state", output_final_state)
+    scale = check_float_scale(scale, Dk)
+    output_final_state = expect_bool("output_final_state", output_final_state)
     N = check_cu_seqlens("cu_seqlens", cu_seqlens, T, B)
     if cu_seqlens is not None:
         expect_same_device(("q", "cu_seqlens"), (q, cu_seqlens))
@@ -262,9 +250,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
 def _prepare_linear_attention_step(q, k, v, state, *, decay=None, scale=None, feature_map=None, normalize=False,
                                    eps=1e-6, state_indices=None) -> dispatch.Call:
     B, _, H, Hk, Dk, Dv = _check_qkv(q, k, v, step=True)
-    normalize = _check_bool("normalize", normalize)
+    normalize = expect_bool("normalize", normalize)
     fm = _check_feature_map(feature_map)
-    scale = _check_float_scale(scale, Dk)
+    scale = check_float_scale(scale, Dk)
     eps = expect_positive_float("eps", eps)
     S = state[0] if isinstance(state, (tuple, list)) else state
     expect_tensor("state" + ("[0]" if S is not state else ""), S)

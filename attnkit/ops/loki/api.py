@@ -270,9 +270,7 @@ def _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis
     _check_basis(basis, Hk, D, q.device, against="k_cache_rot")
     rank = V.expect_int("rank", rank, 1, D)
     top_k = V.expect_int("top_k", top_k, 1)
-    if isinstance(scale, torch.Tensor):
-        raise TypeError("scale must be a float or None, got a tensor; pass float(scale)")
-    scale = V.check_scale(scale, D, q.device)
+    scale = V.check_float_scale(scale, D)
     V.expect_choice("selection", selection, ("head", "group"))
 
     features = {f"selection={selection}"}

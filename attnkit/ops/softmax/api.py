@@ -15,9 +15,11 @@ from ... import dispatch
 from ..._validation import (
     REFERENCE_DTYPES,
     check_cu_seqlens,
+    check_float_scale,
     check_index,
     check_scale,
     dtype_name,
+    expect_bool,
     expect_choice,
     expect_float,
     expect_heads,
@@ -42,12 +44,6 @@ NORM_MODES = ("rms", "l2")
 def _expect_size(name: str, x: torch.Tensor, dim: int, size: int, meaning: str) -> None:
     if x.shape[dim] != size:
         raise ValueError(f"{name} must have {meaning} = {size} in dim {dim}, got shape {shape_str(x)}")
-
-
-def _expect_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _check_eps(name: str, value: Any) -> float:
@@ -104,8 +100,8 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
     _expect_size("v", v, 1, S, "the length of k (S)")
     _expect_size("v", v, 2, Hk, "the number of heads of k (Hk)")
     expect_heads("q", H, "k", Hk)
-    causal = _expect_bool("causal", causal)
-    return_lse = _expect_bool("return_lse", return_lse)
+    causal = expect_bool("causal", causal)
+    return_lse = expect_bool("return_lse", return_lse)
     scale = check_scale(scale, D, q.device)
 
     _check_mode("qk_norm", qk_norm, (None, *NORM_MODES))
@@ -231,10 +227,7 @@ def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None,
         expect_shape("v_new", v_new, (B, Tq, Hk, Dv), "[B, Tq, Hk, Dv] (Tq = q's length)")
         expect_same_dtype(("k_cache", "k_new", "v_new"), (k_cache, k_new, v_new))
 
-    if isinstance(scale, torch.Tensor):
-        raise TypeError("scale must be a float or None for attention_decode (inference only), "
-                        "got a tensor; pass float(scale)")
-    scale = check_scale(scale, D, q.device)
+    scale = check_float_scale(scale, D)
 
     # cache_seqlens may equal Smax (a full cache) when nothing is appended.
     check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "Smax")
