@@ -3,3 +3,5 @@
 from .api import layer_decay, lightning_attention, lightning_slopes, linear_attention, linear_attention_step
 
 __all__ = ["layer_decay", "lightning_attention", "lightning_slopes", "linear_attention", "linear_attention_step"]
+
+from . import triton_register  # noqa: E402,F401  (registers the triton backend; kernels load lazily)

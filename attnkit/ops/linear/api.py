@@ -207,6 +207,7 @@ def _prepare_lightning_attention(q, k, v, decay=None, *, scale=None, initial_sta
     inputs = dispatch.Inputs(
         "lightning_attention", q.device, q.dtype, (Dk, Dv),
         _features(q, k, v, initial_state, varlen=cu_seqlens is not None, decay=decay is not None,
+                  decay_grad=decay is not None and decay.requires_grad and torch.is_grad_enabled(),
                   initial_state=initial_state is not None, final_state=output_final_state))
     return dispatch.Call(inputs, dict(q=q, k=k, v=v, decay=decay, scale=scale, initial_state=initial_state,
                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens))
