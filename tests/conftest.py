@@ -30,3 +30,16 @@ def _seed_and_isolate(monkeypatch):
     monkeypatch.delenv("ATTNKIT_BACKEND", raising=False)
     monkeypatch.delenv("ATTNKIT_CHECKS", raising=False)
     yield
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Every torch.empty / Tensor.new_empty buffer starts as NaN: an element a kernel forgets to
+    write shows up as a NaN the golden run does not have."""
+    empty, new_empty = torch.empty, torch.Tensor.new_empty
+
+    def nan_fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan_fill(new_empty(self, *a, **kw)))

@@ -59,6 +59,19 @@ def clone_as(x: torch.Tensor | None, dtype: torch.dtype | None = None, requires_
     return y.requires_grad_(rg) if y.is_floating_point() else y
 
 
+def cast_input(x64: torch.Tensor | None, dtype: torch.dtype, *, grad: bool = True, strided: bool = False):
+    """A float64 tensor in `dtype` as a fresh leaf; with `strided`, a non-contiguous view (every
+    other element of a wider buffer) whose gaps hold NaN, so a kernel that ignores strides fails."""
+    if x64 is None:
+        return None
+    if not strided:
+        return clone_as(x64, dtype, requires_grad=grad)
+    wide = torch.full((*x64.shape[:-1], 2 * x64.shape[-1]), float("nan"), dtype=dtype, device=x64.device)
+    wide[..., ::2] = x64.to(dtype)
+    wide.requires_grad_(grad)
+    return wide[..., ::2]
+
+
 def poison(*shape: int, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write stays NaN."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -13,38 +13,16 @@ import torch
 import attnkit
 from attnkit.ops.linear import triton_register  # noqa: F401  (registers the triton backend)
 
-from .harness import DEVICE, clone_as, compare_op, interpreted, kernel_dtypes, params
+from .harness import DEVICE, cast_input, clone_as, compare_op, interpreted, kernel_dtypes, params
 
 BACKEND = "triton"
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """Every torch.empty / Tensor.new_empty buffer starts as NaN: an element a kernel forgets to
-    write shows up as a NaN the golden run does not have."""
-    empty, new_empty = torch.empty, torch.Tensor.new_empty
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan_fill(new_empty(self, *a, **kw)))
 
 
 def _data(*shape, scale=1.0):
     return torch.randn(*shape, dtype=torch.float64, device=DEVICE) * scale
 
 
-def _as(x64, dtype, *, grad=True, strided=False):
-    """x64 in `dtype`, as a leaf (or, with `strided`, a non-contiguous view whose gaps hold NaN)."""
-    if x64 is None:
-        return None
-    if not strided:
-        return clone_as(x64, dtype, requires_grad=grad)
-    wide = torch.full((*x64.shape[:-1], 2 * x64.shape[-1]), float("nan"), dtype=dtype, device=DEVICE)
-    wide[..., ::2] = x64.to(dtype)
-    wide.requires_grad_(grad)
-    return wide[..., ::2]
+_as = cast_input
 
 
 def _state_as(x64, dtype):

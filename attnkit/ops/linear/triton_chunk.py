@@ -23,22 +23,17 @@ the program that owns the shared state, so `dk`/`dv` come out per KV head direct
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..common.triton_utils import device_guard, dot_precision, interpreted
+
 FEATURE_MAPS = {None: 0, "elu": 1, "relu": 2}
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _autotune_configs() -> list[triton.Config]:
-    if _interpreted():
+    if interpreted():
         return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
             for bt in (32, 64) for w in (4, 8) for s in (1, 2)]
@@ -60,18 +55,6 @@ def _block_sizes(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), 64 if BK <= 128 else 32)
     return BK, BV
-
-
-def _dot_precision(x: torch.Tensor) -> str:
-    """IEEE float32 products for float32 inputs unless the user enabled TF32 in torch. For 16-bit
-    operands Triton ignores the setting; they get its default ("tf32")."""
-    if x.dtype != torch.float32:
-        return "tf32"
-    return "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------- jit helpers
@@ -531,9 +514,9 @@ def chunk_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay
     zt = q.new_empty(N, HS, K, dtype=torch.float32) if need_states and normalize else None
     common = dict(decay=decay, cu_seqlens=cu_seqlens, scale=scale, eps=eps, T=T, H=H, HK=HK, HS=HS,
                   K=K, V=V, BK=BK, BV=BV, FEATURE_MAP=FEATURE_MAPS[feature_map], NORMALIZE=normalize,
-                  DOT_PRECISION=_dot_precision(q))
+                  DOT_PRECISION=dot_precision(q))
     grid = (NV, N, HS)
-    with _device_guard(q):
+    with device_guard(q):
         if causal:
             _chunk_linear_fwd_kernel[grid](q=q, k=k, v=v, o=o, den=den, h0=h0, z0=z0, ht=ht, zt=zt,
                                            CAUSAL=True, **common)
@@ -570,9 +553,9 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
     dz0 = q.new_empty(N, HS, K, dtype=fp32) if normalize and (need_dh0 or not causal) else None
     common = dict(q=q, k=k, v=v, do=do, den=den, delta=delta, decay=decay, cu_seqlens=cu_seqlens,
                   scale=scale, T=T, H=H, HK=HK, HS=HS, K=K, V=V, BK=BK, BV=BV,
-                  FEATURE_MAP=FEATURE_MAPS[feature_map], NORMALIZE=normalize, DOT_PRECISION=_dot_precision(q))
+                  FEATURE_MAP=FEATURE_MAPS[feature_map], NORMALIZE=normalize, DOT_PRECISION=dot_precision(q))
     grid = (NV, N, HS)
-    with _device_guard(q):
+    with device_guard(q):
         if causal:
             _chunk_linear_bwd_dq_kernel[grid](dq=dq, h0=h0, z0=z0, CAUSAL=True, **common)
             _chunk_linear_bwd_dkdv_kernel[grid](dk=dk, dv=dv, dht=dht, dzt=dzt, dh0=dh0, dz0=dz0,

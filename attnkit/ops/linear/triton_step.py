@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import FEATURE_MAPS, _device_guard, _phi
+from ..common.triton_utils import device_guard
+from .triton_chunk import FEATURE_MAPS, _phi
 
 
 def _step_block_sizes(K: int, V: int) -> tuple[int, int]:
@@ -102,7 +103,7 @@ def linear_attention_step_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o = torch.empty(B, 1, H, V, device=q.device, dtype=q.dtype)
     grid = (1 if z is not None else NV, B, state_heads)
     z_strides = z.stride() if z is not None else (0, 0, 0)
-    with _device_guard(q):
+    with device_guard(q):
         _linear_attention_step_kernel[grid](
             q, k, v, o, s, z, decay, state_indices, scale, eps,
             q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),

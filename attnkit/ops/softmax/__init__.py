@@ -3,3 +3,5 @@
 from .api import attention, attention_decode, qk_norm
 
 __all__ = ["attention", "attention_decode", "qk_norm"]
+
+from . import triton_register  # noqa: E402,F401  (registers the triton backend; kernels load lazily)
