@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _validation as V
+from ..ops.loki import LokiBasis, loki_rotate
+from ..ops.loki.cache import loki_attention_decode_lowrank, loki_cache_append
 from ..ops.softmax import attention, attention_decode, qk_norm
 
 # --------------------------------------------------------------------------------------- RoPE
@@ -39,6 +44,12 @@ class KVCache:
     per row). `GroupedQueryAttention.forward(x, cache=...)` appends to it in place and advances
     `seqlens` on the device (no host synchronisation).
 
+    With `loki_basis` (a :class:`attnkit.LokiBasis`) it is a Loki cache: `k` holds the keys rotated
+    into the basis, and `k_lowrank [B, Hk, max_seqlen, R]` their first `R = loki_max_rank`
+    rotated dims (default `head_dim`), the layout the Loki scoring kernel reads
+    (`attnkit/ops/loki/cache.py`). `KVCache.for_module` builds one when the layer has a Loki
+    basis set (:meth:`GroupedQueryAttention.set_loki_basis`).
+
     Example:
         >>> cache = KVCache.for_module(layer, batch_size=4, max_seqlen=4096)
         >>> y = layer(prompt, cache=cache)          # prefill
@@ -46,19 +57,33 @@ class KVCache:
     """
 
     def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int,
-                 v_head_dim: int | None = None, *, device=None, dtype=torch.float32) -> None:
+                 v_head_dim: int | None = None, *, device=None, dtype=torch.float32,
+                 loki_basis: LokiBasis | None = None, loki_max_rank: int | None = None) -> None:
         self.k = torch.zeros(batch_size, max_seqlen, num_kv_heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros(batch_size, max_seqlen, num_kv_heads, v_head_dim or head_dim, device=device,
                              dtype=dtype)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._empty = True  # host-side: nothing appended yet (lets prefill use the prefill kernel)
+        self.loki_basis: LokiBasis | None = None
+        self.k_lowrank: torch.Tensor | None = None
+        if loki_basis is not None:
+            _check_layer_basis(loki_basis, num_kv_heads, head_dim)
+            R = head_dim if loki_max_rank is None else V.expect_int("loki_max_rank", loki_max_rank, 1, head_dim)
+            self.loki_basis = loki_basis.to(self.k.device)
+            self.k_lowrank = torch.zeros(batch_size, num_kv_heads, max_seqlen, R, device=device, dtype=dtype)
+        elif loki_max_rank is not None:
+            raise ValueError("loki_max_rank needs loki_basis (the basis the cached keys are rotated with)")
 
     @classmethod
     def for_module(cls, module: GroupedQueryAttention, batch_size: int, max_seqlen: int, *, device=None,
-                   dtype=None) -> KVCache:
+                   dtype=None, loki_max_rank: int | None = None) -> KVCache:
+        """A cache for `module`; a Loki cache (rotated keys, low-rank buffer of `loki_max_rank`
+        dims, default the layer's Loki `rank`) when the layer has a Loki basis set."""
         w = module.k_proj.weight
+        loki = module.loki
         return cls(batch_size, max_seqlen, module.num_kv_heads, module.head_dim, device=device or w.device,
-                   dtype=dtype or w.dtype)
+                   dtype=dtype or w.dtype, loki_basis=loki.basis if loki is not None else None,
+                   loki_max_rank=(loki_max_rank or loki.rank) if loki is not None else loki_max_rank)
 
     @property
     def max_seqlen(self) -> int:
@@ -67,6 +92,38 @@ class KVCache:
     def reset(self) -> None:
         self.seqlens.zero_()
         self._empty = True
+
+
+# --------------------------------------------------------------------------------------- Loki
+
+
+@dataclass(frozen=True)
+class LokiDecoding:
+    """Loki settings of a layer (:meth:`GroupedQueryAttention.set_loki_basis`): the per-KV-head
+    key basis, the scoring `rank`, the positions attended `top_k` and the `selection` mode of
+    :func:`attnkit.loki_attention_decode`."""
+
+    basis: LokiBasis
+    rank: int
+    top_k: int
+    selection: str = "head"
+
+
+def _check_layer_basis(basis, num_kv_heads: int, head_dim: int) -> None:
+    if not isinstance(basis, LokiBasis):
+        raise TypeError(f"basis must be a LokiBasis (from attnkit.loki_calibrate or "
+                        f"attnkit.nn.calibrate_loki), got {type(basis).__name__}")
+    if (basis.num_kv_heads, basis.head_dim) != (num_kv_heads, head_dim):
+        raise ValueError(f"basis must have components of shape [Hk, D, D] = [{num_kv_heads}, {head_dim}, "
+                         f"{head_dim}] (the layer's KV heads and head dim), got {V.shape_str(basis.components)}")
+
+
+def _rotate_query_heads(q: torch.Tensor, basis: LokiBasis) -> torch.Tensor:
+    """`q [B, T, H, D]`, each query head rotated with the basis of its KV head (`h // (H // Hk)`)."""
+    B, T, H, D = q.shape
+    Hk = basis.num_kv_heads
+    grouped = q.reshape(B, T, Hk, H // Hk, D).transpose(2, 3)  # [B, T, G, Hk, D]
+    return loki_rotate(grouped, basis).transpose(2, 3).reshape(B, T, H, D)
 
 
 # ------------------------------------------------------------------------------- GQA / MQA layer
@@ -138,6 +195,39 @@ class GroupedQueryAttention(nn.Module):
         if qk_norm == "rms":
             self.q_norm = _HeadRMSNorm(D, norm_eps, **kw)
             self.k_norm = _HeadRMSNorm(D, norm_eps, **kw)
+        self.loki: LokiDecoding | None = None  # set_loki_basis; not part of the state_dict
+
+    def set_loki_basis(self, basis: LokiBasis | None, *, rank: int | None = None, top_k: int | None = None,
+                       selection: str = "head") -> None:
+        """Decode with Loki sparse attention (or, with ``basis=None``, stop doing so).
+
+        Once set, single-token steps through a :class:`KVCache` run
+        :func:`attnkit.loki_attention_decode` (scores from the cache's low-rank key buffer);
+        prefill and multi-token chunks stay dense and exact. The cache stores keys rotated into
+        the basis, which keeps every dot product: build it with :meth:`KVCache.for_module` *after*
+        this call. The basis is a plain attribute (not in the `state_dict`) moved to the layer's
+        device now; save it with ``basis.state_dict()``.
+
+        Args:
+            basis: a :class:`attnkit.LokiBasis` for this layer's `Hk` KV heads and head dim (e.g.
+                from :func:`attnkit.nn.calibrate_loki`), or ``None`` to turn Loki off.
+            rank: leading rotated dims used for scoring, `1..head_dim`.
+            top_k: positions attended per row and head (more than a row has: dense).
+            selection: ``"head"`` or ``"group"``, as in :func:`attnkit.loki_attention_decode`.
+
+        Example:
+            >>> bases = attnkit.nn.calibrate_loki(model, batches)
+            >>> layer.set_loki_basis(bases["layers.0.attn"], rank=32, top_k=256)
+            >>> cache = KVCache.for_module(layer, batch_size=1, max_seqlen=8192)
+        """
+        if basis is None:
+            self.loki = None
+            return
+        _check_layer_basis(basis, self.num_kv_heads, self.head_dim)
+        rank = V.expect_int("rank", rank, 1, self.head_dim)
+        top_k = V.expect_int("top_k", top_k, 1)
+        V.expect_choice("selection", selection, ("head", "group"))
+        self.loki = LokiDecoding(basis.to(self.k_proj.weight.device), rank, top_k, selection)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
@@ -170,20 +260,35 @@ class GroupedQueryAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v, fused
 
+    def cached_keys(self, x: torch.Tensor, cache: KVCache | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The keys `[B, T, Hk, D]` that `forward(x, cache, position_ids)` would attend with and
+        cache (after QK-norm and RoPE, not rotated into a Loki basis); reads the cache's lengths
+        only. What :func:`attnkit.nn.calibrate_loki` records."""
+        q, k, _, fused = self.project_qkv(x, self._positions(x, cache, position_ids))
+        return self._norm_unfused(q, k, fused)[1] if fused else k
+
+    @staticmethod
+    def _positions(x: torch.Tensor, cache: KVCache | None, position_ids: torch.Tensor | None):
+        if cache is not None and position_ids is None:  # continue each row's cache
+            position_ids = cache.seqlens[:, None].long() + torch.arange(x.shape[1], device=x.device)[None]
+        return position_ids
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
             x: `[B, T, hidden_size]`.
             cache: a :class:`KVCache`; the new tokens are appended and attend to everything cached
                 (prefill then token-by-token decode equals one forward over the whole sequence).
+                With a Loki basis set (:meth:`set_loki_basis`), single-token steps attend to the
+                `top_k` positions Loki selects.
             position_ids: `[B, T]` RoPE positions; default `0..T-1`, or continuing each row's cache.
 
         Returns:
             `y [B, T, hidden_size]`.
         """
         B, T, _ = x.shape
-        if cache is not None and position_ids is None:
-            position_ids = cache.seqlens[:, None].long() + torch.arange(T, device=x.device)[None]
+        position_ids = self._positions(x, cache, position_ids)
         q, k, v, fused = self.project_qkv(x, position_ids)
         if cache is None:
             o = attention(q, k, v, causal=self.causal, scale=self.scaling, backend=self.backend, **fused)
@@ -192,7 +297,9 @@ class GroupedQueryAttention(nn.Module):
                 raise ValueError("cache decoding needs a causal layer (causal=True)")
             if fused:  # decoding reads normalised keys from the cache: normalise before appending
                 q, k = self._norm_unfused(q, k, fused)
-            if cache._empty and T > 1:
+            if cache.loki_basis is not None or self.loki is not None:
+                o = self._attend_loki_cache(q, k, v, cache)
+            elif cache._empty and T > 1:
                 o = attention(q, k, v, causal=True, scale=self.scaling, backend=self.backend)
                 if T > cache.max_seqlen:
                     raise ValueError(f"cache holds at most {cache.max_seqlen} tokens per row, got a prefill of {T}")
@@ -205,6 +312,35 @@ class GroupedQueryAttention(nn.Module):
             cache.seqlens += T
             cache._empty = False
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _attend_loki_cache(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        """Attention through a cache of keys rotated into a Loki basis: dense prefill on the
+        unrotated q/k; then the new keys are rotated and appended (with the low-rank buffer), and
+        a single-token step runs Loki while several tokens at once (or a layer with Loki off)
+        attend densely with rotated queries (rotation keeps every dot product)."""
+        basis = cache.loki_basis
+        if basis is None or (self.loki is not None and basis is not self.loki.basis):
+            raise ValueError("Loki decoding needs a KV cache of keys rotated with this layer's basis; build it "
+                             "with KVCache.for_module(layer, ...) after layer.set_loki_basis(...)")
+        T = q.shape[1]
+        prefill = cache._empty and T > 1
+        if prefill:
+            if T > cache.max_seqlen:
+                raise ValueError(f"cache holds at most {cache.max_seqlen} tokens per row, got a prefill of {T}")
+            o = attention(q, k, v, causal=True, scale=self.scaling, backend=self.backend)
+        with torch.no_grad():
+            loki_cache_append(k, v, cache.k, cache.v, cache.seqlens, basis, k_lowrank=cache.k_lowrank,
+                              backend=self.backend)
+            if prefill:
+                return o
+            lens = cache.seqlens + T  # advanced by the caller after this step
+            if self.loki is not None and T == 1:
+                s = self.loki
+                return loki_attention_decode_lowrank(q, cache.k_lowrank, cache.k, cache.v, lens, basis, rank=s.rank,
+                                                     top_k=s.top_k, scale=self.scaling, selection=s.selection,
+                                                     backend=self.backend)
+            return attention_decode(_rotate_query_heads(q, basis), cache.k, cache.v, lens, scale=self.scaling,
+                                    backend=self.backend)
 
     def _norm_unfused(self, q, k, fused):
         mode, eps = fused["qk_norm"], fused["norm_eps"]

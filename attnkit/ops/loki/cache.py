@@ -1,0 +1,254 @@
+"""Loki's fast cache layout: rotated keys plus a contiguous low-rank key buffer.
+
+The portable decode op (:func:`attnkit.loki_attention_decode`) scores from
+``k_cache_rot[..., :rank]``: in the `[B, Smax, Hk, D]` layout the leading `rank` dims of
+consecutive positions lie `Hk · D` elements apart, so the scoring pass reads short strided
+pieces. This module keeps, next to the rotated cache, a buffer
+
+    k_lowrank [B, Hk, Smax, R]        (R = the largest rank the cache serves)
+
+holding ``k_cache_rot[b, s, h, :R]`` at ``[b, h, s, :]``: a block of positions of one KV head is
+one contiguous span, which the scoring kernel reads with coalesced loads and nothing more.
+Both buffers are written by one fused append (rotate the new keys, write the full rotated keys,
+their first `R` dims and the values) so they always hold the same rounded values.
+
+* :func:`loki_cache_append` — the in-place append (dispatched: reference and Triton).
+* :func:`loki_attention_decode_lowrank` — the decode op reading scores from the buffer
+  (dispatched). Its meaning is that of :func:`attnkit.loki_attention_decode`, which it validates
+  identically; the buffer must mirror ``k_cache_rot[..., :R]`` (the append keeps it so). The
+  reference backend scores from ``k_cache_rot``, the Triton backend from ``k_lowrank``.
+* :class:`LokiCache` — the buffers and the lengths in one object.
+
+Layout decisions and measurements: docs/loki.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _validation as V
+from ... import dispatch
+from . import reference
+from .api import LokiBasis, _check_basis, _prepare_loki_attention_decode
+
+__all__ = ["LokiCache", "loki_attention_decode_lowrank", "loki_cache_append"]
+
+_LOWRANK_LAYOUT = "[B, Hk, Smax, R]"
+
+
+def _check_lowrank(k_lowrank: torch.Tensor, k_cache_rot: torch.Tensor, min_rank: int = 1) -> int:
+    """`k_lowrank` must be `[B, Hk, Smax, R]` for `k_cache_rot [B, Smax, Hk, D]`, `min_rank <= R <= D`."""
+    V.expect_ndim("k_lowrank", k_lowrank, 4, _LOWRANK_LAYOUT)
+    B, Smax, Hk, D = k_cache_rot.shape
+    R = k_lowrank.shape[3]
+    if tuple(k_lowrank.shape[:3]) != (B, Hk, Smax) or not min_rank <= R <= D:
+        raise ValueError(f"k_lowrank must have shape {_LOWRANK_LAYOUT} = [{B}, {Hk}, {Smax}, R] with "
+                         f"{min_rank} <= R <= {D} (B, Smax, Hk, D from k_cache_rot; R >= rank), got "
+                         f"{V.shape_str(k_lowrank)}")
+    V.expect_same_dtype(["k_cache_rot", "k_lowrank"], [k_cache_rot, k_lowrank])
+    V.expect_same_device(["k_cache_rot", "k_lowrank"], [k_cache_rot, k_lowrank])
+    return R
+
+
+# ------------------------------------------------------------------------------------ append
+
+
+@dispatch.op("loki_cache_append")
+def _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, basis, *,
+                               k_lowrank=None) -> dispatch.Call:
+    V.expect_ndim("k_new", k_new, 4, "[B, T, Hk, D]")
+    V.expect_ndim("v_new", v_new, 4, "[B, T, Hk, Dv]")
+    V.expect_ndim("k_cache_rot", k_cache_rot, 4, "[B, Smax, Hk, D]")
+    V.expect_ndim("v_cache", v_cache, 4, "[B, Smax, Hk, Dv]")
+    B, T, Hk, D = k_new.shape
+    Smax, Dv = k_cache_rot.shape[1], v_new.shape[3]
+    V.expect_shape("v_new", v_new, (B, T, Hk, Dv), "[B, T, Hk, Dv] (B, T, Hk from k_new)")
+    V.expect_shape("k_cache_rot", k_cache_rot, (B, Smax, Hk, D), "[B, Smax, Hk, D] (B, Hk, D from k_new)")
+    V.expect_shape("v_cache", v_cache, (B, Smax, Hk, Dv),
+                   "[B, Smax, Hk, Dv] (B, Hk, Dv from v_new, Smax from k_cache_rot)")
+    V.expect_float("k_new", k_new)
+    V.expect_same_dtype(["k_cache_rot", "k_new", "v_new", "v_cache"], [k_cache_rot, k_new, v_new, v_cache])
+    V.expect_same_device(["k_cache_rot", "k_new", "v_new", "v_cache", "cache_seqlens"],
+                         [k_cache_rot, k_new, v_new, v_cache, V.expect_tensor("cache_seqlens", cache_seqlens)])
+    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, f"Smax = {Smax}, the capacity of k_cache_rot")
+    _check_basis(basis, Hk, D, k_new.device, against="k_new")
+    features = set()
+    if k_lowrank is not None:
+        _check_lowrank(k_lowrank, k_cache_rot)
+        features.add("lowrank")
+    if B > 0 and T > 0 and V.value_checks_enabled(cache_seqlens):
+        room = int(cache_seqlens.max())
+        if room + T > Smax:
+            b = int(cache_seqlens.argmax())
+            raise ValueError(f"cache_seqlens[b] + T must be <= Smax = {Smax} to append k_new/v_new, got "
+                             f"cache_seqlens[{b}] = {room} and T = {T}: the cache is too small")
+    inputs = dispatch.Inputs(op="loki_cache_append", device=k_new.device, dtype=k_new.dtype, head_dims=(D, Dv),
+                             features=frozenset(features))
+    components = basis.components.to(reference.compute_dtype(k_new.dtype))
+    return dispatch.Call(inputs=inputs, kwargs=dict(
+        k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
+        components=components, k_lowrank=k_lowrank))
+
+
+def _reference_append(*, k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank) -> None:
+    """Reference append: `k_cache_rot[b, L_b + t] = rotate(k_new[b, t])` (in the cache dtype),
+    `v_cache[b, L_b + t] = v_new[b, t]`, `k_lowrank[b, :, L_b + t] = rotate(k_new[b, t])[:, :R]`."""
+    B, T = k_new.shape[:2]
+    if B == 0 or T == 0:
+        return
+    with torch.no_grad():
+        pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(T, device=k_new.device)  # [B, T]
+        rows = torch.arange(B, device=k_new.device)[:, None].expand(B, T)
+        k_rot = reference.rotate(k_new, components)  # [B, T, Hk, D] in k_new's dtype
+        k_cache_rot[rows, pos] = k_rot
+        v_cache[rows, pos] = v_new
+        if k_lowrank is not None:
+            # advanced indices around a slice: the indexed view is [B, T, Hk, R]
+            k_lowrank[rows, :, pos] = k_rot[..., :k_lowrank.shape[3]]
+
+
+def loki_cache_append(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
+                      cache_seqlens: torch.Tensor, basis: LokiBasis, *, k_lowrank: torch.Tensor | None = None,
+                      backend: str | None = None) -> None:
+    """Rotate new keys into the basis and append them (and the values) to a Loki cache, in place.
+
+    Row `b`'s `T` new tokens go to positions ``cache_seqlens[b] .. cache_seqlens[b] + T - 1``.
+    ``cache_seqlens`` is read only: the caller advances it (``cache_seqlens += T``), as for
+    :func:`attnkit.attention_decode`. On the Triton backend one launch does it all.
+
+    Args:
+        k_new: `[B, T, Hk, D]` keys as the model produces them (post-RoPE), not rotated.
+        v_new: `[B, T, Hk, Dv]` values.
+        k_cache_rot: `[B, Smax, Hk, D]` rotated-key cache, same dtype as `k_new`.
+        v_cache: `[B, Smax, Hk, Dv]` value cache.
+        cache_seqlens: int32 `[B]`, tokens already cached per row; ``cache_seqlens[b] + T <= Smax``.
+        basis: the :class:`LokiBasis` of the cache (`Hk` heads, dim `D`).
+        k_lowrank: optional `[B, Hk, Smax, R]` low-rank key buffer (``1 <= R <= D``), same dtype;
+            receives the first `R` rotated dims of each new key.
+        backend: ``None`` (automatic), ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Example:
+        >>> loki_cache_append(k, v, k_rot, v_cache, seqlens, basis, k_lowrank=k_low)
+        >>> seqlens += k.shape[1]
+    """
+    call = _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, basis, k_lowrank=k_lowrank)
+    dispatch.run("loki_cache_append", call, backend)
+
+
+# ------------------------------------------------------------------------------------ decode
+
+
+@dispatch.op("loki_attention_decode_lowrank")
+def _prepare_loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, basis, *, rank,
+                                           top_k, scale=None, selection="head") -> dispatch.Call:
+    call = _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis, rank=rank, top_k=top_k,
+                                          scale=scale, selection=selection)
+    _check_lowrank(k_lowrank, k_cache_rot, min_rank=call.kwargs["rank"])
+    i = call.inputs
+    inputs = dispatch.Inputs(op="loki_attention_decode_lowrank", device=i.device, dtype=i.dtype,
+                             head_dims=i.head_dims, features=i.features | {"lowrank"})
+    return dispatch.Call(inputs=inputs, kwargs=dict(call.kwargs, k_lowrank=k_lowrank))
+
+
+def _reference_decode_lowrank(*, k_lowrank, **kwargs) -> torch.Tensor:
+    """Reference: the portable op; `k_lowrank` mirrors `k_cache_rot[..., :R]`, so it is not needed."""
+    return reference.loki_attention_decode(**kwargs)
+
+
+def loki_attention_decode_lowrank(q: torch.Tensor, k_lowrank: torch.Tensor, k_cache_rot: torch.Tensor,
+                                  v_cache: torch.Tensor, cache_seqlens: torch.Tensor, basis: LokiBasis, *,
+                                  rank: int, top_k: int, scale: float | None = None, selection: str = "head",
+                                  backend: str | None = None) -> torch.Tensor:
+    """:func:`attnkit.loki_attention_decode` with the approximate scores read from a contiguous
+    low-rank key buffer (see the module docstring).
+
+    Args:
+        q, k_cache_rot, v_cache, cache_seqlens, basis, rank, top_k, scale, selection, backend: as
+            for :func:`attnkit.loki_attention_decode`.
+        k_lowrank: `[B, Hk, Smax, R]`, ``rank <= R <= D``, same dtype as the caches, holding
+            ``k_cache_rot[b, s, h, :R]`` at ``[b, h, s]`` for every valid position (what
+            :func:`loki_cache_append` writes).
+
+    Returns:
+        `o [B, 1, H, Dv]` in q's dtype.
+
+    Example:
+        >>> loki_cache_append(k, v, k_rot, v_cache, seqlens, basis, k_lowrank=k_low)
+        >>> o = loki_attention_decode_lowrank(q, k_low, k_rot, v_cache, seqlens + 1, basis, rank=32, top_k=256)
+    """
+    call = _prepare_loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, basis,
+                                                  rank=rank, top_k=top_k, scale=scale, selection=selection)
+    return dispatch.run("loki_attention_decode_lowrank", call, backend)
+
+
+dispatch.register("loki_cache_append", "reference", _reference_append, priority=0, dtypes=V.REFERENCE_DTYPES)
+dispatch.register("loki_attention_decode_lowrank", "reference", _reference_decode_lowrank, priority=0,
+                  dtypes=V.REFERENCE_DTYPES)
+
+
+# ------------------------------------------------------------------------------------ object
+
+
+class LokiCache:
+    """A preallocated Loki KV cache: rotated keys, values, the low-rank key buffer and lengths.
+
+    Attributes:
+        basis: the :class:`LokiBasis` keys are rotated with.
+        k_rot: `[B, Smax, Hk, D]` rotated keys. v: `[B, Smax, Hk, Dv]` values.
+        k_lowrank: `[B, Hk, Smax, R]` the first `R = max_rank` rotated dims, position-contiguous.
+        seqlens: int32 `[B]`, tokens cached per row (advanced on the device by :meth:`append`).
+
+    Example:
+        >>> cache = LokiCache(basis, batch_size=8, max_seqlen=8192, max_rank=32, dtype=torch.float16)
+        >>> cache.append(k_prompt, v_prompt)                     # [B, T, Hk, D], [B, T, Hk, Dv]
+        >>> cache.append(k_step, v_step)                         # one new token
+        >>> o = cache.attend(q_step, rank=32, top_k=512)         # [B, 1, H, Dv]
+    """
+
+    def __init__(self, basis: LokiBasis, batch_size: int, max_seqlen: int, *, max_rank: int,
+                 v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, device=None) -> None:
+        if not isinstance(basis, LokiBasis):
+            raise TypeError(f"basis must be a LokiBasis (from loki_calibrate), got {type(basis).__name__}")
+        Hk, D = basis.num_kv_heads, basis.head_dim
+        R = V.expect_int("max_rank", max_rank, 1, D)
+        B = V.expect_int("batch_size", batch_size, 0)
+        Smax = V.expect_int("max_seqlen", max_seqlen, 0)
+        Dv = D if v_head_dim is None else V.expect_int("v_head_dim", v_head_dim, 1)
+        device = basis.device if device is None else torch.device(device)
+        self.basis = basis.to(device)
+        self.k_rot = torch.zeros(B, Smax, Hk, D, device=device, dtype=dtype)
+        self.v = torch.zeros(B, Smax, Hk, Dv, device=device, dtype=dtype)
+        self.k_lowrank = torch.zeros(B, Hk, Smax, R, device=device, dtype=dtype)
+        self.seqlens = torch.zeros(B, device=device, dtype=torch.int32)
+
+    @property
+    def max_rank(self) -> int:
+        """`R`, the largest `rank` :meth:`attend` accepts."""
+        return self.k_lowrank.shape[3]
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k_rot.shape[1]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> None:
+        """Append `k [B, T, Hk, D]` (not rotated) and `v [B, T, Hk, Dv]` to every row and advance
+        :attr:`seqlens` by `T` (on the device: no host synchronisation)."""
+        loki_cache_append(k, v, self.k_rot, self.v, self.seqlens, self.basis, k_lowrank=self.k_lowrank,
+                          backend=backend)
+        self.seqlens += k.shape[1]
+
+    def attend(self, q: torch.Tensor, *, rank: int, top_k: int, scale: float | None = None,
+               selection: str = "head", backend: str | None = None) -> torch.Tensor:
+        """Loki attention of `q [B, 1, H, D]` (not rotated) over everything cached; `rank <= max_rank`."""
+        return loki_attention_decode_lowrank(q, self.k_lowrank, self.k_rot, self.v, self.seqlens, self.basis,
+                                             rank=rank, top_k=top_k, scale=scale, selection=selection,
+                                             backend=backend)
+
+    def reset(self) -> None:
+        """Forget every cached token (the buffers are kept)."""
+        self.seqlens.zero_()
+
+    def __repr__(self) -> str:
+        B, Smax, Hk, D = self.k_rot.shape
+        return (f"LokiCache(batch_size={B}, max_seqlen={Smax}, num_kv_heads={Hk}, head_dim={D}, "
+                f"v_head_dim={self.v.shape[3]}, max_rank={self.max_rank}, dtype={V.dtype_name(self.k_rot.dtype)})")

@@ -1,0 +1,455 @@
+"""Triton Loki decode: rotation, low-rank scoring, top-k and sparse attention over the selected keys.
+
+One decoding step runs four launches, all sized from shapes only (never from `cache_seqlens`
+values), so nothing waits on the host and the step can be captured in a CUDA graph:
+
+1. `_loki_rotate_kernel` rotates the queries, `q̃ = q @ components[hk]`, into a float32 buffer
+   `[B, H, D]` (the same kernel, with offsets, rotates appended keys into the caches).
+2. `_loki_score_kernel` scores every position with the leading `rank` rotated dims,
+   `q̃[:rank] · k̃_s[:rank]`. A program owns one (row, KV head) and a block of positions, so the
+   `G` query heads of a group read each key once. Keys come either from the low-rank buffer
+   `[B, Hk, Smax, R]` (each position's `R` dims contiguous, the block one contiguous span) or
+   from `k_cache_rot[..., :rank]` (the portable path): the kernel only sees strides.
+   Scores are float32 `[B, H, Smax]` (`[B, Hk, Smax]` for `selection="group"`, the max over the
+   group), `-inf` past the row's length.
+3. `torch.topk` picks `min(top_k, Smax)` slots per (row, selecting head). It is not fused: a
+   block-wise Triton top-k is left for later (docs/loki.md).
+4. `_loki_sparse_attn_fwd_kernel` gathers the selected keys/values (full dims, one contiguous
+   row each) and runs exact online softmax over them, split over the selected set (split-K)
+   when that leaves the device idle; `_loki_sparse_attn_reduce_kernel` merges the splits by
+   log-sum-exp. Slots at or past the row's length (a row shorter than `top_k`) are masked by
+   index, as in the reference. With `selection="group"` the `G` query heads of a KV head share
+   one gather (`tl.dot` over a `[BM, BD]` row tile); with per-head selection each program owns
+   one query head and uses float32 vector maths.
+
+`top_k >= Smax` (known on the host) skips steps 2-3: dense attention over every valid position,
+with the query heads of a group sharing the keys.
+
+Derivation and measurements: docs/loki.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.triton_utils import device_guard, dot_precision, interpreted
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+
+# ------------------------------------------------------------------------------------ blocks
+
+
+def _configs() -> list[triton.Config]:
+    """Tile sizes are fixed by the host (the grid and the split layout depend on them); only warps
+    and stages are tuned."""
+    if interpreted():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (2, 3)]
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _score_blocks(G: int, rank: int) -> tuple[int, int, int]:
+    """(query heads, positions, rank dims) per scoring tile; the product bounds the
+    `[BG, BN, BR]` broadcast tile of the float32 dot products."""
+    BG, BR = _pow2(G), min(_pow2(rank, 4), 32)
+    BN = 64 if interpreted() else max(16, min(256, 8192 // (BG * BR)))
+    return BG, BN, BR
+
+
+def _attn_blocks(shared: bool, G: int, BD: int) -> tuple[int, int]:
+    """(query rows, selected keys) per attention tile. Shared rows are padded to 16 for `tl.dot`."""
+    BM = _pow2(G, 16) if shared else 1
+    if interpreted():
+        return BM, 32
+    return BM, 64 if BD <= 128 else 32
+
+
+def _num_splits(programs: int, n_sel: int, BN: int, device: torch.device) -> int:
+    """Splits of the selected set so that about two waves of programs fill the device."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(n_sel, BN), MAX_SPLITS))
+
+
+# ---------------------------------------------------------------------------------- kernels
+
+
+@triton.heuristics({
+    "HAS_OFFSETS": lambda args: args["cache_seqlens"] is not None,
+    "HAS_LOWRANK": lambda args: args["y_low"] is not None,
+    "HAS_V": lambda args: args["v_new"] is not None,
+})
+@triton.jit(do_not_specialize=["T", "Smax"])
+def _loki_rotate_kernel(
+    x, comps, y, y_low, v_new, v_cache, cache_seqlens, T, Smax,
+    s_xb, s_xt, s_xh, s_xd, s_yb, s_yt, s_yh, s_yd, s_lb, s_lh, s_lt, s_ld,
+    s_nvb, s_nvt, s_nvh, s_nvd, s_vb, s_vt, s_vh, s_vd,
+    HK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_V: tl.constexpr,
+):
+    # program = (block of BT rows, batch row x KV head, block of BE output dims)
+    # x [B, T, HK, D] rows -> y[b, pos, hk, :] = x[b, t, hk, :] @ comps[hk], pos = t (+ cache_seqlens[b])
+    i_t, i_bh, i_e = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_b, i_hk = i_bh // HK, i_bh % HK
+    rows = i_t * BT + tl.arange(0, BT)
+    m_row = rows < T
+    pos = rows
+    if HAS_OFFSETS:
+        pos = tl.load(cache_seqlens + i_b).to(tl.int64) + rows
+        m_row = m_row & (pos < Smax)  # never write past the capacity (the public op refuses it)
+    o_d = tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d, m_e = o_d < D, o_e < D
+    # [BT, BD] x rows in float32; [BD, BE] columns of the head's basis
+    b_x = tl.load(x + i_b * s_xb + i_hk * s_xh + rows[:, None] * s_xt + o_d[None, :] * s_xd,
+                  mask=m_row[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    b_c = tl.load(comps + i_hk * D * D + o_d[:, None] * D + o_e[None, :], mask=m_d[:, None] & m_e[None, :], other=0.)
+    # [BT, BD] @ [BD, BE] -> [BT, BE]; IEEE float32 like the reference rotation
+    b_y = tl.dot(b_x, b_c, input_precision="ieee")
+    b_y = b_y.to(y.dtype.element_ty)
+    tl.store(y + i_b * s_yb + i_hk * s_yh + pos[:, None] * s_yt + o_e[None, :] * s_yd, b_y,
+             mask=m_row[:, None] & m_e[None, :])
+    if HAS_LOWRANK:
+        # the same rounded values as the full cache, so both layouts score identically
+        tl.store(y_low + i_b * s_lb + i_hk * s_lh + pos[:, None] * s_lt + o_e[None, :] * s_ld,
+                 b_y.to(y_low.dtype.element_ty), mask=m_row[:, None] & (o_e < R)[None, :])
+    if HAS_V:
+        # values are copied unchanged, columns of this program's block
+        m_v = m_row[:, None] & (o_e < DV)[None, :]
+        b_v = tl.load(v_new + i_b * s_nvb + i_hk * s_nvh + rows[:, None] * s_nvt + o_e[None, :] * s_nvd, mask=m_v)
+        tl.store(v_cache + i_b * s_vb + i_hk * s_vh + pos[:, None] * s_vt + o_e[None, :] * s_vd, b_v, mask=m_v)
+
+
+@triton.autotune(configs=_configs(), key=["BG", "BN", "BR", "GROUP"])
+@triton.jit(do_not_specialize=["Smax", "rank"])
+def _loki_score_kernel(
+    q_rot, k, cache_seqlens, scores, Smax, rank,
+    s_kb, s_kh, s_kt, s_kd,
+    H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BG: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr,
+):
+    # program = (block of BN positions, batch row x KV head); the G query heads share each key load
+    i_n, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_hk = i_bh // HK, i_bh % HK
+    seq_len = tl.load(cache_seqlens + i_b).to(tl.int64)
+    cols = i_n * BN + tl.arange(0, BN)
+    m_col = cols < seq_len
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    q_base = q_rot + (i_b * H + i_hk * G) * D
+    k_base = k + i_b * s_kb + i_hk * s_kh
+    # blocks past the row's length load nothing
+    r_end = tl.where(i_n * BN < seq_len, rank, 0)
+    acc = tl.zeros([BG, BN], dtype=tl.float32)
+    for r0 in range(0, r_end, BR):
+        o_r = r0 + tl.arange(0, BR)
+        m_r = o_r < rank
+        # [BG, BR] float32 rotated queries, [BN, BR] leading key dims
+        b_q = tl.load(q_base + o_g[:, None] * D + o_r[None, :], mask=m_g[:, None] & m_r[None, :], other=0.)
+        b_k = tl.load(k_base + cols[:, None] * s_kt + o_r[None, :] * s_kd, mask=m_col[:, None] & m_r[None, :],
+                      other=0.).to(tl.float32)
+        # [BG, 1, BR] * [1, BN, BR] -> [BG, BN]: exact float32 products, no tile padding for small G
+        acc += tl.sum(b_q[:, None, :] * b_k[None, :, :], axis=2)
+    # a valid -inf score must still rank above every invalid position (as in the reference)
+    acc = tl.where(acc == float("-inf"), -3.4028234663852886e38, acc)
+    m_out = cols < Smax
+    if GROUP:
+        # [BN]: one selection per KV head, by the max over its query heads
+        b_s = tl.max(tl.where(m_g[:, None], acc, float("-inf")), axis=0)
+        b_s = tl.where(m_col, b_s, float("-inf"))
+        tl.store(scores + i_bh * Smax + cols, b_s, mask=m_out)
+    else:
+        b_s = tl.where(m_col[None, :], acc, float("-inf"))
+        p_s = scores + (i_b * H + i_hk * G + o_g)[:, None] * Smax + cols[None, :]
+        tl.store(p_s, b_s, mask=m_g[:, None] & m_out[None, :])
+
+
+@triton.jit
+def _rows_dot(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """`a [BM, K] · b [BN, K]ᵀ -> [BM, BN]` float32: `tl.dot` for tiles of >= 16 rows, else an
+    exact float32 broadcast sum (one row: no padding to the 16 rows `tl.dot` needs)."""
+    if USE_DOT:
+        out = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+    else:
+        out = tl.sum(a[:, None, :].to(tl.float32) * b[None, :, :].to(tl.float32), axis=2)
+    return out
+
+
+@triton.jit
+def _rows_mm(p, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """`p [BM, BN] @ v [BN, BDV] -> [BM, BDV]` float32 (as `_rows_dot`)."""
+    if USE_DOT:
+        out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        out = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    return out
+
+
+@triton.heuristics({"HAS_INDEX": lambda args: args["idx"] is not None})
+@triton.autotune(configs=_configs(), key=["BD", "BDV", "BM", "BN", "SHARED"])
+@triton.jit(do_not_specialize=["n_sel", "chunk"])
+def _loki_sparse_attn_fwd_kernel(
+    q_rot, k, v, cache_seqlens, idx, o, o_part, lse_part, scale, n_sel, chunk,
+    s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_ib, s_ih, s_ij,
+    H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    SHARED: tl.constexpr, SPLIT: tl.constexpr, HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # program = (split of `chunk` selected slots, batch row x selecting head).
+    # SHARED: the selecting head is KV head i_sel; the BM rows are its G query heads (one gather each).
+    # else:   the selecting head is query head i_sel, alone in its (single-row) tile.
+    i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_m = tl.arange(0, BM)
+    if SHARED:
+        i_b, i_sel = i_bh // HK, i_bh % HK
+        i_hk = i_sel
+        heads = i_sel * G + o_m
+        m_row = o_m < G
+    else:
+        i_b, i_sel = i_bh // H, i_bh % H
+        i_hk = i_sel // G
+        heads = i_sel + o_m
+        m_row = o_m < 1
+    seq_len = tl.load(cache_seqlens + i_b).to(tl.int64)
+    qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    m_d, m_dv = o_d < D, o_dv < DV
+    # [BM, BD] float32 rotated queries of the tile's rows
+    b_q = tl.load(q_rot + (i_b * H + heads)[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.)
+    if SHARED:
+        b_q = b_q.to(k.dtype.element_ty)  # tensor-core operands, as flash attention
+    k_base = k + i_b * s_kb + i_hk * s_kh
+    v_base = v + i_b * s_vb + i_hk * s_vh
+
+    j_start = i_s * chunk
+    j_end = tl.minimum(j_start + chunk, n_sel)
+    if not HAS_INDEX:
+        j_end = tl.minimum(j_end, seq_len)  # dense: slot j is position j; nothing past the length
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    for j0 in range(j_start, j_end, BN):
+        o_j = j0 + tl.arange(0, BN)
+        m_j = o_j < j_end
+        if HAS_INDEX:
+            # [BN] selected positions; a row shorter than top_k selected slots past its length
+            pos = tl.load(idx + i_b * s_ib + i_sel * s_ih + o_j * s_ij, mask=m_j, other=0).to(tl.int64)
+            m_j = m_j & (pos < seq_len)
+        else:
+            pos = o_j
+        # [BN, BD], [BN, BDV]: gathered rows, each one contiguous span of the cache
+        b_k = tl.load(k_base + pos[:, None] * s_kt + o_d[None, :] * s_kd, mask=m_j[:, None] & m_d[None, :], other=0.)
+        b_v = tl.load(v_base + pos[:, None] * s_vt + o_dv[None, :] * s_vd, mask=m_j[:, None] & m_dv[None, :],
+                      other=0.)
+        # [BM, BD] . [BN, BD]^T -> [BM, BN] logits in log2 units
+        b_s = _rows_dot(b_q, b_k, SHARED, DOT_PRECISION) * qk_scale
+        b_s = tl.where(m_j[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        # [BM, BN] @ [BN, BDV] -> [BM, BDV]
+        acc = acc * alpha[:, None] + _rows_mm(b_p, b_v, SHARED, DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.  # nothing selected in this split (or a row of length 0): zeros, lse = -inf
+    acc = acc / tl.where(empty, 1., l_i)[:, None]
+    m_o = m_row[:, None] & m_dv[None, :]
+    if SPLIT:
+        b_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1., l_i)))  # log2 units
+        p_part = (i_b * H + heads) * tl.num_programs(0) + i_s
+        tl.store(o_part + p_part[:, None] * DV + o_dv[None, :], acc, mask=m_o)
+        tl.store(lse_part + p_part, b_lse, mask=m_row)
+    else:
+        tl.store(o + (i_b * H + heads)[:, None] * DV + o_dv[None, :], acc.to(o.dtype.element_ty), mask=m_o)
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_splits"])
+def _loki_sparse_attn_reduce_kernel(o_part, lse_part, o, n_rows, n_splits,
+                                    DV: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr):
+    # program = block of BR (row, query head) pairs: o = Σ_s 2^(lse_s - m) o_s / Σ_s 2^(lse_s - m)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_row = rows < n_rows
+    o_dv = tl.arange(0, BDV)
+    m_o = m_row[:, None] & (o_dv < DV)[None, :]
+    m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BR], dtype=tl.float32)
+    acc = tl.zeros([BR, BDV], dtype=tl.float32)
+    for i_s in range(0, n_splits):
+        p_part = rows * n_splits + i_s
+        # [BR], [BR, BDV]
+        b_lse = tl.load(lse_part + p_part, mask=m_row, other=float("-inf"))
+        b_o = tl.load(o_part + p_part[:, None] * DV + o_dv[None, :], mask=m_o, other=0.)
+        m_new = tl.maximum(m_i, b_lse)
+        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2(b_lse - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + b_o * w[:, None]
+        m_i = m_new
+    acc = acc / tl.where(l_i == 0., 1., l_i)[:, None]  # rows that attended nothing: 0
+    tl.store(o + rows[:, None] * DV + o_dv[None, :], acc.to(o.dtype.element_ty), mask=m_o)
+
+
+# ---------------------------------------------------------------------------- host launchers
+
+
+def _rotate_launch(x_view: tuple, y_view: tuple, components: torch.Tensor, T: int, B: int, HK: int,
+                   low_view: tuple | None = None, v_views: tuple | None = None,
+                   cache_seqlens: torch.Tensor | None = None, Smax: int = 0, R: int = 0, DV: int = 0) -> None:
+    """Launch `_loki_rotate_kernel`; views are `(tensor, s_b, s_t, s_h, s_d)` (low: `s_b, s_h,
+    s_t, s_d`), so one kernel serves queries (`T` = query heads of a group) and appended keys."""
+    D = components.shape[-1]
+    BD = _pow2(D, 16)
+    BE = min(BD, 64)
+    BT = 16 if T <= 16 else (32 if T <= 32 or interpreted() else 64)
+    n_e = triton.cdiv(max(D, DV), BE)
+    none4 = (0, 0, 0, 0)
+    x, *s_x = x_view
+    y, *s_y = y_view
+    y_low, *s_l = low_view if low_view is not None else (None, *none4)
+    (v_new, *s_nv), (v_cache, *s_v) = v_views if v_views is not None else ((None, *none4), (None, *none4))
+    _loki_rotate_kernel[(triton.cdiv(T, BT), B * HK, n_e)](
+        x, components, y, y_low, v_new, v_cache, cache_seqlens, T, Smax,
+        *s_x, *s_y, *s_l, *s_nv, *s_v,
+        HK=HK, D=D, DV=DV, R=R, BT=BT, BD=BD, BE=BE)
+
+
+def rotate_queries(q: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """`q [B, 1, H, D]` (any strides) -> float32 `q̃ [B, H, D]`, `q̃[b, h] = q[b, 0, h] @ components[h // G]`."""
+    B, _, H, D = q.shape
+    HK = components.shape[0]
+    G = H // HK
+    q_rot = torch.empty(B, H, D, device=q.device, dtype=torch.float32)
+    s_qb, _, s_qh, s_qd = q.stride()
+    # rows of a (b, hk) program are the G query heads of the group: head = hk * G + row
+    _rotate_launch((q, s_qb, s_qh, G * s_qh, s_qd), (q_rot, H * D, D, G * D, 1),
+                   components.contiguous(), G, B, HK)
+    return q_rot
+
+
+def loki_append_fwd(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
+                    cache_seqlens: torch.Tensor, components: torch.Tensor,
+                    k_lowrank: torch.Tensor | None = None) -> None:
+    """Rotates `k_new [B, T, Hk, D]` and writes it at `cache_seqlens[b] + t` into `k_cache_rot`
+    (and its first `R` dims into `k_lowrank [B, Hk, Smax, R]`), and `v_new` into `v_cache`, in place."""
+    B, T, HK, D = k_new.shape
+    if B == 0 or T == 0 or HK == 0:
+        return
+    Smax, DV = k_cache_rot.shape[1], v_cache.shape[3]
+    s_nk, s_k, s_nv, s_v = k_new.stride(), k_cache_rot.stride(), v_new.stride(), v_cache.stride()
+    low = None
+    if k_lowrank is not None:
+        s_l = k_lowrank.stride()
+        low = (k_lowrank, s_l[0], s_l[1], s_l[2], s_l[3])
+    with device_guard(k_new):
+        _rotate_launch((k_new, s_nk[0], s_nk[1], s_nk[2], s_nk[3]), (k_cache_rot, s_k[0], s_k[1], s_k[2], s_k[3]),
+                       components.contiguous(), T, B, HK, low_view=low,
+                       v_views=((v_new, s_nv[0], s_nv[1], s_nv[2], s_nv[3]), (v_cache, s_v[0], s_v[1], s_v[2], s_v[3])),
+                       cache_seqlens=cache_seqlens, Smax=Smax, R=k_lowrank.shape[3] if k_lowrank is not None else 0,
+                       DV=DV)
+
+
+def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, HK: int, *, rank: int,
+                    group: bool) -> torch.Tensor:
+    """Approximate scores from `q̃ [B, H, D]` and `keys`, a `[B, Hk, Smax, >= rank]` view by
+    strides (the low-rank buffer, or `k_cache_rot.transpose(1, 2)`). Returns float32
+    `[B, H or Hk, Smax]`, `-inf` at positions `>= cache_seqlens[b]`."""
+    B, H, D = q_rot.shape
+    Smax = keys.shape[2]
+    G = H // HK
+    scores = torch.empty(B, HK if group else H, Smax, device=q_rot.device, dtype=torch.float32)
+    BG, BN, BR = _score_blocks(G, rank)
+    _loki_score_kernel[(triton.cdiv(Smax, BN), B * HK)](
+        q_rot, keys, cache_seqlens, scores, Smax, rank, *keys.stride(),
+        H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group)
+    return scores
+
+
+def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
+                         cache_seqlens: torch.Tensor, idx: torch.Tensor | None, *, scale: float, out_dtype: torch.dtype,
+                         num_splits: int | None = None) -> torch.Tensor:
+    """Exact attention of `q̃ [B, H, D]` over the selected slots `idx [B, H or Hk, n_sel]` (int64
+    positions; `None`: every position, dense). `idx` with `Hk` heads (or dense with `G > 1`) lets
+    a group's query heads share each gathered key. Returns `o [B, 1, H, Dv]` in `out_dtype`."""
+    B, H, D = q_rot.shape
+    Smax, HK, DV = v_cache.shape[1], v_cache.shape[2], v_cache.shape[3]
+    G = H // HK
+    shared = G > 1 and (idx is None or idx.shape[1] == HK)
+    n_sel = Smax if idx is None else idx.shape[2]
+    BD, BDV = _pow2(D, 16), _pow2(DV, 16)
+    BM, BN = _attn_blocks(shared, G, BD)
+    n_prog = B * (HK if shared else H)
+    n_splits = num_splits or _num_splits(n_prog, n_sel, BN, q_rot.device)
+    chunk = max(BN, triton.cdiv(triton.cdiv(n_sel, n_splits), BN) * BN)
+    n_splits = max(1, triton.cdiv(n_sel, chunk))
+    o = torch.empty(B, 1, H, DV, device=q_rot.device, dtype=out_dtype)
+    split = n_splits > 1
+    o_part = torch.empty(B * H, n_splits, DV, device=q_rot.device, dtype=torch.float32) if split else None
+    lse_part = torch.empty(B * H, n_splits, device=q_rot.device, dtype=torch.float32) if split else None
+    s_i = idx.stride() if idx is not None else (0, 0, 0)
+    _loki_sparse_attn_fwd_kernel[(n_splits, n_prog)](
+        q_rot, k_cache_rot, v_cache, cache_seqlens, idx, o, o_part, lse_part, float(scale), n_sel, chunk,
+        *k_cache_rot.stride(), *v_cache.stride(), *s_i,
+        H=H, HK=HK, G=G, D=D, DV=DV, BM=BM, BN=BN, BD=BD, BDV=BDV, SHARED=shared, SPLIT=split,
+        DOT_PRECISION=dot_precision(v_cache))
+    if split:
+        BR = 16
+        _loki_sparse_attn_reduce_kernel[(triton.cdiv(B * H, BR),)](
+            o_part, lse_part, o, B * H, n_splits, DV=DV, BR=BR, BDV=BDV)
+    return o
+
+
+def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                    components: torch.Tensor, *, rank: int, top_k: int, scale: float, selection: str,
+                    k_lowrank: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """One Loki decoding step (no host synchronisation). Scores come from `k_lowrank [B, Hk, Smax,
+    R >= rank]` when given, else from `k_cache_rot[..., :rank]`. Returns `o [B, 1, H, Dv]`."""
+    B, _, H, D = q.shape
+    Smax, HK, DV = k_cache_rot.shape[1], k_cache_rot.shape[2], v_cache.shape[3]
+    if B == 0 or H == 0 or Smax == 0:
+        return torch.zeros(B, 1, H, DV, device=q.device, dtype=q.dtype)
+    with device_guard(q):
+        q_rot = rotate_queries(q, components)
+        idx = None
+        if top_k < Smax:  # else every row is dense: no scoring, no selection
+            keys = k_lowrank if k_lowrank is not None else k_cache_rot.transpose(1, 2)
+            scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=selection == "group")
+            idx = scores.topk(top_k, dim=-1, sorted=False).indices  # [B, H or Hk, top_k] int64
+        return loki_sparse_attn_fwd(q_rot, k_cache_rot, v_cache, cache_seqlens, idx, scale=scale, out_dtype=q.dtype,
+                                    num_splits=num_splits)
+
+
+# ----------------------------------------------------------------------- backend entry points
+
+
+@torch.no_grad()
+def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale, selection):
+    """Triton backend of `attnkit.loki_attention_decode` (docs/contracts.md): the portable layout,
+    scores read from `k_cache_rot[..., :rank]`."""
+    return loki_decode_fwd(q, k_cache_rot, v_cache, cache_seqlens, components, rank=rank, top_k=top_k, scale=scale,
+                           selection=selection)
+
+
+@torch.no_grad()
+def loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale,
+                                  selection):
+    """Triton backend of `loki_attention_decode_lowrank` (attnkit/ops/loki/cache.py): scores read
+    from the contiguous low-rank key buffer."""
+    return loki_decode_fwd(q, k_cache_rot, v_cache, cache_seqlens, components, rank=rank, top_k=top_k, scale=scale,
+                           selection=selection, k_lowrank=k_lowrank)
+
+
+@torch.no_grad()
+def loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank):
+    """Triton backend of `loki_cache_append` (attnkit/ops/loki/cache.py): one fused launch rotates
+    the new keys and writes the rotated cache, the low-rank buffer and the values."""
+    loki_append_fwd(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank)
