@@ -18,6 +18,7 @@ import torch
 
 import attnkit
 from attnkit import dispatch
+from attnkit.ops.loki import loki_attention_decode_lowrank
 
 from . import models
 from .case import Case, Runner, Unavailable
@@ -122,6 +123,8 @@ def build_decode(case: Case) -> None:
         basis = attnkit.loki_calibrate(sample)
         t["basis"] = basis
         t["k_cache"] = attnkit.loki_rotate(t["k_cache"], basis)  # the rotated cache, built untimed
+        # the fast layout: a contiguous [B, Hk, S, rank] low-rank key buffer (attnkit/ops/loki/cache.py)
+        t["k_lowrank"] = t["k_cache"][..., : case["rank"]].transpose(1, 2).contiguous()
     case.tensors = t
 
 
@@ -250,6 +253,21 @@ def dense_decode(case: Case) -> Runner:
     runner = attnkit_auto(case, call, "attnkit:dense")
     runner.model = dense_decode_model
     return runner
+
+
+def loki_lowrank(case: Case) -> Runner:
+    """Loki scoring from the contiguous low-rank key buffer (the layout a Loki KV cache keeps)."""
+    t = case.tensors
+    call = ("loki_attention_decode_lowrank", loki_attention_decode_lowrank,
+            (t["q"], t["k_lowrank"], t["k_cache"], t["v_cache"], t["cache_seqlens"], t["basis"]),
+            {"rank": case["rank"], "top_k": case["top_k"], "scale": case["scale"]})
+    return attnkit_auto(case, call, "attnkit:lowrank")
+
+
+def loki_group(case: Case) -> Runner:
+    """Loki with ``selection="group"``: one selection per KV head, shared by its query heads."""
+    op_name, func, args, kwargs = call_loki(case)
+    return attnkit_auto(case, (op_name, func, args, {**kwargs, "selection": "group"}), "attnkit:group")
 
 
 # --------------------------------------------------------------------------- models per op
@@ -422,7 +440,8 @@ OPS: dict[str, OpConfig] = {
     "loki_decode": OpConfig(
         "loki_decode", "Loki low-rank-key top-k decoding (rank = D/4, top_k = S/8)", ("decode",), "decode", "S",
         "bandwidth", _DEC_BASE, _decode_presets(), build_decode, call_loki, model_loki,
-        comparators={"attnkit:dense": dense_decode}, baseline="attnkit:dense"),
+        comparators={"attnkit:dense": dense_decode, "attnkit:lowrank": loki_lowrank, "attnkit:group": loki_group},
+        baseline="attnkit:dense"),
 }
 
 # What `--op all` runs: every op in its default mode.
