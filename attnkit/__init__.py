@@ -4,6 +4,7 @@ Every op has a pure-PyTorch reference backend (its meaning) and registers faster
 (``triton``, ``cuda``) through :mod:`attnkit.dispatch`. See ``docs/api.md``.
 """
 
+from . import native  # noqa: E402,F401  (registers the cuda backend; compiles nothing at import)
 from .dispatch import BackendUnavailable, explain
 from .ops.linear import (
     layer_decay,

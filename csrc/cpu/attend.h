@@ -1,0 +1,279 @@
+// CPU split-KV attention of packed query rows over a key list (decode and Loki share it).
+//
+// Group packing: the G * Tq query rows of a KV head that share a key list are scored together,
+// so each K/V row is read once per group (see AttendShape for the work units). When there are
+// fewer units than threads, the key list of each unit is split and the partial softmax states
+// (m, l, acc) are merged afterwards (flash-decoding). Float32 accumulation.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace attnkit {
+namespace cpu {
+
+constexpr int kKeyBlock = 16;         // keys scored together (their K/V rows stay in L1/L2)
+constexpr int64_t kMinSplit = 512;    // fewest keys worth a split of their own
+
+// How the rows of a call are cut into work units.
+//   dense keys (decode):      unit = (b, key split), all Hk heads: the cache rows of one position
+//                             are contiguous ([B, S, Hk, D]), so a unit streams memory in order;
+//   one list per KV head:     unit = (b, hk), the G * Tq rows of the head (Loki selection="group");
+//   one list per query head:  unit = (b, hk, row), one row (Loki selection="head").
+struct AttendShape {
+  int R = 0;               // rows per KV head: G * Tq
+  int heads = 0;           // KV heads per unit
+  int rows_per_head = 0;   // rows of each head in a unit
+  int row_blocks = 0;      // units per KV head and batch row
+  int64_t units = 0;       // before splitting the keys
+};
+
+inline AttendShape attend_shape(const AttendParams& p) {
+  AttendShape s;
+  s.R = p.G * p.Tq;
+  const bool lists = p.sel_idx != nullptr, per_row = lists && p.sel_rows > 1;
+  s.heads = lists ? 1 : p.Hk;
+  s.rows_per_head = per_row ? 1 : s.R;
+  s.row_blocks = per_row ? s.R : 1;
+  s.units = static_cast<int64_t>(p.B) * (p.Hk / s.heads) * s.row_blocks;
+  return s;
+}
+
+struct Unit {
+  int b = 0, hk0 = 0, r0 = 0;
+};
+
+inline Unit unit_of(const AttendParams& p, const AttendShape& s, int64_t u) {
+  const int per_b = (p.Hk / s.heads) * s.row_blocks;
+  Unit out;
+  out.b = static_cast<int>(u / per_b);
+  out.hk0 = static_cast<int>(u % per_b / s.row_blocks) * s.heads;
+  out.r0 = static_cast<int>(u % s.row_blocks) * s.rows_per_head;
+  return out;
+}
+
+// Keys of one unit: the number of list entries (a prefix of 0..L-1, or a selected list).
+inline int64_t unit_keys(const AttendParams& p, const Unit& w, const int32_t** list) {
+  if (p.sel_idx != nullptr) {
+    const int64_t li = (static_cast<int64_t>(w.b) * p.Hk + w.hk0) * p.sel_rows + (p.sel_rows > 1 ? w.r0 : 0);
+    *list = p.sel_idx + li * p.sel_cap;
+    return p.sel_count[li];
+  }
+  *list = nullptr;
+  return static_cast<int64_t>(p.lens[w.b]) + p.len_add;
+}
+
+template <typename T>
+struct AttendWorker {
+  static constexpr bool kF32 = std::is_same<T, float>::value;
+  const AttendParams& p;
+  const AttendShape& shp;
+  int rows;  // heads * rows_per_head; row i is row r0 + i % rows_per_head of head hk0 + i / rows_per_head
+  std::vector<float> qf, sc, kbuf, vbuf, acc, m, l;
+  std::vector<int64_t> pos, limit;
+
+  AttendWorker(const AttendParams& params, const AttendShape& shape)
+      : p(params), shp(shape), rows(shape.heads * shape.rows_per_head), qf(rows * params.D),
+        sc(rows * kKeyBlock), kbuf(kF32 ? 0 : kKeyBlock * params.D), vbuf(kF32 ? 0 : kKeyBlock * params.Dv),
+        acc(rows * params.Dv), m(rows), l(rows), pos(kKeyBlock), limit(rows) {}
+
+  // Attend the unit's rows over list entries [j0, j1) (positions j0..j1-1 without a list).
+  void run(const Unit& w, const int32_t* list, int64_t L, int64_t j0, int64_t j1) {
+    const int D = p.D, Dv = p.Dv, rph = shp.rows_per_head;
+    for (int i = 0; i < rows; ++i) {
+      const int r = w.r0 + i % rph, g = r / p.Tq, t = r % p.Tq, h = (w.hk0 + i / rph) * p.G + g;
+      float* qr = &qf[i * D];
+      if (p.q_f32) {
+        const float* src = static_cast<const float*>(p.q) + w.b * p.q_sb + t * p.q_st + h * p.q_sh;
+        std::memcpy(qr, src, sizeof(float) * D);
+      } else {
+        load_row(static_cast<const T*>(p.q) + w.b * p.q_sb + t * p.q_st + h * p.q_sh, qr, D);
+      }
+      scale_row(qr, p.scale, D);
+      limit[i] = p.causal ? L - p.Tq + t : INT64_MAX;
+      m[i] = kNegInf;
+      l[i] = 0.0f;
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    if (p.causal) {  // no row sees past the last row's limit
+      int64_t last = INT64_MIN;
+      for (int i = 0; i < rows; ++i) last = std::max(last, limit[i]);
+      j1 = std::min(j1, last + 1);
+    }
+    const T* kbase = static_cast<const T*>(p.k) + w.b * p.k_sb;
+    const T* vbase = static_cast<const T*>(p.v) + w.b * p.v_sb;
+    const float* krow[kKeyBlock];
+    const float* vrow[kKeyBlock];
+    for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kKeyBlock, j1 - jb));
+      for (int jj = 0; jj < n; ++jj) pos[jj] = list != nullptr ? list[jb + jj] : jb + jj;
+      // Successive rows of one head are Hk * D apart (a 4 KiB page per position for typical
+      // sizes) and hardware prefetchers stop at page boundaries: the next block's rows go to L2
+      // during this block, each head's rows to L1 just before its microkernels.
+      const int64_t jn_end = std::min<int64_t>(j1, jb + 2 * kKeyBlock);
+      for (int64_t jn = jb + kKeyBlock; jn < jn_end; ++jn) {
+        const int64_t s = list != nullptr ? list[jn] : jn;
+        for (int ih = 0; ih < shp.heads; ++ih) {
+          prefetch_row<1>(kbase + s * p.k_ss + (w.hk0 + ih) * p.k_sh, D);
+          prefetch_row<1>(vbase + s * p.v_ss + (w.hk0 + ih) * p.v_sh, Dv);
+        }
+      }
+      for (int ih = 0; ih < shp.heads; ++ih) {
+        const T* kh = kbase + (w.hk0 + ih) * p.k_sh;
+        const T* vh = vbase + (w.hk0 + ih) * p.v_sh;
+        for (int jj = 0; jj < n; ++jj) {
+          prefetch_row<3>(kh + pos[jj] * p.k_ss, D);
+          prefetch_row<3>(vh + pos[jj] * p.v_ss, Dv);
+        }
+        for (int jj = 0; jj < n; ++jj) {
+          if constexpr (kF32) {
+            krow[jj] = kh + pos[jj] * p.k_ss;
+            vrow[jj] = vh + pos[jj] * p.v_ss;
+          } else {
+            load_row(kh + pos[jj] * p.k_ss, &kbuf[jj * D], D);
+            load_row(vh + pos[jj] * p.v_ss, &vbuf[jj * Dv], Dv);
+            krow[jj] = &kbuf[jj * D];
+            vrow[jj] = &vbuf[jj * Dv];
+          }
+        }
+        head_block(ih * rph, rph, n, krow, vrow);
+      }
+    }
+  }
+
+  // The rows [i0, i0 + nrows) of one KV head against a block of n keys: scores, online softmax
+  // update, acc += p @ V. Rows go through the microkernels four at a time.
+  void head_block(int i0, int nrows, int n, const float* const* krow, const float* const* vrow) {
+    const int D = p.D, Dv = p.Dv;
+    for_row_blocks(i0, nrows, [&](auto rb, int i) {
+      scores_rows<decltype(rb)::value>(&qf[i * D], D, krow, n, &sc[i * kKeyBlock], kKeyBlock);
+    });
+    for (int i = i0; i < i0 + nrows; ++i) {
+      float* s = &sc[i * kKeyBlock];
+      if (p.causal) {
+        for (int jj = 0; jj < n; ++jj)
+          if (pos[jj] > limit[i]) s[jj] = kNegInf;
+      }
+      const float mnew = nan_max(m[i], max_of(s, n));
+      if (mnew == kNegInf) {  // nothing visible yet: every probability is zero
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      const float alpha = exp_approx(m[i] - mnew);
+      l[i] = l[i] * alpha + exp_sub_sum(s, mnew, n);
+      if (alpha != 1.0f) scale_row(&acc[i * Dv], alpha, Dv);
+      m[i] = mnew;
+    }
+    for_row_blocks(i0, nrows, [&](auto rb, int i) {
+      pv_rows<decltype(rb)::value>(&acc[i * Dv], Dv, &sc[i * kKeyBlock], kKeyBlock, vrow, n);
+    });
+  }
+
+  // Calls f(std::integral_constant<int, RB>, first row) over [i0, i0 + n) in blocks of 4, 2, 1.
+  template <typename F>
+  static void for_row_blocks(int i0, int n, F&& f) {
+    int i = i0;
+    for (; i + 4 <= i0 + n; i += 4) f(std::integral_constant<int, 4>{}, i);
+    if (i + 2 <= i0 + n) {
+      f(std::integral_constant<int, 2>{}, i);
+      i += 2;
+    }
+    if (i < i0 + n) f(std::integral_constant<int, 1>{}, i);
+  }
+};
+
+// Writes acc / l of a unit's rows to out [B, Tq, H, Dv].
+template <typename T>
+inline void write_rows(const AttendParams& p, const AttendShape& shp, const Unit& w, const float* acc,
+                       const float* l) {
+  const int H = p.Hk * p.G, rph = shp.rows_per_head;
+  for (int i = 0; i < shp.heads * rph; ++i) {
+    const int r = w.r0 + i % rph, g = r / p.Tq, t = r % p.Tq, h = (w.hk0 + i / rph) * p.G + g;
+    T* o = static_cast<T*>(p.out) + ((static_cast<int64_t>(w.b) * p.Tq + t) * H + h) * p.Dv;
+    const float inv = l[i] == 0.0f ? 0.0f : 1.0f / l[i];  // a row that saw no key outputs zeros
+    for (int d = 0; d < p.Dv; ++d) o[d] = from_float<T>(acc[i * p.Dv + d] * inv);
+  }
+}
+
+template <typename T>
+void run_attend(const AttendParams& p) {
+  const AttendShape shp = attend_shape(p);
+  const int64_t units = shp.units;
+  if (units == 0 || p.Dv == 0) return;
+  int64_t max_keys = 0;
+  for (int64_t u = 0; u < units; ++u) {
+    const int32_t* list;
+    max_keys = std::max(max_keys, unit_keys(p, unit_of(p, shp, u), &list));
+  }
+  // Split the keys when there are fewer units than about two per thread (flash-decoding).
+  const int64_t threads = at::get_num_threads();
+  int64_t nsplit = 1;
+  if (units < 2 * threads) {
+    nsplit = std::min(ceil_div(2 * threads, units), std::max<int64_t>(1, max_keys / kMinSplit));
+  }
+  const int64_t split_len = std::max<int64_t>(1, ceil_div(max_keys, nsplit));
+  const int rows = shp.heads * shp.rows_per_head;
+  const int stride = p.Dv + 2;  // partial state per row: acc [Dv], m, l
+  std::vector<float> part(nsplit > 1 ? units * nsplit * rows * stride : 0);
+
+  at::parallel_for(0, units * nsplit, 1, [&](int64_t begin, int64_t end) {
+    AttendWorker<T> wk(p, shp);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t u = it / nsplit, split = it % nsplit;
+      const Unit w = unit_of(p, shp, u);
+      const int32_t* list;
+      const int64_t n = unit_keys(p, w, &list);
+      const int64_t L = static_cast<int64_t>(p.lens[w.b]) + p.len_add;
+      const int64_t j0 = std::min(n, split * split_len), j1 = std::min(n, j0 + split_len);
+      wk.run(w, list, L, j0, j1);
+      if (nsplit == 1) {
+        write_rows<T>(p, shp, w, wk.acc.data(), wk.l.data());
+      } else {
+        float* dst = &part[it * rows * stride];
+        for (int i = 0; i < rows; ++i) {
+          std::memcpy(dst + i * stride, &wk.acc[i * p.Dv], sizeof(float) * p.Dv);
+          dst[i * stride + p.Dv] = wk.m[i];
+          dst[i * stride + p.Dv + 1] = wk.l[i];
+        }
+      }
+    }
+  });
+  if (nsplit == 1) return;
+
+  // Merge the splits of every row: o = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(rows * p.Dv), l(rows);
+    for (int64_t u = begin; u < end; ++u) {
+      for (int i = 0; i < rows; ++i) {
+        float M = kNegInf;
+        for (int64_t s = 0; s < nsplit; ++s) M = nan_max(M, part[((u * nsplit + s) * rows + i) * stride + p.Dv]);
+        float* a = &acc[i * p.Dv];
+        std::fill(a, a + p.Dv, 0.0f);
+        l[i] = 0.0f;
+        if (M == kNegInf) continue;
+        for (int64_t s = 0; s < nsplit; ++s) {
+          const float* src = &part[((u * nsplit + s) * rows + i) * stride];
+          if (src[p.Dv] == kNegInf) continue;  // an empty split
+          const float f = std::exp(src[p.Dv] - M);
+          l[i] += src[p.Dv + 1] * f;
+          axpy(a, f, src, p.Dv);
+        }
+      }
+      write_rows<T>(p, shp, unit_of(p, shp, u), acc.data(), l.data());
+    }
+  });
+}
+
+inline void attend(const AttendParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return run_attend<float>(p);
+    case DType::kFloat16: return run_attend<c10::Half>(p);
+    case DType::kBFloat16: return run_attend<c10::BFloat16>(p);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attnkit
