@@ -160,6 +160,14 @@ def compare_op(fn: Callable[..., Any], make_args: Callable[[torch.dtype], tuple[
                                    factor=factor, floor=floor)
 
 
+def compiled_variants(kernel) -> int:
+    """How many compiled variants a (possibly autotuned/heuristics-wrapped) Triton kernel holds."""
+    fn = kernel
+    while not hasattr(fn, "device_caches"):
+        fn = fn.fn
+    return sum(len(cache[0]) for cache in fn.device_caches.values())
+
+
 def case_id(**kw: Any) -> str:
     """Readable id: case_id(B=2, T=63, H=4) -> 'B2-T63-H4'."""
     return "-".join(f"{k}{v}" for k, v in kw.items())

@@ -13,7 +13,7 @@ import torch
 import attnkit
 from attnkit.ops.linear import triton_register  # noqa: F401  (registers the triton backend)
 
-from .harness import DEVICE, cast_input, clone_as, compare_op, interpreted, kernel_dtypes, params
+from .harness import DEVICE, cast_input, clone_as, compare_op, compiled_variants, interpreted, kernel_dtypes, params
 
 BACKEND = "triton"
 
@@ -299,13 +299,6 @@ def test_step_matches_chunked(case):
 # ----------------------------------------------------------------------------------- compilation
 
 
-def _compiled_variants(kernel) -> int:
-    fn = kernel
-    while not hasattr(fn, "device_caches"):
-        fn = fn.fn
-    return sum(len(cache[0]) for cache in fn.device_caches.values())
-
-
 @pytest.mark.skipif(interpreted(), reason="the Triton interpreter has no compile cache to count; "
                                           "checked on GPU (a new T must not recompile)")
 def test_new_length_does_not_recompile():
@@ -321,10 +314,10 @@ def test_new_length_does_not_recompile():
         (o.float().sum() + S.sum()).backward()
 
     run(100)
-    before = [_compiled_variants(kern) for kern in kernels]
+    before = [compiled_variants(kern) for kern in kernels]
     run(333)
     run(1025)
-    assert [_compiled_variants(kern) for kern in kernels] == before
+    assert [compiled_variants(kern) for kern in kernels] == before
 
 
 def test_explain_accepts_triton():

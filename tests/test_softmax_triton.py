@@ -21,6 +21,7 @@ from .harness import (
     cast_input,
     clone_as,
     compare_op,
+    compiled_variants,
     interpreted,
     kernel_dtypes,
     params,
@@ -281,13 +282,6 @@ def test_explain():
         assert ex.backend is None and any("interpreter" in r for r in ex.refusals[BACKEND])
 
 
-def _compiled_variants(kernel) -> int:
-    fn = kernel
-    while not hasattr(fn, "device_caches"):
-        fn = fn.fn
-    return sum(len(cache[0]) for cache in fn.device_caches.values())
-
-
 @pytest.mark.skipif(interpreted(), reason="the Triton interpreter has no compile cache to count; "
                                           "checked on GPU (a new length must not recompile)")
 def test_new_length_does_not_recompile():
@@ -307,7 +301,7 @@ def test_new_length_does_not_recompile():
         attnkit.attention_decode(q[:, :1].detach(), k_cache, v_cache, lens, backend=BACKEND)
 
     run(100)
-    before = [_compiled_variants(kern) for kern in kernels]
+    before = [compiled_variants(kern) for kern in kernels]
     run(333)
     run(1025)
-    assert [_compiled_variants(kern) for kern in kernels] == before
+    assert [compiled_variants(kern) for kern in kernels] == before
