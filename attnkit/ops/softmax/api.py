@@ -46,6 +46,22 @@ def _expect_size(name: str, x: torch.Tensor, dim: int, size: int, meaning: str) 
         raise ValueError(f"{name} must have {meaning} = {size} in dim {dim}, got shape {shape_str(x)}")
 
 
+def _check_kv_against_q(q: torch.Tensor, k_name: str, k: torch.Tensor, v_name: str, v: torch.Tensor,
+                        length_meaning: str) -> tuple[int, int, int]:
+    """Keys `[B, S, Hk, D]` and values `[B, S, Hk, Dv]` that fit the query `[B, *, H, D]`; returns (S, Hk, Dv)."""
+    B, _, H, D = q.shape
+    S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if D < 1:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {shape_str(q)}")
+    _expect_size(k_name, k, 0, B, "the batch size of q (B)")
+    _expect_size(k_name, k, 3, D, "the head dim of q (D)")
+    _expect_size(v_name, v, 0, B, "the batch size of q (B)")
+    _expect_size(v_name, v, 1, S, length_meaning)
+    _expect_size(v_name, v, 2, Hk, f"the number of heads of {k_name} (Hk)")
+    expect_heads("q", H, k_name, Hk)
+    return S, Hk, Dv
+
+
 def _check_eps(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -91,15 +107,7 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
     expect_same_dtype(("q", "k", "v"), (q, k, v))
     expect_same_device(("q", "k", "v"), (q, k, v))
     B, T, H, D = q.shape
-    S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if D < 1:
-        raise ValueError(f"q must have a head dim D >= 1, got shape {shape_str(q)}")
-    _expect_size("k", k, 0, B, "the batch size of q (B)")
-    _expect_size("k", k, 3, D, "the head dim of q (D)")
-    _expect_size("v", v, 0, B, "the batch size of q (B)")
-    _expect_size("v", v, 1, S, "the length of k (S)")
-    _expect_size("v", v, 2, Hk, "the number of heads of k (Hk)")
-    expect_heads("q", H, "k", Hk)
+    S, Hk, Dv = _check_kv_against_q(q, "k", k, "v", v, "the length of k (S)")
     causal = expect_bool("causal", causal)
     return_lse = expect_bool("return_lse", return_lse)
     scale = check_scale(scale, D, q.device)
@@ -208,15 +216,7 @@ def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None,
     expect_same_device(("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new"),
                        (q, k_cache, v_cache, cache_seqlens, k_new, v_new))
     B, Tq, H, D = q.shape
-    Smax, Hk, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    if D < 1:
-        raise ValueError(f"q must have a head dim D >= 1, got shape {shape_str(q)}")
-    _expect_size("k_cache", k_cache, 0, B, "the batch size of q (B)")
-    _expect_size("k_cache", k_cache, 3, D, "the head dim of q (D)")
-    _expect_size("v_cache", v_cache, 0, B, "the batch size of q (B)")
-    _expect_size("v_cache", v_cache, 1, Smax, "the capacity of k_cache (Smax)")
-    _expect_size("v_cache", v_cache, 2, Hk, "the number of heads of k_cache (Hk)")
-    expect_heads("q", H, "k_cache", Hk)
+    Smax, Hk, Dv = _check_kv_against_q(q, "k_cache", k_cache, "v_cache", v_cache, "the capacity of k_cache (Smax)")
 
     if (k_new is None) != (v_new is None):
         given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
