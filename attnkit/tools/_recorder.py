@@ -20,7 +20,7 @@ of attnkit never reads kernel results on the host (no sync), which is what makes
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import sys
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,6 +67,7 @@ class Launch:
     tensor_bytes: dict[str, int]    # bytes of each tensor argument (its storage span)
     case: str = ""
     call: int = 0                   # which launch of the case (same for all configs of one launch)
+    phase: str = "fwd"              # "fwd" or "bwd" (set by the call around its backward)
     dtype: str = ""                 # dtype of the first floating-point tensor argument
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -85,10 +86,35 @@ class _State:
     launches: list[Launch] = field(default_factory=list)
     case: str = ""
     calls: int = 0
+    phase: str = "fwd"
 
 
-_STATE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("attnkit_recorder", default=None)
-_TUNE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("attnkit_recorder_tune", default=None)
+def set_phase(phase: str) -> None:
+    """Tag the launches that follow (`"fwd"` or `"bwd"`); a no-op outside :func:`recording`."""
+    state = _STATE.get()
+    if state is not None:
+        state.phase = phase
+
+
+class _Slot:
+    """A process-wide slot (not thread-local: the autograd engine may run a backward elsewhere)."""
+
+    def __init__(self):
+        self.value = None
+
+    def get(self):
+        return self.value
+
+    def set(self, value):
+        old, self.value = self.value, value
+        return old
+
+    def reset(self, old):
+        self.value = old
+
+
+_STATE = _Slot()
+_TUNE = _Slot()
 _BINDERS: dict[int, tuple[Any, Callable]] = {}
 
 
@@ -146,7 +172,7 @@ def _recording_jit_run(self: JITFunction, *args, grid, warmup, **kwargs):
         signature=dict(signature), constexprs=dict(constexprs), attrs=dict(attrs), options=launch_options,
         args={k: _describe(v) for k, v in bound_args.items()},
         tensor_bytes={k: _span_bytes(v) for k, v in tensors.items()},
-        case=state.case, call=state.calls,
+        case=state.case, call=state.calls, phase=state.phase,
         dtype=str(float_dtypes[0]).replace("torch.", "") if float_dtypes else ""))
     return None
 
@@ -184,10 +210,23 @@ def _forced_triton_choice(original):
     return choose
 
 
+def _meta_aware(original):
+    """`value_checks_enabled` that skips value checks on meta tensors (they have no values)."""
+    def value_checks_enabled(*tensors):
+        if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors):
+            return False
+        return original(*tensors)
+    value_checks_enabled.__wrapped__ = original
+    return value_checks_enabled
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[_State]:
-    """Record (and skip) every Triton launch in the block; yields the state with `.launches`."""
-    from .. import dispatch
+    """Record (and skip) every Triton launch in the block; yields the state with `.launches`.
+
+    Inputs may be meta tensors (no memory; value checks are skipped for them) or CPU tensors.
+    """
+    from .. import _validation, dispatch
 
     state = _State()
     token = _STATE.set(state)
@@ -195,10 +234,20 @@ def recording() -> Iterator[_State]:
     JITFunction.run = _recording_jit_run
     Autotuner.run = _recording_autotuner_run
     dispatch._choose = _forced_triton_choice(saved[2])
+    # every attnkit module that imported the value-check gate by name gets the meta-aware one
+    original = _validation.value_checks_enabled
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if (name == "attnkit" or name.startswith("attnkit.")) and module is not None \
+                and getattr(module, "value_checks_enabled", None) is original:
+            module.value_checks_enabled = _meta_aware(original)
+            patched.append(module)
     try:
         yield state
     finally:
         JITFunction.run, Autotuner.run, dispatch._choose = saved
+        for module in patched:
+            module.value_checks_enabled = original
         _STATE.reset(token)
 
 
