@@ -177,3 +177,115 @@ class ResultCache:
         tmp = self.root / f".{key}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(value))
         os.replace(tmp, self.root / f"{key}.json")
+
+
+# ------------------------------------------------------------------- independent agreement
+
+_RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_PTX_VERSION_ERR = re.compile(r"current version is '(\d+\.\d+)'")
+
+
+def toolkit_ptxas() -> str | None:
+    """The CUDA toolkit's ptxas (not Triton's bundled one): `$ATTNKIT_PTXAS`, else
+    `/usr/local/cuda/bin/ptxas`, else `ptxas` on PATH."""
+    import shutil
+
+    for cand in (os.environ.get("ATTNKIT_PTXAS"), "/usr/local/cuda/bin/ptxas", shutil.which("ptxas")):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def _toolkit_ptxas_log(ptxas: str, ptx: str, arch: str) -> tuple[str, str | None]:
+    """`ptxas -v` of the toolkit on Triton's PTX; `.version` is lowered to what it accepts when
+    Triton's LLVM emitted a newer one. Returns (log, the PTX version used if it was lowered)."""
+    import subprocess
+
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    gpu = sm_arch_from_capability(_arch_capability(arch))
+    lowered = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(2):
+            src = Path(tmp, "k.ptx")
+            src.write_text(ptx)
+            cmd = [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(src),
+                   "-o", str(Path(tmp, "k.cubin"))]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode == 0:
+                return res.stderr, lowered
+            m = _PTX_VERSION_ERR.search(res.stderr)
+            if m is None or lowered is not None:
+                raise RuntimeError(f"toolkit ptxas failed: {res.stderr.strip()[:400]}")
+            lowered = m.group(1)
+            ptx = re.sub(r"^\.version \d+\.\d+", f".version {lowered}", ptx, count=1, flags=re.M)
+    raise AssertionError("unreachable")
+
+
+def sass_mma_kind(cubin: bytes) -> tuple[str, int, int]:
+    """MMA kind from the SASS of a cubin (Triton's cuobjdump): HGMMA = wgmma, HMMA = mma.sync."""
+    import subprocess
+
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "k.cubin")
+        path.write_bytes(cubin)
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    n_wg = len(re.findall(r"\bHGMMA\.", sass))
+    n_mma = len(re.findall(r"\bHMMA\.", sass))
+    kind = "mixed" if n_wg and n_mma else "wgmma" if n_wg else "mma.sync" if n_mma else "none"
+    return kind, n_wg, n_mma
+
+
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """`cuobjdump -res-usage` of a cubin: REG, STACK, SHARED (static), LOCAL."""
+    import subprocess
+
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "k.cubin")
+        path.write_bytes(cubin)
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+    m = _RES_USAGE.search(out)
+    if m is None:
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {out[:300]}")
+    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))
+
+
+def verify_launch(launch: Launch, arch: str) -> dict[str, Any]:
+    """Independent figures for one variant, next to the audit's.
+
+    * `cubin`: `cuobjdump -res-usage` of the very cubin Triton built (registers and stack frame
+      must equal the audit's, which come from the ptxas log);
+    * `sass_mma`: the MMA kind read from the SASS (HGMMA/HMMA) instead of the PTX;
+    * `toolkit`: the CUDA toolkit's own ptxas (another version than Triton's) run on the same PTX:
+      registers and spills of an independent assembler (equal or close; spilling or not agrees).
+    """
+    r = compile_launch(launch, arch, keep_asm=True)
+    if r["error"]:
+        raise RuntimeError(f"{launch.kernel} does not compile for {arch}: {r['error']}")
+    res = cubin_resources(r["cubin"])
+    sass_kind = sass_mma_kind(r["cubin"])
+    out: dict[str, Any] = dict(
+        kernel=launch.kernel, arch=arch, config=launch.config_str(),
+        audit=dict(registers=r["registers"], spill_stores=r["spill_stores"], stack_frame=r["stack_frame"],
+                   mma=r["mma"]),
+        cubin=dict(registers=res["REG"], stack_frame=res["STACK"]),
+        sass_mma=sass_kind[0], toolkit=None)
+    ptxas = toolkit_ptxas()
+    if ptxas is not None:
+        log, lowered = _toolkit_ptxas_log(ptxas, r["ptx"], arch)
+        fig = parse_ptxas_log(log)
+        out["toolkit"] = dict(ptxas=ptxas, ptx_version_lowered_to=lowered, registers=fig["registers"],
+                              spill_stores=fig["spill_stores"], stack_frame=fig["stack_frame"])
+    out["agree"] = dict(
+        registers=res["REG"] == r["registers"],
+        stack_frame=res["STACK"] == r["stack_frame"],
+        mma=sass_kind[0] == r["mma"],
+        toolkit_spills=None if out["toolkit"] is None
+        else (out["toolkit"]["spill_stores"] > 0) == (r["spill_stores"] > 0))
+    return out

@@ -32,7 +32,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from . import DEFAULT_SM_COUNT, SM_COUNT_ENV  # noqa: E402
-from ._compile import ResultCache, compile_launch, default_cache_dir, shared_limit, variant_key  # noqa: E402
+from ._compile import (ResultCache, compile_launch, default_cache_dir, shared_limit, variant_key,  # noqa: E402
+                       verify_launch)
 from ._recorder import TARGETS, Launch, record, triton_version  # noqa: E402
 from .cases import SHORT_DTYPE, Case, audit_cases, make_call  # noqa: E402
 
@@ -157,11 +158,52 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
             failures.append(dict(case=r["case"], kernel=r["kernel"], arch=r["arch"], config=r["config"],
                                  error=f"shared memory {r['shared']} B exceeds the {r['arch']} limit "
                                        f"{r['shared_limit']} B"))
-    return dict(
+    report = dict(
         tool="attnkit.tools.gpu_audit", triton=triton_version(), archs=archs, quick=quick,
         sm_count=os.environ.get(SM_COUNT_ENV), calls=len(cases), launches=n_launches, variants=rows,
         summary=summarize(rows), failures=failures, skipped=skipped,
         compiled=len(todo), cached=len(variants) - len(todo), elapsed_s=round(time.perf_counter() - start, 1))
+    report["_variants"] = list(variants.values())  # for --verify; dropped from the JSON
+    return report
+
+
+def pick_for_verify(variants: list[Variant], n: int) -> list[Variant]:
+    """Up to `n` compiled variants, one per (arch, kernel) first, the worst spiller of each."""
+    ok = [v for v in variants if not v.result.get("error")]
+    best: dict[tuple[str, str], Variant] = {}
+    for v in ok:
+        k = (v.arch, v.launch.kernel)
+        if k not in best or (v.result.get("spill_stores") or 0) > (best[k].result.get("spill_stores") or 0):
+            best[k] = v
+    picked = sorted(best.values(), key=lambda v: -(v.result.get("spill_stores") or 0))
+    return picked[:n]
+
+
+def run_verify(variants: list[Variant]) -> list[dict[str, Any]]:
+    """Independent figures for each variant (cuobjdump of the cubin, SASS MMA kind, toolkit ptxas)."""
+    out = []
+    for v in variants:
+        try:
+            out.append(verify_launch(v.launch, v.arch))
+        except Exception as e:  # noqa: BLE001
+            out.append(dict(kernel=v.launch.kernel, arch=v.arch, config=v.launch.config_str(),
+                            error=f"{type(e).__name__}: {e}"[:300], agree={}))
+    return out
+
+
+def format_verify(checks: list[dict[str, Any]]) -> str:
+    rows = []
+    for c in checks:
+        if "error" in c:
+            rows.append([c["arch"], c["kernel"], c["config"], "ERROR", c["error"], "", "", "", "", ""])
+            continue
+        a, cu, tk = c["audit"], c["cubin"], c["toolkit"] or {}
+        rows.append([c["arch"], c["kernel"], c["config"], f"{a['registers']}/{cu['registers']}/{tk.get('registers')}",
+                     f"{a['spill_stores']}/{tk.get('spill_stores')}", f"{a['stack_frame']}/{cu['stack_frame']}",
+                     f"{a['mma']}/{c['sass_mma']}",
+                     "yes" if all(x is not False for x in c["agree"].values()) else "NO"])
+    return _fmt_table(["arch", "kernel", "config", "regs audit/cubin/toolkit", "spill audit/toolkit",
+                       "stack audit/cubin", "mma ptx/sass", "agree"], rows)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                         "env ATTNKIT_AUDIT_CACHE)")
     parser.add_argument("--no-cache", action="store_true", help="compile everything, store nothing")
     parser.add_argument("--summary-only", action="store_true", help="print only the per-kernel summary")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="recompile N variants (one per kernel, worst spiller first) and compare with "
+                             "cuobjdump of the cubin, the SASS and the CUDA toolkit's ptxas")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -248,10 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     cache = None if args.no_cache else Path(args.cache) if args.cache else default_cache_dir()
     report = run_audit(args.arch or ["sm_90"], args.quick, kernel=args.kernel, op=args.op, jobs=args.jobs,
                        cache=cache)
+    variants = report.pop("_variants")
     print(format_report(report, variants=not args.summary_only))
+    failed = bool(report["failures"])
+    if args.verify:
+        report["verify"] = run_verify(pick_for_verify(variants, args.verify))
+        print()
+        print(format_verify(report["verify"]))
+        failed |= any(x is False for c in report["verify"] for x in c["agree"].values())
+        failed |= any("error" in c for c in report["verify"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    return 1 if report["failures"] else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
