@@ -68,6 +68,7 @@ class Launch:
     case: str = ""
     call: int = 0                   # which launch of the case (same for all configs of one launch)
     phase: str = "fwd"              # "fwd" or "bwd" (set by the call around its backward)
+    scalars: dict[str, Any] = field(default_factory=dict)  # non-tensor argument values (ints, flags)
     dtype: str = ""                 # dtype of the first floating-point tensor argument
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -173,6 +174,7 @@ def _recording_jit_run(self: JITFunction, *args, grid, warmup, **kwargs):
         args={k: _describe(v) for k, v in bound_args.items()},
         tensor_bytes={k: _span_bytes(v) for k, v in tensors.items()},
         case=state.case, call=state.calls, phase=state.phase,
+        scalars={k: v for k, v in bound_args.items() if isinstance(v, (int, float, bool, str)) or v is None},
         dtype=str(float_dtypes[0]).replace("torch.", "") if float_dtypes else ""))
     return None
 

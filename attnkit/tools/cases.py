@@ -167,6 +167,7 @@ def make_call(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], fla
             outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
                     if isinstance(o, torch.Tensor) and o.requires_grad]
             if grad:
+                set_phase("setup")  # the incoming gradients are inputs, not allocations of the op
                 grads = [torch.empty_like(o) for o in outs]
                 set_phase("bwd")
                 torch.autograd.backward(outs, grads)
