@@ -214,10 +214,26 @@ def test_launch_plan_attention_fwd_bwd(tmp_path):
 
 
 def test_launch_plan_rejects_bad_arguments(tmp_path):
-    res = _run(["-m", "attnkit.tools.launch_plan", "--op", "attention", "--mode", "fwd", "--shape", "B=two"], tmp_path)
-    assert res.returncode == 2 and "B=two" in res.stderr
-    res = _run(["-m", "attnkit.tools.launch_plan", "--op", "attention_decode", "--mode", "fwd"], tmp_path)
-    assert res.returncode == 2 and "decode" in res.stderr
-    res = _run(["-m", "attnkit.tools.launch_plan", "--op", "attention", "--mode", "fwd", "--flags", "bogus=1"],
-               tmp_path)
-    assert res.returncode == 2 and "bogus" in res.stderr
+    code = textwrap.dedent("""
+        import contextlib, io, json
+        from attnkit.tools.launch_plan import main
+        out = []
+        for argv in (["--op", "attention", "--mode", "fwd", "--shape", "B=two"],
+                     ["--op", "attention_decode", "--mode", "fwd"],
+                     ["--op", "attention", "--mode", "fwd", "--flags", "bogus=1"],
+                     ["--op", "attention", "--mode", "fwd", "--sms", "0"]):
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+            out.append([code, err.getvalue()])
+        print(json.dumps(out))
+    """)
+    res = _run(["-c", code], tmp_path)
+    assert res.returncode == 0, res.stderr
+    results = json.loads(res.stdout.strip().splitlines()[-1])
+    for (code, err), needle in zip(results, ["B=two", "decode", "bogus", "--sms"]):
+        assert code == 2 and needle in err, (code, err)
