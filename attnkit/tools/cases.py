@@ -285,7 +285,7 @@ def audit_cases(quick: bool) -> list[Case]:
 
     def add(op, mode, dtype, shape, flags=None, *, hot=False, optional=False):
         c = Case(op, mode, dtype, dict(shape), dict(flags or {}), quick=hot, optional=optional)
-        if not quick or hot:
+        if (not quick or hot) and all(c.name != x.name for x in cases):
             cases.append(c)
 
     train = dict(B=1, T=1024, H=16, Hk=4)

@@ -101,17 +101,20 @@ def _indexed(i: int) -> tuple[int, dict[str, Any]]:
 
 
 def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: str | None = None,
-              jobs: int = 1, cache: Path | None = None, verbose: bool = True) -> dict[str, Any]:
+              case: str | None = None, jobs: int = 1, cache: Path | None = None,
+              verbose: bool = True) -> dict[str, Any]:
     """Record, compile and judge; returns the report (the JSON document)."""
     start = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     pattern = re.compile(kernel) if kernel else None
-    cases = [c for c in audit_cases(quick) if op is None or c.op == op]
+    case_re = re.compile(case) if case else None
+    cases = [c for c in audit_cases(quick)
+             if (op is None or c.op == op) and (case_re is None or case_re.search(c.name))]
     failures: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     variants: dict[tuple[str, str], Variant] = {}
     n_launches = 0
-    for case in cases:
+    for case in cases:  # noqa: F402 - shadows the `case` filter on purpose: no longer needed
         try:
             launches = record(make_call(case.op, case.mode, case.dtype, case.shape, case.flags), case.name)
         except Exception as e:  # noqa: BLE001 - reported as a finding
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--kernel", metavar="REGEX", help="only kernels whose name matches")
     parser.add_argument("--op", help="only the calls of this public op")
+    parser.add_argument("--case", metavar="REGEX", help="only the calls whose name matches (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the calls (names as --case sees them) and exit")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel compile workers (default: min(2, cores))")
     parser.add_argument("--cache", metavar="DIR", help=f"result cache (default {default_cache_dir()}; "
@@ -289,10 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.list:
+        for c in audit_cases(args.quick):
+            print(("quick " if c.quick else "      ") + ("optional " if c.optional else "         ") + c.name)
+        return 0
     os.environ.setdefault(SM_COUNT_ENV, str(DEFAULT_SM_COUNT))
     cache = None if args.no_cache else Path(args.cache) if args.cache else default_cache_dir()
-    report = run_audit(args.arch or ["sm_90"], args.quick, kernel=args.kernel, op=args.op, jobs=args.jobs,
-                       cache=cache)
+    report = run_audit(args.arch or ["sm_90"], args.quick, kernel=args.kernel, op=args.op, case=args.case,
+                       jobs=args.jobs, cache=cache)
     variants = report.pop("_variants")
     print(format_report(report, variants=not args.summary_only))
     failed = bool(report["failures"])
