@@ -16,7 +16,6 @@ setup(
     license="MIT",
     license_files=["LICENSE"],
     classifiers=[
-        "License :: OSI Approved :: MIT License",
         "Programming Language :: Python :: 3",
         "Typing :: Typed",
     ],
