@@ -244,6 +244,19 @@ def _series(rows: list[dict[str, Any]], x: str) -> dict[str, list[dict[str, Any]
     return out
 
 
+PLOTS_SKIPPED = ('plots skipped: matplotlib is not installed (pip install -e ".[bench]" to get them); '
+                 "the table, CSV and JSON are written")
+
+
+def can_plot() -> bool:
+    """Whether matplotlib can be imported (the ``bench`` extra); without it only the plots are skipped."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(path: Path, rows: list[dict[str, Any]], x: str, metric: str, title: str) -> bool:
     """Throughput and peak memory against the swept axis; returns False if nothing to plot."""
     ok = [r for r in rows if r["status"] == "ok" and r.get(x) is not None]
