@@ -367,10 +367,24 @@ class MultiheadAttention(nn.MultiheadAttention):
     than a causal hint on a square attention (or none), no key padding mask, no dropout in
     training, no `add_bias_kv`/`add_zero_attn`, the fused kernels run; every other case runs
     PyTorch's own implementation, so results are exact in every case.
+
+    Inside a `torch.nn.TransformerEncoderLayer`, torch's inference fast path
+    (`torch._transformer_encoder_layer_fwd`, taken in `eval()` under `no_grad`/`inference_mode`)
+    reads the layer's `self_attn` weights and never calls `self_attn`. This module keeps that fast
+    path off for any layer that contains it (torch skips it when a submodule has forward hooks; a
+    no-op pre-hook is registered for that), so the replacement runs in inference too.
     """
 
-    def fused_refusal(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal) -> str | None:
-        """Why the fused path cannot serve this call (None when it can)."""
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_forward_pre_hook(_bypass_torch_fast_path)
+
+    def fused_refusal(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                      average_attn_weights=True, is_causal=False) -> str | None:
+        """Why the fused path cannot serve this call (None when it can).
+
+        Takes the arguments of :meth:`forward`, with the same defaults, positionally or by keyword.
+        """
         if need_weights:
             return "need_weights=True (attention weights are not materialised by the kernels)"
         if key_padding_mask is not None:
@@ -393,7 +407,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        reason = self.fused_refusal(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        reason = self.fused_refusal(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                    attn_mask=attn_mask, is_causal=is_causal)
         if reason is not None:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
@@ -427,6 +442,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         return out, None
 
 
+def _bypass_torch_fast_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing. Its presence makes `TransformerEncoderLayer.forward`
+    take its regular path ("forward pre-/hooks are attached to the module"), which calls
+    `self_attn`, instead of the fused C++ fast path that would bypass attnkit."""
+    return None
+
+
 def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
     return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
                 add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, kdim=m.kdim, vdim=m.vdim,
@@ -436,7 +458,11 @@ def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
 def replace_multihead_attention(model: nn.Module) -> nn.Module:
     """Swap every `torch.nn.MultiheadAttention` inside `model` for :class:`MultiheadAttention`, in place,
     keeping weights, device, dtype and training mode. Returns `model` (or the replacement if `model`
-    itself is one)."""
+    itself is one).
+
+    The replacement also takes effect under `torch.nn.TransformerEncoder(Layer)` in inference
+    (`eval()` + `no_grad`/`inference_mode`), where torch's fused fast path would otherwise skip
+    `self_attn`: see :class:`MultiheadAttention`."""
     if isinstance(model, nn.MultiheadAttention) and not isinstance(model, MultiheadAttention):
         return _swap(model)
     for name, child in list(model.named_children()):
