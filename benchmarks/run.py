@@ -132,7 +132,7 @@ def run_op(cfg: OpConfig, mode: str, shapes: list[dict], device: torch.device, d
            backends: list[str] | None, budget: Budget, peak: models.Peak | None, args: argparse.Namespace,
            out_dir: Path, machine: dict[str, Any]) -> list[dict[str, Any]]:
     title = f"{cfg.name} {mode} ({cfg.summary}) on {machine['device_name']}, {str(dtype).replace('torch.', '')}"
-    table = report.Table(cfg.metric)
+    table = report.Table(cfg.metric, percent=peak is not None)
     table.header(title)
     flush = L2Flush(device) if device.type == "cuda" and not args.no_l2_flush else None
     shown: set[tuple[str, str]] = set()
@@ -175,6 +175,7 @@ def run_op(cfg: OpConfig, mode: str, shapes: list[dict], device: torch.device, d
                 _free(device)
                 continue
             base["note"] = runner.note
+            base["runs"] = report.runs_label(name, device, runner.note)
             try:
                 row = {**base, **measure(cfg, case, runner, budget, peak, not args.no_memory, flush)}
             except torch.cuda.OutOfMemoryError:
