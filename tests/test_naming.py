@@ -64,3 +64,19 @@ def test_cli_cpu_header_names_cpu_and_threads(tmp_path, capsys):
     assert "on CPU: " in out
     csv_text = (tmp_path / "attention_decode_decode_cpu_float32.csv").read_text()
     assert "reference backend: PyTorch ops on the CPU" in csv_text
+
+
+def test_public_ops_have_type_hints():
+    # issue 9 defect 9: every public op is annotated (the package ships py.typed)
+    import inspect
+    import typing
+
+    assert (ROOT / "attnkit" / "py.typed").exists()
+    for name in attnkit.__all__:
+        obj = getattr(attnkit, name)
+        if not inspect.isfunction(obj) or name == "explain":
+            continue
+        hints = typing.get_type_hints(obj)
+        params = [p for p in inspect.signature(obj).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        missing = [p.name for p in params if p.name not in hints]
+        assert not missing and "return" in hints, f"{name}: no type hints for {missing or 'the return value'}"
