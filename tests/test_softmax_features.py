@@ -181,3 +181,162 @@ def test_window_off_and_causal_normalisation_are_exact():
     call = attnkit.ops.softmax.api._prepare_attention(q, k, v)
     assert call.kwargs["window"] == (-1, -1) and call.kwargs["softcap"] == 0.0
     assert not {"window", "softcap"} & call.inputs.features
+
+
+# ----------------------------------------------------------------------------------- decode
+
+import os  # noqa: E402
+
+from attnkit import BackendUnavailable  # noqa: E402
+
+from .harness import assert_close_to_golden, interpreted  # noqa: E402
+
+
+def decode_backends():
+    """Backends that can run decode on this machine: reference always; the compiled extension
+    when a C++ compiler exists; Triton on a GPU or under the interpreter."""
+    out = ["reference"]
+    from attnkit.native import _build
+    if _build.cxx() is not None and os.environ.get("ATTNKIT_DISABLE_NATIVE") != "1":
+        out.append("cuda")
+    if DEVICE == "cuda" or interpreted():
+        from attnkit.ops.softmax import triton_register  # noqa: F401
+        out.append("triton")
+    return out
+
+
+def paged_copy(k_cache, lens_after, block_size, *, spare=3, seed=0):
+    """Scatter a contiguous cache `[B, Smax, Hk, D]` into a shuffled block pool.
+
+    Returns `(pool, table, used)`: `pool [num_blocks, block_size, Hk, D]` (unreferenced blocks
+    and every slot past a row's length hold NaN), `table` int32 `[B, max_blocks]` (-1 where a row
+    has no block), `used` the sorted block ids the table references."""
+    B, Smax, Hk, D = k_cache.shape
+    max_blocks = -(-Smax // block_size)
+    need = [-(-int(n) // block_size) for n in lens_after]
+    num_blocks = sum(need) + spare
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    pool = torch.full((num_blocks, block_size, Hk, D), float("nan"), dtype=k_cache.dtype, device=k_cache.device)
+    table = torch.full((B, max_blocks), -1, dtype=torch.int32)
+    it = iter(perm)
+    for b in range(B):
+        for j in range(need[b]):
+            blk = next(it)
+            table[b, j] = blk
+    for b in range(B):
+        for j in range(need[b]):
+            s0 = j * block_size
+            n = min(block_size, int(lens_after[b]) - s0)
+            pool[table[b, j], :n] = k_cache[b, s0:s0 + n]
+    used = sorted(int(x) for x in table.flatten().tolist() if x >= 0)
+    return pool, table.to(k_cache.device), used
+
+
+def unpage(pool, table, lens):
+    """The first lens[b] tokens of each row of a paged cache, as a list of `[L_b, Hk, D]`."""
+    bs = pool.shape[1]
+    rows = []
+    for b, n in enumerate(lens):
+        pos = torch.arange(int(n))
+        rows.append(pool[table[b, pos // bs].long().cpu(), pos % bs])
+    return rows
+
+
+DECODE_CASES = [
+    dict(B=3, Tq=1, H=4, Hk=2, D=16, Dv=16, Smax=40, lens=(0, 17, 33), append=True, window=(-1, -1), softcap=None),
+    dict(B=3, Tq=1, H=4, Hk=2, D=16, Dv=16, Smax=40, lens=(0, 17, 33), append=True, window=(5, 0), softcap=None),
+    dict(B=2, Tq=3, H=8, Hk=2, D=32, Dv=16, Smax=48, lens=(20, 45), append=True, window=(7, -1), softcap=2.0),
+    dict(B=2, Tq=2, H=4, Hk=1, D=16, Dv=32, Smax=64, lens=(1, 60), append=False, window=(0, 0), softcap=1.0),
+    dict(B=2, Tq=1, H=4, Hk=4, D=8, Dv=8, Smax=700, lens=(690, 3), append=True, window=(600, 0), softcap=None),
+]
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 3, 16], ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("c", _ids(DECODE_CASES))
+def test_decode_window_softcap_paged_matches_oracle(c, block_size):
+    """Every backend, contiguous and paged (shuffled blocks, NaN-poisoned unreferenced blocks),
+    against the float64 oracle; the appended tokens land where they should and nothing else
+    in the caches changes."""
+    B, Tq, H, Hk, D, Dv, Smax = (c[n] for n in ("B", "Tq", "H", "Hk", "D", "Dv", "Smax"))
+    q, kc, vc = rand(B, Tq, H, D), rand(B, Smax, Hk, D), rand(B, Smax, Hk, Dv)
+    kn, vn = (rand(B, Tq, Hk, D), rand(B, Tq, Hk, Dv)) if c["append"] else (None, None)
+    lens = lens_of(c["lens"])
+    after = [n + (Tq if c["append"] else 0) for n in c["lens"]]
+    # Golden: the full token lists after the append.
+    k_rows, v_rows = [], []
+    for b, n in enumerate(c["lens"]):
+        k_rows.append(torch.cat([kc[b, :n], kn[b]]) if c["append"] else kc[b, :n])
+        v_rows.append(torch.cat([vc[b, :n], vn[b]]) if c["append"] else vc[b, :n])
+    golden = oracle_decode(q, k_rows, v_rows, after, window=c["window"], softcap=c["softcap"], scale=0.3)
+
+    for backend in decode_backends():
+        for dtype in ((F64, torch.float32) if backend == "reference" else (torch.float32, torch.float16)):
+            cast = (lambda x: None if x is None else x.to(dtype))
+            if block_size is None:
+                k_in, v_in, table = cast(kc).clone(), cast(vc).clone(), None
+                # poison everything past the row lengths (after the append): never read
+                for b, n in enumerate(after):
+                    k_in[b, n:], v_in[b, n:] = float("nan"), float("nan")
+            else:
+                # the table already holds the blocks the appended tokens go to
+                k_in, table, used = paged_copy(cast(kc), after, block_size)
+                v_in, _, _ = paged_copy(cast(vc), after, block_size)
+                if c["append"]:  # the slots of the new tokens start as NaN: the append fills them
+                    for b, n in enumerate(c["lens"]):
+                        pos = torch.arange(n, n + Tq)
+                        k_in[table[b, pos // block_size].long(), pos % block_size] = float("nan")
+                        v_in[table[b, pos // block_size].long(), pos % block_size] = float("nan")
+            k_before, v_before = k_in.clone(), v_in.clone()
+            try:
+                o = attnkit.attention_decode(cast(q), k_in, v_in, lens, k_new=cast(kn), v_new=cast(vn), scale=0.3,
+                                             window=c["window"], softcap=c["softcap"], block_table=table,
+                                             backend=backend)
+            except BackendUnavailable as e:
+                # Only a clear refusal of a feature this backend lacks is acceptable.
+                lacking = [f for f in ("window", "softcap", "paged") if f"'{f}' is not supported yet" in str(e)]
+                assert backend == "triton" and lacking, str(e)
+                continue
+            assert not o.isnan().any(), f"{backend} {dtype}: NaN leaked from an unread slot"
+            if dtype == F64:
+                close64(o, golden)
+            else:
+                ref = attnkit.attention_decode(cast(q), *(x.to(dtype) for x in (torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in k_rows]),
+                                                                                  torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in v_rows]))),
+                                               lens_of(after), scale=0.3, window=c["window"], softcap=c["softcap"],
+                                               backend="reference")
+                assert_close_to_golden(f"{backend} {dtype}", o, ref, golden)
+            # caches: the new tokens where they belong, every other element unchanged (NaN stays NaN)
+            if block_size is None:
+                k_want, v_want = k_before.clone(), v_before.clone()
+                if c["append"]:
+                    for b, n in enumerate(c["lens"]):
+                        k_want[b, n:n + Tq], v_want[b, n:n + Tq] = cast(kn[b]), cast(vn[b])
+            else:
+                k_want, v_want = k_before.clone(), v_before.clone()
+                if c["append"]:
+                    for b, n in enumerate(c["lens"]):
+                        pos = torch.arange(n, n + Tq)
+                        k_want[table[b, pos // block_size].long(), pos % block_size] = cast(kn[b])
+                        v_want[table[b, pos // block_size].long(), pos % block_size] = cast(vn[b])
+            assert torch.equal(k_in.nan_to_num(7.0), k_want.nan_to_num(7.0)), f"{backend}: k_cache"
+            assert torch.equal(v_in.nan_to_num(7.0), v_want.nan_to_num(7.0)), f"{backend}: v_cache"
+            assert lens.tolist() == list(c["lens"])
+
+
+def test_paged_decode_equals_contiguous_decode_on_every_backend():
+    B, Tq, H, Hk, D, Smax, bs = 4, 1, 8, 2, 32, 96, 16
+    q, kc, vc = rand(B, Tq, H, D, dtype=torch.float32), rand(B, Smax, Hk, D, dtype=torch.float32), \
+        rand(B, Smax, Hk, D, dtype=torch.float32)
+    lens = lens_of([95, 0, 40, 64])
+    for backend in decode_backends():
+        contiguous = attnkit.attention_decode(q, kc, vc, lens, window=(31, 0), softcap=5.0, backend="reference")
+        pool_k, table, _ = paged_copy(kc, [95, 0, 40, 64], bs, seed=3)
+        pool_v, _, _ = paged_copy(vc, [95, 0, 40, 64], bs, seed=3)
+        try:
+            paged = attnkit.attention_decode(q, pool_k, pool_v, lens, window=(31, 0), softcap=5.0, block_table=table,
+                                             backend=backend)
+        except BackendUnavailable as e:
+            assert backend == "triton" and "is not supported yet" in str(e), str(e)
+            continue
+        torch.testing.assert_close(paged, contiguous, rtol=1e-5, atol=1e-5)
