@@ -340,3 +340,109 @@ def test_paged_decode_equals_contiguous_decode_on_every_backend():
             assert backend == "triton" and "is not supported yet" in str(e), str(e)
             continue
         torch.testing.assert_close(paged, contiguous, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ bad arguments
+
+
+def _decode_args(paged=False):
+    q = rand(2, 1, 4, 8)
+    if paged:
+        kc, vc = rand(6, 4, 2, 8), rand(6, 4, 2, 8)
+        table = torch.tensor([[3, 0, -1], [5, 1, 2]], dtype=torch.int32, device=DEVICE)
+    else:
+        kc, vc, table = rand(2, 12, 2, 8), rand(2, 12, 2, 8), None
+    return q, kc, vc, lens_of([5, 9]), rand(2, 1, 2, 8), rand(2, 1, 2, 8), table
+
+
+BAD = [
+    # (label, overrides, exception, words the message must contain)
+    ("window-int", dict(window=4), TypeError, ["window", "pair of ints"]),
+    ("window-3", dict(window=(1, 2, 3)), TypeError, ["window"]),
+    ("window-float", dict(window=(1.0, 0)), TypeError, ["window"]),
+    ("window-neg", dict(window=(-2, 0)), ValueError, ["window", ">= 0", "-1"]),
+    ("softcap-neg", dict(softcap=-1.0), ValueError, ["softcap", "-1.0"]),
+    ("softcap-nan", dict(softcap=float("nan")), ValueError, ["softcap"]),
+    ("softcap-inf", dict(softcap=float("inf")), ValueError, ["softcap"]),
+    ("softcap-bool", dict(softcap=True), TypeError, ["softcap", "bool"]),
+    ("softcap-str", dict(softcap="1"), TypeError, ["softcap", "str"]),
+]
+
+
+@pytest.mark.parametrize("label,over,exc,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_window_softcap_rejected(label, over, exc, words):
+    q, k, v = rand(1, 4, 2, 8), rand(1, 4, 2, 8), rand(1, 4, 2, 8)
+    with pytest.raises(exc) as e:
+        attnkit.attention(q, k, v, **over)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    q, kc, vc, lens, kn, vn, _ = _decode_args()
+    k0, v0 = kc.clone(), vc.clone()
+    with pytest.raises(exc):
+        attnkit.attention_decode(q, kc, vc, lens, k_new=kn, v_new=vn, **over)
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
+
+
+BAD_TABLES = [
+    ("int64", lambda t: t.long(), TypeError, ["block_table", "int32", "int64"]),
+    ("1d", lambda t: t[0], ValueError, ["block_table", "[B, max_blocks]"]),
+    ("batch", lambda t: t[:1], ValueError, ["block_table", "B = 2"]),
+    ("out-of-range", lambda t: torch.tensor([[3, 6, -1], [5, 1, 2]], dtype=torch.int32), ValueError,
+     ["block_table[0, 1] = 6", "0..5"]),
+    ("negative-used", lambda t: torch.tensor([[3, -1, -1], [5, 1, 2]], dtype=torch.int32), ValueError,
+     ["block_table[0, 1] = -1"]),
+    ("capacity", lambda t: t[:, :2], ValueError, ["cache_seqlens", "0..8", "max_blocks * block_size"]),
+    ("shared-append-slot", lambda t: torch.tensor([[3, 1, -1], [5, 0, 1]], dtype=torch.int32), ValueError,
+     ["same cache slot"]),
+    ("not-a-tensor", lambda t: t.tolist(), TypeError, ["block_table", "torch.Tensor"]),
+]
+
+
+@pytest.mark.parametrize("label,make,exc,words", BAD_TABLES, ids=[b[0] for b in BAD_TABLES])
+def test_bad_block_table_rejected_and_nothing_modified(label, make, exc, words):
+    q, kc, vc, lens, kn, vn, table = _decode_args(paged=True)
+    bad = make(table.cpu())
+    bad = bad.to(DEVICE) if isinstance(bad, torch.Tensor) else bad
+    k0, v0 = kc.clone(), vc.clone()
+    with pytest.raises(exc) as e:
+        attnkit.attention_decode(q, kc, vc, lens, k_new=kn, v_new=vn, block_table=bad)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
+
+
+def test_paged_append_past_the_table_capacity_rejected():
+    q, kc, vc, lens, kn, vn, table = _decode_args(paged=True)
+    k0 = kc.clone()
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] \+ Tq = 9 tokens do not fit in block_table row 1"):
+        attnkit.attention_decode(q, kc, vc, lens_of([5, 8]), k_new=kn, v_new=vn, block_table=table[:, :2].contiguous())
+    assert torch.equal(kc, k0)
+
+
+def test_paged_cache_shapes_checked():
+    q, kc, vc, lens, kn, vn, table = _decode_args(paged=True)
+    with pytest.raises(ValueError, match="v_cache.*num_blocks"):
+        attnkit.attention_decode(q, kc, vc[:5], lens, block_table=table)
+    with pytest.raises(ValueError, match="v_cache.*block_size"):
+        attnkit.attention_decode(q, kc, vc[:, :3], lens, block_table=table)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        attnkit.attention_decode(q, kc, vc, lens_of([5, 13]), block_table=table)  # capacity 12
+    # a valid call: rows share no append slot, unused entries hold -1
+    o = attnkit.attention_decode(q, kc, vc, lens, k_new=kn, v_new=vn, block_table=table)
+    assert o.shape == (2, 1, 4, 8)
+
+
+def test_triton_refuses_unimplemented_features_clearly():
+    from attnkit.ops.softmax import triton_register
+    q, kc, vc, lens, kn, vn, table = _decode_args(paged=True)
+    inputs = attnkit.ops.softmax.api._prepare_attention_decode(q.float(), kc.float(), vc.float(), lens,
+                                                              window=(3, 0), softcap=1.0, block_table=table).inputs
+    assert {"window", "softcap", "paged", "block_size=4"} <= inputs.features
+    impl = attnkit.dispatch.registered("attention_decode")["triton"]
+    reasons = " ".join(impl.check(inputs))
+    for feature in triton_register.DECODE_LACKS:
+        assert f"'{feature}' is not supported yet" in reasons
+    impl = attnkit.dispatch.registered("attention")["triton"]
+    inputs = attnkit.ops.softmax.api._prepare_attention(q.float(), kc[:2].float(), vc[:2].float(), causal=True,
+                                                       window=(2, 0), softcap=3.0).inputs
+    reasons = " ".join(impl.check(inputs))
+    for feature in triton_register.ATTENTION_LACKS:
+        assert f"'{feature}' is not supported yet" in reasons
