@@ -446,3 +446,44 @@ def test_triton_refuses_unimplemented_features_clearly():
     reasons = " ".join(impl.check(inputs))
     for feature in triton_register.ATTENTION_LACKS:
         assert f"'{feature}' is not supported yet" in reasons
+
+
+# ------------------------------------------- kernels against the float64 golden (fwd and grads)
+
+
+KERNEL_ATT_CASES = [
+    dict(B=2, T=70, S=70, H=4, Hk=2, D=32, causal=True, window=(16, 0), softcap=None, qk_norm=None),
+    dict(B=1, T=45, S=90, H=4, Hk=1, D=32, causal=False, window=(20, 7), softcap=3.0, qk_norm="rms"),
+    dict(B=2, T=64, S=64, H=2, Hk=2, D=16, causal=True, window=(-1, -1), softcap=1.5, qk_norm=None),
+    dict(B=1, T=80, S=40, H=2, Hk=1, D=16, causal=True, window=(5, 0), softcap=2.0, qk_norm=None),  # empty rows
+]
+
+
+@pytest.mark.parametrize("c", _ids(KERNEL_ATT_CASES))
+def test_triton_attention_window_softcap_against_golden(c):
+    """Triton (GPU, or the interpreter on CPU) against the float64 reference, forward and every
+    gradient; while the kernel lacks a feature it must refuse it by name instead."""
+    if not (DEVICE == "cuda" or interpreted()):
+        pytest.skip("triton runs CPU tensors only under TRITON_INTERPRET=1")
+    from attnkit.ops.softmax import triton_register  # noqa: F401
+
+    from .harness import compare_op
+
+    q64, k64, v64 = rand(c["B"], c["T"], c["H"], c["D"]), rand(c["B"], c["S"], c["Hk"], c["D"]), \
+        rand(c["B"], c["S"], c["Hk"], c["D"])
+    w64 = rand(c["D"]) if c["qk_norm"] else None
+
+    def make_args(dt):
+        leaves = [x.detach().to(dt).requires_grad_(True) for x in (q64, k64, v64)]
+        kw = dict(causal=c["causal"], window=c["window"], softcap=c["softcap"], return_lse=True)
+        if c["qk_norm"]:
+            kw.update(qk_norm=c["qk_norm"], q_norm_weight=w64.float().requires_grad_(True))
+        return tuple(leaves), kw
+
+    args, kw = make_args(torch.float32)
+    exp = attnkit.explain("attention", *args, backend="triton", **kw)
+    if exp.backend is None:
+        reasons = " ".join(exp.refusals.get("triton", []))
+        assert "is not supported yet" in reasons, reasons
+        return
+    compare_op(attnkit.attention, make_args, torch.float32, "triton", grad=True, output_names=["o", "lse"])
