@@ -402,7 +402,7 @@ def _norm_prep_kernel(
     HAS_Y: tl.constexpr, HAS_WA: tl.constexpr, HAS_WB: tl.constexpr,
 ):
     # program = BR rows of x [B, L, HX, D] (any strides); r [B, L, HX] float32 and, with y,
-    # y = (x · r ⊙ w_a ⊙ w_b) in x's dtype, contiguous [B, L, HX, D]
+    # y = x ⊙ w_a ⊙ w_b in x's dtype, contiguous [B, L, HX, D] (the query operand of the kernels)
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_row = rows < R
     i_b = rows // (L * HX)
@@ -416,14 +416,14 @@ def _norm_prep_kernel(
     tl.store(r + rows, b_r, mask=m_row)
     if HAS_Y:
         b_u = load_weight(w_a, o_d, m_d, HAS_WA) * load_weight(w_b, o_d, m_d, HAS_WB)
-        b_y = b_x.to(tl.float32) * b_r[:, None] * b_u[None, :]
+        b_y = b_x.to(tl.float32) * b_u[None, :]
         tl.store(y + rows[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty),
                  mask=m_row[:, None] & m_d[None, :])
 
 
 def norm_prep(x: torch.Tensor, norm: str, eps: float, w_a=None, w_b=None, write_y: bool = False):
     """`r [B, L, Hx]` float32 (the norm's rstd per row of `x [B, L, Hx, D]`) and, with `write_y`,
-    `y = x·r ⊙ w_a ⊙ w_b` in x's dtype (contiguous), else None."""
+    `y = x ⊙ w_a ⊙ w_b` in x's dtype (contiguous), else None."""
     B, L, HX, D = x.shape
     r = torch.empty(B, L, HX, device=x.device, dtype=torch.float32)
     y = torch.empty(B, L, HX, D, device=x.device, dtype=x.dtype) if write_y else None
@@ -452,13 +452,14 @@ _HEURISTICS = {
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, b_q, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
+def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
               o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
               BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
               NORM: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
     """One key tile of the online softmax. MASK: a boundary tile (key bounds and window tested);
-    otherwise every row of the block sees every key of the tile and nothing is tested."""
+    otherwise every row of the block sees every key of the tile and nothing is tested. With a
+    norm, `b_rs = sc1·r_q` per row and `r_k` per key scale the product."""
     cols = n0 + tl.arange(0, BN)
     m_col = cols < s_len
     # [BN, BD], [BN, BDV]
@@ -471,7 +472,7 @@ def _fwd_tile(acc, l_i, m_i, b_q, k_base, v_base, rk_base, n0, q_pos, m_row, s_l
             r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
         else:
             r_k = tl.load(rk_base + cols * HK)
-        b_s = b_s * (sc1 * r_k)[None, :]
+        b_s = b_s * b_rs[:, None] * r_k[None, :]
     else:
         b_s = b_s * sc1
     if SOFTCAP:
@@ -534,13 +535,16 @@ def _attention_fwd_kernel(
     if NORM != 0:
         rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] queries, normalised once here (both weights folded in: q̂ ⊙ w_k)
+    # [BM, BD] queries; the norm once here: r_q per row (float32, into the row scale) and the
+    # weights of both sides folded into the operand (x_q ⊙ w_q ⊙ w_k)
     b_q = load_rows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
+    b_rs = sc1
     if NORM != 0:
         b_xq = b_q.to(tl.float32)
-        r_q = row_rstd(b_xq, m_row, eps, D, NORM)
-        b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
-        b_q = (b_xq * r_q[:, None] * b_u[None, :]).to(b_q.dtype)
+        b_rs = row_rstd(b_xq, m_row, eps, D, NORM) * sc1
+        if HAS_QW or HAS_KW:
+            b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
+            b_q = (b_xq * b_u[None, :]).to(b_q.dtype)
 
     # keys of the block's positions [t0, t1]; row p = t + s_len - t_len sees p - WL <= s <= p + WR
     shift = s_len - t_len
@@ -554,15 +558,15 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     for n0 in range(a, u0, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
                                   HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
     for n0 in range(u0, u1, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, False,
                                   HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
     for n0 in range(u1, b, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
                                   HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
 
@@ -618,13 +622,14 @@ def load_qrows(base, t, h, o_d, m_row, m_d, s_t, s_h, s_d, MASK_ROWS: tl.constex
 
 
 @triton.jit
-def _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, do_base, lse_base, delta_base, r0, cols, m_col, shift,
+def _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col, shift,
                t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T,
                H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
-               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, SOFTCAP: tl.constexpr,
+               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, NORM: tl.constexpr, SOFTCAP: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One tile of BM packed query rows for the resident keys, on transposed `[BN, BM]` tiles
-    (keys are the M dimension of every product)."""
+    (keys are the M dimension of every product). With a norm, the query operand is
+    `x_q ⊙ w_q ⊙ w_k` and `r_q` (rows) and `b_rs = sc1·r_k` (keys) scale the product."""
     rows = r0 + tl.arange(0, BM)
     t = rows // G
     h = i_hk * G + rows % G
@@ -641,6 +646,12 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, do_base, lse_base, delta_base
         b_delta = tl.load(delta_base + p_lse)
     # [BN, BD] @ [BD, BM] -> [BN, BM], logits in log2 units (b_rs: per-key scale)
     b_s = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_rs
+    if NORM != 0:
+        if MASK:
+            r_q = tl.load(rq_base + t * H + h, mask=m_row, other=0.)
+        else:
+            r_q = tl.load(rq_base + t * H + h)
+        b_s = b_s * r_q[None, :]
     if SOFTCAP:
         b_th = tanh(b_s)
         b_s = b_th * sc2
@@ -656,6 +667,8 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, do_base, lse_base, delta_base
         b_ds = b_ds * (1. - b_th * b_th)
     # [BN, BM] @ [BM, BDV] -> [BN, BDV]; [BN, BM] @ [BM, BD] -> [BN, BD]
     b_dv += tl.dot(b_p.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    if NORM != 0:
+        b_ds = b_ds * r_q[None, :]
     b_dk += tl.dot(b_ds.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
     return b_dk, b_dv
 
@@ -666,7 +679,7 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, do_base, lse_base, delta_base
                  prune_configs_by={"early_config_prune": _prune_bwd_dkdv})
 @triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv, rk, scale_ptr, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
+    q, k, v, do, lse, delta, dk, dv, rq, rk, scale_ptr, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
     T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -675,8 +688,8 @@ def _attention_bwd_dkdv_kernel(
     HAS_SCALE_TENSOR: tl.constexpr, IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BN keys); loops over the packed query rows that
-    # see them, so dk/dv are summed over the group's G query heads here. With a norm, `q` is the
-    # normalised query tensor q̂ ⊙ w_k (contiguous, from `norm_prep`) and dk is dL/d(x_k·r_k).
+    # see them, so dk/dv are summed over the group's G query heads here. With a norm and weights,
+    # `q` is x_q ⊙ w_q ⊙ w_k (from `norm_prep`), `rq` the queries' rstd, and dk is dL/d(x_k·r_k).
     i_bh, i_nb = program_block(S, N, 1, BN, False, IS_VARLEN)
     i_b, i_hk = i_bh // HK, i_bh % HK
     if IS_VARLEN:
@@ -699,6 +712,9 @@ def _attention_bwd_dkdv_kernel(
     do_base = do + (i_b * T + bos) * H * DV
     lse_base = lse + i_b * H * T + bos
     delta_base = delta + i_b * H * T + bos
+    rq_base = lse_base  # unused without a norm
+    if NORM != 0:
+        rq_base = rq + (i_b * T + bos) * H
 
     # [BN, BD] raw keys, [BN, BDV]; the per-key logit scale [BN, 1]
     b_k = load_tile(k_base, cols, o_d, m_col, m_d, s_kt, s_kd, True, EVEN_D)
@@ -720,17 +736,17 @@ def _attention_bwd_dkdv_kernel(
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
     for r0 in range(a, u0, BM):
-        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, do_base, lse_base, delta_base, r0, cols, m_col,
+        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col,
                                 shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
-                                BM, True, HAS_WL, HAS_WR, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                BM, True, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
     for r0 in range(u0, u1, BM):
-        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, do_base, lse_base, delta_base, r0, cols, m_col,
+        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col,
                                 shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
-                                BM, False, HAS_WL, HAS_WR, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                BM, False, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
     for r0 in range(u1, b, BM):
-        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, do_base, lse_base, delta_base, r0, cols, m_col,
+        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col,
                                 shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
-                                BM, True, HAS_WL, HAS_WR, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                BM, True, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     b_dk = b_dk * scale
     if NORM != 0:
@@ -743,7 +759,7 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
              s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
              BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
              NORM: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr,
@@ -762,7 +778,7 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, b_do, b_lse2, b_delta, k_base, v_ba
             r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
         else:
             r_k = tl.load(rk_base + cols * HK)
-        b_raw = b_raw * r_k[None, :]  # q̂·k̂
+        b_raw = b_raw * r_q[:, None] * r_k[None, :]  # q̂·k̂
     b_s = b_raw * sc1
     if SOFTCAP:
         b_th = tanh(b_s)
@@ -839,15 +855,17 @@ def _attention_bwd_dq_kernel(
     if NORM != 0:
         rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] queries normalised as in the forward, [BM, BDV], [BM]
+    # [BM, BD] query operand and r_q as in the forward, [BM, BDV], [BM]
     b_xq = load_rows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
     b_q = b_xq
+    r_q = sc1  # unused without a norm
     if NORM != 0:
         b_xqf = b_xq.to(tl.float32)
         r_q = row_rstd(b_xqf, m_row, eps, D, NORM)
         b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
         b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
-        b_q = (b_xqf * r_q[:, None] * (b_wq * b_wk)[None, :]).to(b_xq.dtype)
+        if HAS_QW or HAS_KW:
+            b_q = (b_xqf * (b_wq * b_wk)[None, :]).to(b_xq.dtype)
     p_row = (i_b * T + bos + t) * H + h
     b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_row[:, None] & m_dv[None, :], other=0.)
     p_lse = (i_b * H + h) * T + bos + t
@@ -867,17 +885,17 @@ def _attention_bwd_dq_kernel(
     b_pr = tl.zeros([BM], dtype=tl.float32)  # Σ_j p_j z'_j raw_j
     for n0 in range(a, u0, BN):
         b_acc, b_dsr, b_dss, b_pr = _dq_tile(
-            b_acc, b_dsr, b_dss, b_pr, b_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+            b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
             s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True, HAS_WL, HAS_WR,
             NORM, SOFTCAP, HAS_SCALE_TENSOR, EVEN_D, EVEN_DV, DOT_PRECISION)
     for n0 in range(u0, u1, BN):
         b_acc, b_dsr, b_dss, b_pr = _dq_tile(
-            b_acc, b_dsr, b_dss, b_pr, b_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+            b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
             s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, False, HAS_WL, HAS_WR,
             NORM, SOFTCAP, HAS_SCALE_TENSOR, EVEN_D, EVEN_DV, DOT_PRECISION)
     for n0 in range(u1, b, BN):
         b_acc, b_dsr, b_dss, b_pr = _dq_tile(
-            b_acc, b_dsr, b_dss, b_pr, b_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+            b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
             s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True, HAS_WL, HAS_WR,
             NORM, SOFTCAP, HAS_SCALE_TENSOR, EVEN_D, EVEN_DV, DOT_PRECISION)
 
@@ -1008,14 +1026,15 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
         BT = 32 if interpreted() else 64
         wb = window_bounds(window, causal)
         common = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k, wb, norm)
+        rq = None
+        dkdv_q = {}
         if norm is not None:
             if rk is None:
                 rk = norm_prep(k, norm, eps)[0]
-            # the dk/dv kernel streams the normalised queries (q̂ ⊙ w_k, as the forward makes them)
-            qn = norm_prep(q, norm, eps, q_w, k_w, write_y=True)[1]
-            dkdv_q = dict(q=qn, **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(qn))))
-        else:
-            dkdv_q = {}
+            # the dk/dv kernel streams the query operand the forward used (x_q ⊙ w_q ⊙ w_k) and r_q
+            rq, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=q_w is not None or k_w is not None)
+            if qn is not None:
+                dkdv_q = dict(q=qn, **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(qn))))
         dkdv_args = {**common, **dkdv_q}
         for name in ("q_w", "k_w"):
             dkdv_args.pop(name)
@@ -1023,7 +1042,7 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
             _attention_bwd_preprocess_kernel[(triton.cdiv(T, BT), B * H)](
                 o, do, dlse, delta, T, H=H, DV=DV, BDV=BDV, BT=BT)
             _attention_bwd_dkdv_kernel[(n_k,)](
-                do=do, lse=lse, delta=delta, dk=dk, dv=dv, rk=rk, BN=tile, **dkdv_args)
+                do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile, **dkdv_args)
             _attention_bwd_dq_kernel[(n_q,)](
                 do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
                 dscale_part=dscale_part, BM=tile, **common)
