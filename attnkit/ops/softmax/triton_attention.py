@@ -460,11 +460,12 @@ def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_ro
     """One key tile of the online softmax. MASK: a boundary tile (key bounds and window tested);
     otherwise every row of the block sees every key of the tile and nothing is tested. With a
     norm, `b_rs = sc1·r_q` per row and `r_k` per key scale the product."""
-    cols = n0 + tl.arange(0, BN)
+    o_n = tl.arange(0, BN)
+    cols = n0 + o_n
     m_col = cols < s_len
-    # [BN, BD], [BN, BDV]
-    b_k = load_tile(k_base, cols, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
-    b_v = load_tile(v_base, cols, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
+    # [BN, BD], [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
+    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
+    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
     # [BM, BD] @ [BD, BN] -> [BM, BN]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
     if NORM != 0:
@@ -521,10 +522,13 @@ def _attention_fwd_kernel(
     if i_m * BM >= t_len * G:
         return
     sc1, sc2 = logit_scales(load_scale(scale, scale_ptr, HAS_SCALE_TENSOR), softcap, SOFTCAP)
-
-    rows = i_m * BM + tl.arange(0, BM)
+    # positions inside one sequence in 32 bits (the mask and tile arithmetic); bases in 64
+    t_len = t_len.to(tl.int32)
+    s_len = s_len.to(tl.int32)
+    rows_start = (i_m * BM).to(tl.int32)
+    rows = rows_start + tl.arange(0, BM)
     t = rows // G  # query position of each packed row
-    h = i_hk * G + rows % G  # query head of each packed row
+    h = (i_hk * G).to(tl.int32) + rows % G  # query head of each packed row
     m_row = t < t_len
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
@@ -537,7 +541,7 @@ def _attention_fwd_kernel(
 
     # [BM, BD] queries; the norm once here: r_q per row (float32, into the row scale) and the
     # weights of both sides folded into the operand (x_q ⊙ w_q ⊙ w_k)
-    b_q = load_rows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
+    b_q = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
     b_rs = sc1
     if NORM != 0:
         b_xq = b_q.to(tl.float32)
@@ -548,8 +552,8 @@ def _attention_fwd_kernel(
 
     # keys of the block's positions [t0, t1]; row p = t + s_len - t_len sees p - WL <= s <= p + WR
     shift = s_len - t_len
-    t0 = (i_m * BM) // G
-    t1 = tl.minimum(t_len - 1, (i_m * BM + BM - 1) // G)
+    t0 = rows_start // G
+    t1 = tl.minimum(t_len - 1, (rows_start + BM - 1) // G)
     lo, lo_full, hi, hi_full = key_range(t0, t1, shift, s_len, WL, WR, HAS_WL, HAS_WR)
     a, u0, u1, b = tile_split(lo, lo_full, hi, hi_full, BN)
     q_pos = t + shift
@@ -632,11 +636,14 @@ def _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, d
     `x_q ⊙ w_q ⊙ w_k` and `r_q` (rows) and `b_rs = sc1·r_k` (keys) scale the product."""
     rows = r0 + tl.arange(0, BM)
     t = rows // G
-    h = i_hk * G + rows % G
+    h = (i_hk * G).to(tl.int32) + rows % G
     m_row = t < t_len
-    # [BM, BD] (normalised) queries, [BM, BDV]
-    b_q = load_qrows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd, MASK, EVEN_D)
-    b_do = load_qrows(do_base, t, h, o_dv, m_row, m_dv, H * DV, DV, 1, MASK, EVEN_DV)
+    # [BM, BD] query operand, [BM, BDV]: 64-bit tile base, 32-bit offsets inside the tile
+    t_base = r0 // G
+    t_loc = t - t_base
+    b_q = load_qrows(q_base + tl.cast(t_base, tl.int64) * s_qt, t_loc, h, o_d, m_row, m_d, s_qt, s_qh, s_qd, MASK, EVEN_D)
+    b_do = load_qrows(do_base + tl.cast(t_base, tl.int64) * (H * DV), t_loc, h, o_dv, m_row, m_dv, H * DV, DV, 1, MASK,
+                      EVEN_DV)
     p_lse = h * T + t
     if MASK:
         b_lse2 = tl.load(lse_base + p_lse, mask=m_row, other=0.) * 1.4426950408889634
@@ -701,8 +708,10 @@ def _attention_bwd_dkdv_kernel(
         return
     scale = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     sc1, sc2 = logit_scales(scale, softcap, SOFTCAP)
-
-    cols = i_nb * BN + tl.arange(0, BN)
+    t_len = t_len.to(tl.int32)
+    s_len = s_len.to(tl.int32)
+    c0 = (i_nb * BN).to(tl.int32)
+    cols = c0 + tl.arange(0, BN)
     m_col = cols < s_len
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
@@ -717,8 +726,9 @@ def _attention_bwd_dkdv_kernel(
         rq_base = rq + (i_b * T + bos) * H
 
     # [BN, BD] raw keys, [BN, BDV]; the per-key logit scale [BN, 1]
-    b_k = load_tile(k_base, cols, o_d, m_col, m_d, s_kt, s_kd, True, EVEN_D)
-    b_v = load_tile(v_base, cols, o_dv, m_col, m_dv, s_vt, s_vd, True, EVEN_DV)
+    o_n = tl.arange(0, BN)
+    b_k = load_tile(k_base + tl.cast(c0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, True, EVEN_D)
+    b_v = load_tile(v_base + tl.cast(c0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, True, EVEN_DV)
     if NORM != 0:
         r_k = tl.load(rk + ((i_b * S + bos_k + cols) * HK + i_hk), mask=m_col, other=0.)
         b_rs = (sc1 * r_k)[:, None]
@@ -728,7 +738,6 @@ def _attention_bwd_dkdv_kernel(
 
     # packed query rows that see keys [c0, c1]
     shift = s_len - t_len
-    c0 = i_nb * BN
     c1 = tl.minimum(s_len - 1, c0 + BN - 1)
     lo, lo_full, hi, hi_full = query_range(c0, c1, shift, t_len, WL, WR, HAS_WL, HAS_WR)
     a, u0, u1, b = tile_split(lo * G, lo_full * G, hi * G, hi_full * G, BM)
@@ -766,11 +775,12 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile for the resident query rows: accumulates Σ_j dz_j·(r_j x_j) (dz = dL/dz,
     z = scale·q̂·k̂ the logits before the cap) and the three tensor-scale row sums."""
-    cols = n0 + tl.arange(0, BN)
+    o_n = tl.arange(0, BN)
+    cols = n0 + o_n
     m_col = cols < s_len
-    # [BN, BD] raw keys, [BN, BDV]
-    b_k = load_tile(k_base, cols, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
-    b_v = load_tile(v_base, cols, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
+    # [BN, BD] raw keys, [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
+    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
+    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
     # [BM, BD] @ [BD, BN] -> [BM, BN]
     b_raw = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
     if NORM != 0:
@@ -841,10 +851,12 @@ def _attention_bwd_dq_kernel(
         return
     scale = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     sc1, sc2 = logit_scales(scale, softcap, SOFTCAP)
-
-    rows = i_m * BM + tl.arange(0, BM)
+    t_len = t_len.to(tl.int32)
+    s_len = s_len.to(tl.int32)
+    rows_start = (i_m * BM).to(tl.int32)
+    rows = rows_start + tl.arange(0, BM)
     t = rows // G
-    h = i_hk * G + rows % G
+    h = (i_hk * G).to(tl.int32) + rows % G
     m_row = t < t_len
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
@@ -856,7 +868,7 @@ def _attention_bwd_dq_kernel(
         rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
     # [BM, BD] query operand and r_q as in the forward, [BM, BDV], [BM]
-    b_xq = load_rows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
+    b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
     b_q = b_xq
     r_q = sc1  # unused without a norm
     if NORM != 0:
@@ -873,8 +885,8 @@ def _attention_bwd_dq_kernel(
     b_delta = tl.load(delta + p_lse, mask=m_row, other=0.)
 
     shift = s_len - t_len
-    t0 = (i_m * BM) // G
-    t1 = tl.minimum(t_len - 1, (i_m * BM + BM - 1) // G)
+    t0 = rows_start // G
+    t1 = tl.minimum(t_len - 1, (rows_start + BM - 1) // G)
     lo, lo_full, hi, hi_full = key_range(t0, t1, shift, s_len, WL, WR, HAS_WL, HAS_WR)
     a, u0, u1, b = tile_split(lo, lo_full, hi, hi_full, BN)
     q_pos = t + shift
