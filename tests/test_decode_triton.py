@@ -219,3 +219,27 @@ def test_decode_kernels_are_not_autotuned():
                  triton_decode._kv_append_kernel):
         assert not isinstance(kern, triton.runtime.Autotuner)
 
+
+
+# --------------------------------------------------------------- in-place steps: duplicate rows
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_step_duplicate_state_indices_rejected_and_state_unchanged(backend):
+    # two batch rows updating one state row in place would race on a GPU: refused when value checks
+    # run (CPU; CUDA with ATTNKIT_CHECKS=1), before anything is written
+    import attnkit
+    from attnkit.ops.linear import triton_register  # noqa: F401  (registers the triton backend)
+
+    B, H, D = 3, 2, 16
+    q, k, v = (torch.randn(B, 1, H, D, device=DEVICE) for _ in range(3))
+    state = torch.randn(5, H, D, D, device=DEVICE)
+    before = state.clone()
+    idx = torch.tensor([4, 1, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="state_indices must not repeat"):
+        attnkit.linear_attention_step(q, k, v, state, state_indices=idx, backend=backend)
+    assert torch.equal(state, before)
+    # distinct rows are accepted
+    attnkit.linear_attention_step(q, k, v, state, state_indices=torch.tensor([4, 1, 0], dtype=torch.int32,
+                                                                            device=DEVICE), backend=backend)
+    assert torch.equal(state[[2, 3]], before[[2, 3]]) and not torch.equal(state[4], before[4])

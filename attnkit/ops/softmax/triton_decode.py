@@ -85,11 +85,16 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
     `BM`: packed query rows per tile (all `Tq * G` rows of a group up to 64, at least 16 for
     `tl.dot`). `BN = 128` keys per tile where a K and a V tile fit twice in `smem` (else 64, 32),
     with as many pipeline stages (4, 3, 2) as fit: decoding is bound by HBM, so the aim is bytes in
-    flight, not arithmetic. 4 warps (8 for 64-row query tiles).
+    flight, not arithmetic. 4 warps (8 for 64-row query tiles). float32 (FMA products): 16-64 keys.
     """
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
     if interpreted():
         return dict(BM=bm, BN=32, num_warps=4, num_stages=1)
+    if elt >= 4:
+        # float32 runs its products on FMA units (IEEE, no TF32): both operands sit in registers,
+        # so the key tile stays small enough not to spill
+        bn = max(16, min(64, 2048 // bd))
+        return dict(BM=bm, BN=bn, num_warps=8 if bd >= 256 or bm >= 64 else 4, num_stages=2)
     budget = smem - 8 * 1024  # query tile, reduction scratch, barriers
     for bn in (128, 64, 32):
         stage = bn * (bd + bdv) * elt
