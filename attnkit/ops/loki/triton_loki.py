@@ -181,6 +181,70 @@ def _loki_score_kernel(
 
 
 @triton.jit
+def _score_key(x):
+    """float32 -> uint32 keys in the same order (larger score, larger key; NaN above +inf, as
+    torch.topk ranks it)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    flip = tl.where((bits >> 31) == 1, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    return bits ^ flip
+
+
+@triton.jit(do_not_specialize=["Smax", "top_k"])
+def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.constexpr, BLK: tl.constexpr):
+    # program = one (batch row, selecting head): the positions of its top_k scores, exactly, in
+    # increasing position order, without sorting. Radix select on the order-preserving uint32 key:
+    # four passes build a 256-bin histogram of the next 8 key bits among the scores that share the
+    # digits chosen so far, and pick the digit where the count from the top reaches the remaining
+    # k. That gives the k-th largest key `tau` and how many of the scores equal to it are needed
+    # (`need`). A last pass writes every position with key > tau and the first `need` positions
+    # with key == tau (ties: lowest positions first), compacted by a running prefix sum.
+    pid = tl.program_id(0).to(tl.int64)
+    i_b = pid // HSEL
+    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
+    k = tl.minimum(top_k, seq_len)
+    base = scores + pid * Smax
+    out = idx + pid * top_k
+    o = tl.arange(0, BLK)
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([1], dtype=tl.uint32)
+    k_rem = tl.zeros([1], dtype=tl.int32) + k
+    for r in tl.static_range(4):
+        shift = 24 - 8 * r
+        hist = tl.zeros([256], dtype=tl.int32)
+        for n0 in range(0, seq_len, BLK):
+            cols = n0 + o
+            m = cols < seq_len
+            key = _score_key(tl.load(base + cols, mask=m, other=0.))
+            if r > 0:
+                m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
+        # ge[d]: scores (sharing the prefix) whose digit is >= d; the digit of the k-th largest is
+        # the largest d with ge[d] >= k_rem
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        d = tl.max(tl.where(ge[None, :] >= k_rem[:, None], bins[None, :], 0), 1)  # [1]
+        above = tl.sum(tl.where(bins[None, :] > d[:, None], hist[None, :], 0), 1)
+        k_rem -= above
+        prefix = prefix | (d.to(tl.uint32) << shift)
+    # tau = prefix; k_rem = how many scores equal to tau are taken
+    n_out = tl.zeros([1], dtype=tl.int32)
+    n_tie = tl.zeros([1], dtype=tl.int32)
+    for n0 in range(0, seq_len, BLK):
+        cols = n0 + o
+        m = cols < seq_len
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        gt = m & (key > prefix)
+        eq = (m & (key == prefix)).to(tl.int32)
+        take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
+        t32 = take.to(tl.int32)
+        tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
+        n_out += tl.sum(t32, 0)
+        n_tie += tl.sum(eq, 0)
+    # a row shorter than top_k: the remaining slots point past its length (masked by index later)
+    for j0 in range(k, top_k, BLK):
+        tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
+
+
+@triton.jit
 def _rows_dot(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """`a [BM, K] · b [BN, K]ᵀ -> [BM, BN]` float32: `tl.dot` for tiles of >= 16 rows, else an
     exact float32 broadcast sum (one row: no padding to the 16 rows `tl.dot` needs)."""
@@ -386,6 +450,21 @@ def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torc
     return scores
 
 
+def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Positions of the `min(top_k, cache_seqlens[b])` largest valid scores of each `[B, Hsel,
+    Smax]` row, int32 `[B, Hsel, top_k]` in increasing position order (ties at the threshold: the
+    lowest positions); slots past a short row's count hold `Smax`. One radix-select program per
+    row: no sort, no host synchronisation."""
+    B, HSEL, Smax = scores.shape
+    idx = torch.empty(B, HSEL, top_k, device=scores.device, dtype=torch.int32)
+    if idx.numel() == 0:
+        return idx
+    blk = 128 if interpreted() else SELECT_BLOCK
+    _loki_select_kernel[(B * HSEL,)](scores, cache_seqlens, idx, Smax, top_k, HSEL=HSEL, BLK=blk,
+                                    num_warps=SELECT_WARPS, num_stages=1)
+    return idx
+
+
 def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                          cache_seqlens: torch.Tensor, idx: torch.Tensor | None, *, scale: float, out_dtype: torch.dtype,
                          num_splits: int | None = None) -> torch.Tensor:
@@ -435,7 +514,7 @@ def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.T
         if top_k < Smax:  # else every row is dense: no scoring, no selection
             keys = k_lowrank if k_lowrank is not None else k_cache_rot.transpose(1, 2)
             scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=selection == "group")
-            idx = scores.topk(top_k, dim=-1, sorted=False).indices  # [B, H or Hk, top_k] int64
+            idx = loki_select(scores, cache_seqlens, top_k)  # [B, H or Hk, top_k] int32, position order
         return loki_sparse_attn_fwd(q_rot, k_cache_rot, v_cache, cache_seqlens, idx, scale=scale, out_dtype=q.dtype,
                                     num_splits=num_splits)
 

@@ -94,7 +94,7 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
         # float32 runs its products on FMA units (IEEE, no TF32): both operands sit in registers,
         # so the key tile stays small enough not to spill
         bn = max(16, min(64, 2048 // bd))
-        return dict(BM=bm, BN=bn, num_warps=8 if bd >= 256 or bm >= 64 else 4, num_stages=2)
+        return dict(BM=bm, BN=bn, num_warps=8 if bd >= 128 or bm >= 64 else 4, num_stages=2)
     budget = smem - 8 * 1024  # query tile, reduction scratch, barriers
     for bn in (128, 64, 32):
         stage = bn * (bd + bdv) * elt
