@@ -48,8 +48,9 @@ MAX_SPLITS = 64
 # kernel here can be captured in a CUDA graph on its first call.
 NUM_WARPS = 4
 NUM_STAGES = 2
-SELECT_BLOCK = 1024  # scores per step of the selection kernel
-SELECT_WARPS = 8
+# Selection: one program per (row, selecting head) steps over its scores in blocks of up to
+# SELECT_BLOCK (a row of <= 8192 slots is one block: each pass re-reads it from L2, no loop).
+SELECT_BLOCK = 8192
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -459,9 +460,9 @@ def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -
     idx = torch.empty(B, HSEL, top_k, device=scores.device, dtype=torch.int32)
     if idx.numel() == 0:
         return idx
-    blk = 128 if interpreted() else SELECT_BLOCK
+    blk = 128 if interpreted() else min(max(1024, triton.next_power_of_2(Smax)), SELECT_BLOCK)
     _loki_select_kernel[(B * HSEL,)](scores, cache_seqlens, idx, Smax, top_k, HSEL=HSEL, BLK=blk,
-                                    num_warps=SELECT_WARPS, num_stages=1)
+                                    num_warps=max(4, min(16, blk // 512)), num_stages=1)
     return idx
 
 
