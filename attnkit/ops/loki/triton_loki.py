@@ -1,7 +1,9 @@
 """Triton Loki decode: rotation, low-rank scoring, top-k and sparse attention over the selected keys.
 
-One decoding step runs four launches, all sized from shapes only (never from `cache_seqlens`
-values), so nothing waits on the host and the step can be captured in a CUDA graph:
+One decoding step runs up to five launches, all sized from shapes only (never from
+`cache_seqlens` values) with fixed launch parameters (no autotuning) and every program id on grid
+axis 0, so nothing waits on the host, nothing benchmarks, and the step can be captured in a CUDA
+graph on its first call:
 
 1. `_loki_rotate_kernel` rotates the queries, `q̃ = q @ components[hk]`, into a float32 buffer
    `[B, H, D]` (the same kernel, with offsets, rotates appended keys into the caches).
@@ -12,8 +14,9 @@ values), so nothing waits on the host and the step can be captured in a CUDA gra
    from `k_cache_rot[..., :rank]` (the portable path): the kernel only sees strides.
    Scores are float32 `[B, H, Smax]` (`[B, Hk, Smax]` for `selection="group"`, the max over the
    group), `-inf` past the row's length.
-3. `torch.topk` picks `min(top_k, Smax)` slots per (row, selecting head). It is not fused: a
-   block-wise Triton top-k is left for later (docs/loki.md).
+3. `_loki_select_kernel` picks exactly `min(top_k, L)` positions per (row, selecting head) by
+   radix select on the score bits (no sort): int32 indices in increasing position order, ties at
+   the threshold resolved to the lowest positions.
 4. `_loki_sparse_attn_fwd_kernel` gathers the selected keys/values (full dims, one contiguous
    row each) and runs exact online softmax over them, split over the selected set (split-K)
    when that leaves the device idle; `_loki_sparse_attn_reduce_kernel` merges the splits by
