@@ -274,9 +274,10 @@ def _call_attention_decode(kw: dict, backend: str):
     opts = dict(scale=float(kw["scale"]), window=list(kw.get("window") or _NO_WINDOW),
                 softcap=float(kw.get("softcap") or 0.0), backend=backend)
     args = (kw["q"], kw["k_cache"], kw["v_cache"], kw["cache_seqlens"])
-    if kw["k_new"] is None:
-        return _attention_decode(*args, kw.get("block_table"), **opts)
-    return _attention_decode_append(*args, kw["k_new"], kw["v_new"], kw.get("block_table"), **opts)
+    with torch.no_grad():  # inference only: the output never requires grad
+        if kw["k_new"] is None:
+            return _attention_decode(*args, kw.get("block_table"), **opts)
+        return _attention_decode_append(*args, kw["k_new"], kw["v_new"], kw.get("block_table"), **opts)
 
 
 CALLERS["attention_decode"] = _call_attention_decode
@@ -489,14 +490,14 @@ CALLERS["lightning_attention"] = _call_lightning_attention
 
 
 @_op("linear_attention_step", "(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor(b!)? z=None, "
-                              "Tensor? decay=None, Tensor? state_indices=None, *, str mode, float scale, "
+                              "Tensor? decay=None, Tensor? state_indices=None, *, str recurrence, float scale, "
                               "str? feature_map=None, bool normalize=False, float eps=1e-06, "
                               "str backend='reference') -> Tensor", mutates=("state", "z"))
-def _linear_attention_step(q, k, v, state, z=None, decay=None, state_indices=None, *, mode, scale, feature_map=None,
+def _linear_attention_step(q, k, v, state, z=None, decay=None, state_indices=None, *, recurrence, scale, feature_map=None,
                            normalize=False, eps=1e-6, backend="reference"):
     with torch.no_grad():
         o = _fn("linear_attention_step", backend)(
-            q=q, k=k, v=v, state=(state, z) if normalize else state, mode=mode, decay=decay, scale=float(scale),
+            q=q, k=k, v=v, state=(state, z) if normalize else state, mode=recurrence, decay=decay, scale=float(scale),
             feature_map=feature_map, normalize=normalize, eps=float(eps), state_indices=state_indices)
     return _own(o, q, k, v, state, z)
 
@@ -510,9 +511,10 @@ def _(q, k, v, state, z=None, decay=None, state_indices=None, **_):
 def _call_linear_attention_step(kw: dict, backend: str):
     normalize = kw["normalize"]
     S, z = kw["state"] if normalize else (kw["state"], None)
-    return _linear_attention_step(kw["q"], kw["k"], kw["v"], S, z, kw["decay"], kw["state_indices"], mode=kw["mode"],
-                                  scale=float(kw["scale"]), feature_map=kw["feature_map"], normalize=normalize,
-                                  eps=float(kw["eps"]), backend=backend)
+    with torch.no_grad():
+        return _linear_attention_step(kw["q"], kw["k"], kw["v"], S, z, kw["decay"], kw["state_indices"],
+                                      recurrence=kw["mode"], scale=float(kw["scale"]), feature_map=kw["feature_map"],
+                                      normalize=normalize, eps=float(kw["eps"]), backend=backend)
 
 
 CALLERS["linear_attention_step"] = _call_linear_attention_step
@@ -580,11 +582,24 @@ def _loki_decode_args(kw: dict, backend: str) -> dict:
                 backend=backend)
 
 
-CALLERS["loki_attention_decode"] = lambda kw, backend: _loki_attention_decode(
-    kw["q"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"], kw["components"], **_loki_decode_args(kw, backend))
-CALLERS["loki_attention_decode_lowrank"] = lambda kw, backend: _loki_attention_decode_lowrank(
-    kw["q"], kw["k_lowrank"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"], kw["components"],
-    **_loki_decode_args(kw, backend))
-CALLERS["loki_cache_append"] = lambda kw, backend: _loki_cache_append(
-    kw["k_new"], kw["v_new"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"], kw["components"],
-    kw["k_lowrank"], backend=backend)
+def _call_loki_attention_decode(kw: dict, backend: str):
+    with torch.no_grad():
+        return _loki_attention_decode(kw["q"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
+                                      kw["components"], **_loki_decode_args(kw, backend))
+
+
+def _call_loki_attention_decode_lowrank(kw: dict, backend: str):
+    with torch.no_grad():
+        return _loki_attention_decode_lowrank(kw["q"], kw["k_lowrank"], kw["k_cache_rot"], kw["v_cache"],
+                                              kw["cache_seqlens"], kw["components"], **_loki_decode_args(kw, backend))
+
+
+def _call_loki_cache_append(kw: dict, backend: str):
+    with torch.no_grad():
+        _loki_cache_append(kw["k_new"], kw["v_new"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
+                           kw["components"], kw["k_lowrank"], backend=backend)
+
+
+CALLERS["loki_attention_decode"] = _call_loki_attention_decode
+CALLERS["loki_attention_decode_lowrank"] = _call_loki_attention_decode_lowrank
+CALLERS["loki_cache_append"] = _call_loki_cache_append
