@@ -329,8 +329,8 @@ class GroupedQueryAttention(nn.Module):
                               backend=self.backend)
                 if T > cache.max_seqlen:
                     raise ValueError(f"cache holds at most {cache.max_seqlen} tokens per row, got a prefill of {T}")
-                cache.k[:, :T] = k
-                cache.v[:, :T] = v
+                cache.k[:, :T] = k.detach()  # the cache holds values, not autograd history
+                cache.v[:, :T] = v.detach()
             else:
                 with torch.no_grad():
                     o = attention_decode(q, cache.k, cache.v, cache.seqlens, k_new=k, v_new=v, scale=self.scaling,
