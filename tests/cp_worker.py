@@ -18,8 +18,8 @@ from datetime import timedelta
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# the ranks use CPU tensors and gloo even where a GPU exists, so Triton kernels run interpreted
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.distributed as dist  # noqa: E402
 
@@ -273,7 +273,8 @@ def check_linear(ctx):
     run_case(ctx, "lightning f32 default", full, cp, qkv(g, 1, T, 2, 2, D, 32, scale=0.5),
              {"decay": torch.rand(2, generator=g, dtype=F64) * 0.2}, torch.float32, default, seed=2)
     full, cp = lightning_fns()
-    run_case(ctx, "lightning f32 default no-decay S0", full, cp, qkv(g, 1, T, 4, 1, D, D, scale=0.5),
+    if not ctx["quick"]:
+        run_case(ctx, "lightning f32 default no-decay S0", full, cp, qkv(g, 1, T, 4, 1, D, D, scale=0.5),
              {"S0": randn(g, 1, 4, D, D, scale=0.2).requires_grad_(True)}, torch.float32, default, seed=3)
     # linear attention: causal / non-causal, normalised or not, feature maps, initial states
     cases = [
@@ -285,6 +286,8 @@ def check_linear(ctx):
         (dict(causal=True, feature_map="elu", normalize=True), True, torch.float32, default),
         (dict(causal=False, feature_map="elu", normalize=False), False, torch.float32, default),
     ]
+    if ctx["quick"]:
+        cases = [cases[0], cases[-1]]
     for i, (kw, with_state, dt, be) in enumerate(cases):
         rep = {}
         if with_state:
@@ -312,6 +315,8 @@ def check_softmax(ctx):
         ("contiguous", dict(causal=True), 4, 2, torch.float32, default, {}),
         ("zigzag", dict(causal=False), 4, 2, torch.float32, default, {}),
     ]
+    if ctx["quick"]:
+        cases = [cases[0], cases[3], cases[5]]
     for i, (layout, kw, H, Hk, dt, be, rep) in enumerate(cases):
         full, cp = softmax_fns(layout, **kw)
         name = f"attention {layout} " + " ".join(f"{k}={v}" for k, v in kw.items()) + f" H{H} Hk{Hk} {dt} {be}"
@@ -376,8 +381,12 @@ def check_timeout(ctx):
             akd.lightning_attention(q, q, q, group=sub, backend="reference")
             ctx["failures"].append("rank 0: a collective without partner returned instead of timing out")
         except (RuntimeError, ValueError, dist.DistBackendError) as e:
-            if time.time() - t0 > 30:
-                ctx["failures"].append(f"rank 0: the timeout took {time.time() - t0:.0f} s: {e}")
+            took = time.time() - t0
+            print(f"rank 0: timed out after {took:.1f} s: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            if took > 30:
+                ctx["failures"].append(f"rank 0: the timeout took {took:.0f} s: {e}")
+    else:
+        time.sleep(4)  # alive but silent, so rank 0 sees a timeout, not a closed connection
 
 
 def main() -> None:
@@ -385,7 +394,8 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=os.environ["CP_INIT"], rank=rank, world_size=world,
                             timeout=timedelta(seconds=float(os.environ.get("CP_TIMEOUT", "60"))))
     torch.manual_seed(0)
-    ctx = {"rank": rank, "world": world, "failures": [], "checked": 0, "counter": Counter()}
+    ctx = {"rank": rank, "world": world, "failures": [], "checked": 0, "counter": Counter(),
+           "quick": os.environ.get("CP_QUICK", "0") == "1"}
     checks = os.environ.get("CP_CHECKS", "layouts,linear,softmax,bytes").split(",")
     times = {}
     for name in checks:
