@@ -275,7 +275,7 @@ def check_linear(ctx):
     full, cp = lightning_fns()
     if not ctx["quick"]:
         run_case(ctx, "lightning f32 triton no-decay S0", full, cp, qkv(g, 1, T, 4, 1, D, D, scale=0.5),
-             {"S0": randn(g, 1, 4, D, D, scale=0.2).requires_grad_(True)}, torch.float32, "triton", seed=3)
+                 {"S0": randn(g, 1, 4, D, D, scale=0.2).requires_grad_(True)}, torch.float32, "triton", seed=3)
     # linear attention: causal / non-causal, normalised or not, feature maps, initial states
     cases = [
         (dict(causal=True, feature_map="elu", normalize=True), True, F64, "reference"),
@@ -371,6 +371,56 @@ def check_bytes(ctx):
     ctx["bytes"] = {"lightning": want["lightning"], "linear": want["linear"]}
 
 
+def check_modules(ctx):
+    """The nn layers with process_group= equal the shard of the single-process layer (float64)."""
+    import attnkit.nn as aknn
+    rank, world = ctx["rank"], ctx["world"]
+    g = gen(5)
+    T, hidden = 8 * world, 32
+    wg = dist.group.WORLD
+    cases = [
+        ("LightningAttention", lambda **kw: aknn.LightningAttention(hidden, 4, layer_idx=1, num_layers=4, **kw),
+         "contiguous", True, "constructor"),
+        ("LinearAttention", lambda **kw: aknn.LinearAttention(hidden, 4, num_kv_heads=2, **kw), "contiguous", True,
+         "forward"),
+        ("GroupedQueryAttention rope qk_norm zigzag",
+         lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 2, qk_norm="rms", rope_theta=1e4, **kw), "zigzag", False,
+         "constructor"),
+        ("GroupedQueryAttention fused qk_norm", lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 1, qk_norm="rms", **kw),
+         "contiguous", False, "forward"),
+    ]
+    for name, make, layout, has_state, where in cases:
+        torch.manual_seed(11)
+        full_layer = make(dtype=F64, backend="reference")
+        extra = {"cp_layout": layout} if layout != "contiguous" else {}
+        cp_layer = make(dtype=F64, backend="reference",
+                        **({"process_group": wg} if where == "constructor" else {}), **extra)
+        cp_layer.load_state_dict(full_layer.state_dict())
+        x = randn(g, 2, T, hidden)
+        cot = randn(g, 2, T, hidden)
+        fwd_kw = {"return_state": True} if has_state else {}
+        y_full = full_layer(x, **fwd_kw)
+        y_full, st_full = y_full if has_state else (y_full, None)
+        (y_full * cot).sum().backward()
+        y = cp_layer(akd.shard_sequence(x, layout=layout), **fwd_kw,
+                     **({"process_group": wg} if where == "forward" else {}))
+        y, st = y if has_state else (y, None)
+        (y * akd.shard_sequence(cot, layout=layout)).sum().backward()
+        grads = {}
+        for pname, p in cp_layer.named_parameters():
+            gsum = p.grad.clone()
+            dist.all_reduce(gsum)
+            grads[pname] = gsum
+        pairs = [("y", y, akd.shard_sequence(y_full, layout=layout))]
+        pairs += [(f"state[{i}]", a, b) for i, (a, b) in enumerate(zip(flat(st), flat(st_full)))]
+        full_params = dict(full_layer.named_parameters())
+        pairs += [(f"grad {n}", gsum, full_params[n].grad) for n, gsum in grads.items()]
+        for what, a, b in pairs:
+            ctx["checked"] += 1
+            if not torch.allclose(a, b, rtol=1e-9, atol=1e-11):
+                ctx["failures"].append(f"rank {rank}: {name} [{what}]: max diff {(a - b).abs().max():.3e}")
+
+
 def check_timeout(ctx):
     """A collective nobody answers surfaces as an error within the group's timeout (2 ranks only)."""
     rank = ctx["rank"]
@@ -399,7 +449,7 @@ def main() -> None:
     torch.set_num_threads(1)  # P ranks share a few cores: no oversubscription
     ctx = {"rank": rank, "world": world, "failures": [], "checked": 0, "counter": Counter(),
            "quick": os.environ.get("CP_QUICK", "0") == "1"}
-    checks = os.environ.get("CP_CHECKS", "layouts,linear,softmax,bytes").split(",")
+    checks = os.environ.get("CP_CHECKS", "layouts,linear,softmax,modules,bytes").split(",")
     times = {}
     for name in checks:
         t0 = time.time()

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
+from ..distributed._comm import resolve_group
+from ..distributed.sequence import check_layout, check_local_length, chunk_ranges
+from ..distributed.softmax import attention as cp_attention
 from ..ops.loki import LokiBasis, loki_rotate
 from ..ops.loki.cache import loki_attention_decode_lowrank, loki_cache_append
 from ..ops.softmax import attention, attention_decode, qk_norm
@@ -160,6 +163,10 @@ class GroupedQueryAttention(nn.Module):
         rope_theta: RoPE base; `None` means no rotary embedding.
         norm_eps: epsilon of the QK-norm.
         backend: attnkit backend for the ops (`None`: automatic).
+        process_group: context parallelism: a `torch.distributed` process group; `forward` then takes
+            this rank's shard of the sequence in `cp_layout` (`attnkit.distributed.attention`), and
+            the default RoPE positions are the shard's positions in the whole sequence.
+        cp_layout: `"contiguous"` or `"zigzag"` (see `attnkit.distributed.shard_sequence`).
 
     Example:
         >>> layer = attnkit.nn.GroupedQueryAttention(2048, 16, 4, qk_norm="rms", rope_theta=1e6)
@@ -169,8 +176,9 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  *, bias: bool = False, qk_norm: str | None = None, causal: bool = True,
                  rope_theta: float | None = None, norm_eps: float = 1e-6, backend: str | None = None,
-                 device=None, dtype=None) -> None:
+                 process_group=None, cp_layout: str = "contiguous", device=None, dtype=None) -> None:
         super().__init__()
+        self.process_group, self.cp_layout = process_group, check_layout(cp_layout)
         if qk_norm not in (None, "rms", "l2"):
             raise ValueError(f"qk_norm must be None, 'rms' or 'l2', got {qk_norm!r}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -275,7 +283,7 @@ class GroupedQueryAttention(nn.Module):
         return position_ids
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, *, process_group=None) -> torch.Tensor:
         """Args:
             x: `[B, T, hidden_size]`.
             cache: a :class:`KVCache`; the new tokens are appended and attend to everything cached
@@ -283,11 +291,16 @@ class GroupedQueryAttention(nn.Module):
                 With a Loki basis set (:meth:`set_loki_basis`), single-token steps attend to the
                 `top_k` positions Loki selects.
             position_ids: `[B, T]` RoPE positions; default `0..T-1`, or continuing each row's cache.
+            process_group: overrides the constructor's; with a group, `x` is this rank's shard of
+                the sequence (no `cache`).
 
         Returns:
             `y [B, T, hidden_size]`.
         """
         B, T, _ = x.shape
+        group = process_group if process_group is not None else self.process_group
+        if group is not None:
+            return self._forward_context_parallel(x, group, position_ids, cache)
         position_ids = self._positions(x, cache, position_ids)
         q, k, v, fused = self.project_qkv(x, position_ids)
         if cache is None:
@@ -311,6 +324,21 @@ class GroupedQueryAttention(nn.Module):
                                          backend=self.backend)
             cache.seqlens += T
             cache._empty = False
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _forward_context_parallel(self, x, group, position_ids, cache) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError("a KV cache cannot be combined with process_group (context parallelism is for "
+                             "training and prefill over a sharded sequence); pass one or the other")
+        B, T, _ = x.shape
+        if position_ids is None and self.rope_theta is not None:  # the shard's positions in the whole sequence
+            _, world, rank = resolve_group(group)
+            check_local_length("x", T, self.cp_layout)
+            ranges = chunk_ranges(self.cp_layout, world, rank, T * world)
+            position_ids = torch.cat([torch.arange(a, b, device=x.device) for a, b in ranges])[None].expand(B, T)
+        q, k, v, fused = self.project_qkv(x, position_ids)
+        o = cp_attention(q, k, v, group=group, causal=self.causal, scale=self.scaling, layout=self.cp_layout,
+                         backend=self.backend, **fused)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
     def _attend_loki_cache(self, q, k, v, cache: KVCache) -> torch.Tensor:
