@@ -204,6 +204,13 @@ def check_layouts(ctx):
     q = randn(g, 1, 3, 2, 16).float()
     expect_raises(ctx, "attention odd zigzag", ValueError, lambda: akd.attention(q, q, q, causal=True, layout="zigzag"))
     expect_raises(ctx, "attention layout", ValueError, lambda: akd.attention(q, q, q, layout="striped"))
+    expect_raises(ctx, "attention window pair", TypeError, lambda: akd.attention(q, q, q, window=4))
+    expect_raises(ctx, "attention window < -1", ValueError, lambda: akd.attention(q, q, q, window=(-2, 0)))
+    expect_raises(ctx, "attention softcap < 0", ValueError, lambda: akd.attention(q, q, q, softcap=-1.0))
+    import inspect
+    if "window" not in inspect.signature(attnkit.attention).parameters:
+        expect_raises(ctx, "window without a local op that has it", NotImplementedError,
+                      lambda: akd.attention(q, q, q, window=(2, 0)))
     # shards of different lengths on different ranks: one ValueError on every rank, no hang
     qm = randn(g, 1, 4 + 2 * (rank == 0), 2, 16).float()
     expect_raises(ctx, "mismatched shards (linear)", ValueError, lambda: akd.linear_attention(qm, qm, qm))
@@ -421,6 +428,61 @@ def check_modules(ctx):
                 ctx["failures"].append(f"rank {rank}: {name} [{what}]: max diff {(a - b).abs().max():.3e}")
 
 
+def dense_window_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, return_lse=False,
+                           backend=None, qk_norm=None, q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6):
+    """SPEC window/softcap semantics, written densely (the test's own model of the local op)."""
+    B, T, H, D = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    kk = k.repeat_interleave(H // Hk, dim=2)
+    vv = v.repeat_interleave(H // Hk, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q, kk) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    p = torch.arange(T)[:, None] + (S - T)
+    j = torch.arange(S)[None, :]
+    left, right = window
+    ok = torch.ones(T, S, dtype=torch.bool)
+    if left >= 0:
+        ok &= j >= p - left
+    if right >= 0:
+        ok &= j <= p + right
+    if causal:
+        ok &= j <= p
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    o = torch.einsum("bhts,bshd->bthd", torch.exp(s - safe[..., None]), vv)
+    return (o, lse) if return_lse else o
+
+
+def check_window(ctx):
+    """Window/softcap pass-through: the shard's call is shifted to its global position. The local
+    op is the dense model above (until every backend has windows), so only the distribution is tested."""
+    import attnkit.distributed.softmax as cps
+    world = ctx["world"]
+    T = 8 * world
+    g = gen(6)
+    saved = cps._api.attention, cps._local_supports
+    cps._api.attention, cps._local_supports = dense_window_attention, (lambda name: True)
+    try:
+        for i, (layout, causal, window, softcap) in enumerate([
+                ("zigzag", True, (3, -1), 0.0), ("contiguous", True, (5, 0), 2.0), ("zigzag", False, (2, 3), 0.0),
+                ("contiguous", False, (-1, 6), 1.5), ("zigzag", False, (T, 1), 0.0), ("contiguous", True, (0, 0), 0.0),
+                ("zigzag", True, None, 3.0)]):
+            def full(s, r, be):
+                return dense_window_attention(s["q"], s["k"], s["v"], causal=causal, window=window or (-1, -1),
+                                              softcap=softcap), None
+
+            def cp(s, r, be):
+                return akd.attention(s["q"], s["k"], s["v"], causal=causal, window=window, softcap=softcap or None,
+                                     layout=layout), None
+            run_case(ctx, f"window {layout} causal={causal} window={window} softcap={softcap}", full, cp,
+                     qkv(g, 2, T, 4, 2, 16, 16), {}, F64, None, layout=layout, seed=40 + i)
+    finally:
+        cps._api.attention, cps._local_supports = saved
+
+
 def check_timeout(ctx):
     """A collective nobody answers surfaces as an error within the group's timeout (2 ranks only)."""
     rank = ctx["rank"]
@@ -449,7 +511,7 @@ def main() -> None:
     torch.set_num_threads(1)  # P ranks share a few cores: no oversubscription
     ctx = {"rank": rank, "world": world, "failures": [], "checked": 0, "counter": Counter(),
            "quick": os.environ.get("CP_QUICK", "0") == "1"}
-    checks = os.environ.get("CP_CHECKS", "layouts,linear,softmax,modules,bytes").split(",")
+    checks = os.environ.get("CP_CHECKS", "layouts,linear,softmax,window,modules,bytes").split(",")
     times = {}
     for name in checks:
         t0 = time.time()

@@ -50,10 +50,10 @@ def launch(world: int, checks: str, tmp_path: Path, *, quick: bool = False, time
 
 
 def test_context_parallel_2_ranks(tmp_path):
-    outs = launch(2, "layouts,linear,softmax,modules,bytes,timeout", tmp_path)
+    outs = launch(2, "layouts,linear,softmax,window,modules,bytes,timeout", tmp_path)
     assert all(" 0 failures" in o for o in outs), outs
 
 
 def test_context_parallel_4_ranks(tmp_path):
-    outs = launch(4, "layouts,linear,softmax,modules,bytes", tmp_path, quick=True)
+    outs = launch(4, "layouts,linear,softmax,window,modules,bytes", tmp_path, quick=True)
     assert all(" 0 failures" in o for o in outs), outs
