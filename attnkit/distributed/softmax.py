@@ -176,17 +176,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     diag = [_api.attention(qc, kc, vc, causal=causal, return_lse=True, **local)
             for qc, kc, vc in zip(q_chunks, k_chunks, v_chunks)]
     gathered = _comm.gather_finish(kv, pending)  # [P, B, L, Hk, D + Dv]
-    full = reassemble(gathered, layout, dim=1)
+    # a fully visible block is order-free: gather the other visible chunks straight from the
+    # received buffer (one copy), never reassembling the whole sequence
+    units = [(j, u, chunk_ranges(layout, world, j, T)[u][0]) for j in range(world) for u in range(n_chunks)]
     outs, used = [], False
     for (o1, l1), qc, (c, _) in zip(diag, q_chunks, ranges):
-        # every other key this chunk sees, all fully visible
-        spans = [(0, c)] if causal else [(0, c), (c + Lc, T)]
-        spans = [(a, b) for a, b in spans if b > a]
-        if not spans:
+        pieces = [gathered[j][:, u * Lc:(u + 1) * Lc] for j, u, start in units
+                  if start != c and (start < c or not causal)]
+        if not pieces:
             outs.append(o1)
             continue
         used = True
-        kv_other = torch.cat([full[:, a:b] for a, b in spans], dim=1) if len(spans) > 1 else full[:, spans[0][0]:spans[0][1]]
+        kv_other = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
         o2, l2 = _api.attention(qc, kv_other[..., :D], kv_other[..., D:], causal=False, return_lse=True, **local)
         outs.append(_merge(o1, l1, o2, l2).to(q.dtype))
     o = torch.cat(outs, dim=1) if n_chunks > 1 else outs[0]
