@@ -57,3 +57,19 @@ def test_context_parallel_2_ranks(tmp_path):
 def test_context_parallel_4_ranks(tmp_path):
     outs = launch(4, "layouts,linear,softmax,window,modules,bytes", tmp_path, quick=True)
     assert all(" 0 failures" in o for o in outs), outs
+
+
+def test_needs_an_initialised_group():
+    import torch
+
+    import attnkit.distributed as akd
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    x = torch.randn(1, 8, 2, 16)
+    for call in (lambda: akd.shard_sequence(x), lambda: akd.gather_sequence(x),
+                 lambda: akd.lightning_attention(x, x, x), lambda: akd.linear_attention(x, x, x),
+                 lambda: akd.attention(x, x, x)):
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            call()
+    with pytest.raises(ValueError, match="layout"):
+        akd.shard_sequence(x, layout="ring")
