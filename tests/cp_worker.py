@@ -175,7 +175,8 @@ def check_layouts(ctx):
     x = randn(g, 2, T, 3)
     c = T // (2 * world)
     expect = {"contiguous": x[:, rank * T // world:(rank + 1) * T // world],
-              "zigzag": torch.cat([x[:, rank * c:(rank + 1) * c], x[:, (2 * world - 1 - rank) * c:(2 * world - rank) * c]], 1)}
+              "zigzag": torch.cat([x[:, rank * c:(rank + 1) * c],
+                                   x[:, (2 * world - 1 - rank) * c:(2 * world - rank) * c]], 1)}
     for layout, want in expect.items():
         ctx["checked"] += 1
         got = akd.shard_sequence(x, layout=layout)
@@ -195,10 +196,12 @@ def check_layouts(ctx):
         if not torch.equal(back, xt):
             ctx["failures"].append(f"rank {rank}: gather_sequence {layout} dim=0 does not reassemble")
         if not torch.allclose(xl.grad, akd.shard_sequence(wsum, layout=layout), rtol=1e-12, atol=1e-12):
-            ctx["failures"].append(f"rank {rank}: gather_sequence {layout} backward is not the shard of the summed grad")
+            ctx["failures"].append(f"rank {rank}: gather_sequence {layout} backward is not the shard "
+                                   "of the summed grad")
     bad_T = randn(g, 1, 2 * world + 1, 2)
     expect_raises(ctx, "shard T % P", ValueError, lambda: akd.shard_sequence(bad_T))
-    expect_raises(ctx, "shard T % 2P", ValueError, lambda: akd.shard_sequence(randn(g, 1, 3 * world, 2), layout="zigzag"))
+    expect_raises(ctx, "shard T % 2P", ValueError,
+                  lambda: akd.shard_sequence(randn(g, 1, 3 * world, 2), layout="zigzag"))
     expect_raises(ctx, "shard layout", ValueError, lambda: akd.shard_sequence(x, layout="ring"))
     expect_raises(ctx, "gather odd zigzag", ValueError, lambda: akd.gather_sequence(randn(g, 1, 3, 2), layout="zigzag"))
     q = randn(g, 1, 3, 2, 16).float()
@@ -393,7 +396,8 @@ def check_modules(ctx):
         ("GroupedQueryAttention rope qk_norm zigzag",
          lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 2, qk_norm="rms", rope_theta=1e4, **kw), "zigzag", False,
          "constructor"),
-        ("GroupedQueryAttention fused qk_norm", lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 1, qk_norm="rms", **kw),
+        ("GroupedQueryAttention fused qk_norm",
+         lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 1, qk_norm="rms", **kw),
          "contiguous", False, "forward"),
     ]
     for name, make, layout, has_state, where in cases:
@@ -470,11 +474,11 @@ def check_window(ctx):
                 ("zigzag", True, (3, -1), 0.0), ("contiguous", True, (5, 0), 2.0), ("zigzag", False, (2, 3), 0.0),
                 ("contiguous", False, (-1, 6), 1.5), ("zigzag", False, (T, 1), 0.0), ("contiguous", True, (0, 0), 0.0),
                 ("zigzag", True, None, 3.0)]):
-            def full(s, r, be):
+            def full(s, r, be, causal=causal, window=window, softcap=softcap):
                 return dense_window_attention(s["q"], s["k"], s["v"], causal=causal, window=window or (-1, -1),
                                               softcap=softcap), None
 
-            def cp(s, r, be):
+            def cp(s, r, be, causal=causal, window=window, softcap=softcap, layout=layout):
                 return akd.attention(s["q"], s["k"], s["v"], causal=causal, window=window, softcap=softcap or None,
                                      layout=layout), None
             run_case(ctx, f"window {layout} causal={causal} window={window} softcap={softcap}", full, cp,

@@ -21,7 +21,6 @@ import inspect
 import torch
 
 from ..ops.softmax import api as _api
-from ..ops.softmax.reference import compute_dtype
 from . import _comm
 from .sequence import check_layout, check_local_length, chunk_ranges, reassemble
 
