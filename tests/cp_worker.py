@@ -54,6 +54,7 @@ class Counter:
 
     def take(self) -> list[tuple[str, int]]:
         out = [(n, b) for n, b, dt in self.log if dt.is_floating_point]
+        self.dtypes = [dt for _, _, dt in self.log if dt.is_floating_point]
         self.log.clear()
         return out
 
@@ -378,7 +379,16 @@ def check_bytes(ctx):
         if [b for _, b in fwd] != [n] or [b for _, b in bwd] != [n]:
             ctx["failures"].append(f"rank {ctx['rank']}: attention T={T} Hk={Hk}: expected {n} bytes each way, "
                                    f"got fwd {fwd} bwd {bwd}")
-    ctx["bytes"] = {"lightning": want["lightning"], "linear": want["linear"]}
+    # float64 states and K/V travel in float64
+    x64 = [randn(g, B, 8, 2, D) for _ in range(3)]
+    counter.take()
+    akd.lightning_attention(*x64, backend="reference")
+    akd.attention(*x64, backend="reference")
+    log = [(n, b) for n, b in counter.take()]
+    want64 = [8 * B * 2 * D * D, 8 * B * 8 * 2 * 2 * D]
+    ctx["checked"] += 1
+    if [b for _, b in log] != want64 or any(dt != F64 for dt in counter.dtypes):
+        ctx["failures"].append(f"rank {ctx['rank']}: float64 payloads: expected {want64} bytes, got {log}")
 
 
 def check_modules(ctx):
