@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
+from ..distributed._comm import resolve_group
+from ..distributed.sequence import check_layout, check_local_length, chunk_ranges
+from ..distributed.softmax import attention as cp_attention
 from ..ops.loki import LokiBasis, loki_rotate
 from ..ops.loki.cache import loki_attention_decode_lowrank, loki_cache_append
 from ..ops.softmax import attention, attention_decode, qk_norm
@@ -165,6 +168,10 @@ class GroupedQueryAttention(nn.Module):
         softcap: logit softcap `c` (`c * tanh(scale * q.k / c)`, Gemma 2's
             `attn_logit_softcapping`); `None` = off.
         backend: attnkit backend for the ops (`None`: automatic).
+        process_group: context parallelism: a `torch.distributed` process group; `forward` then takes
+            this rank's shard of the sequence in `cp_layout` (`attnkit.distributed.attention`), and
+            the default RoPE positions are the shard's positions in the whole sequence.
+        cp_layout: `"contiguous"` or `"zigzag"` (see `attnkit.distributed.shard_sequence`).
 
     Example:
         >>> layer = attnkit.nn.GroupedQueryAttention(2048, 16, 4, qk_norm="rms", rope_theta=1e6)
@@ -175,10 +182,11 @@ class GroupedQueryAttention(nn.Module):
                  *, bias: bool = False, qk_norm: str | None = None, causal: bool = True,
                  rope_theta: float | None = None, norm_eps: float = 1e-6, backend: str | None = None,
                  window: tuple[int, int] | None = None, softcap: float | None = None,
-                 device=None, dtype=None) -> None:
+                 process_group=None, cp_layout: str = "contiguous", device=None, dtype=None) -> None:
         super().__init__()
         V.check_window(window, causal)  # validated now; the ops normalise it per call
         softcap = V.check_softcap(softcap) or None
+        self.process_group, self.cp_layout = process_group, check_layout(cp_layout)
         if qk_norm not in (None, "rms", "l2"):
             raise ValueError(f"qk_norm must be None, 'rms' or 'l2', got {qk_norm!r}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -288,7 +296,7 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, *, process_group=None) -> torch.Tensor:
         """Args:
             x: `[B, T, hidden_size]`.
             cache: a :class:`KVCache`; the new tokens are appended and attend to everything cached
@@ -302,11 +310,19 @@ class GroupedQueryAttention(nn.Module):
                 Each row then computes exactly what it would alone without its padding; padded
                 positions output zeros. With a cache it is accepted for the prefill of an empty
                 cache (row `b` caches its `sum(mask[b])` tokens) or when it is all ones.
+            process_group: overrides the constructor's; with a group, `x` is this rank's shard of
+                the sequence (no `cache`, no `attention_mask`).
 
         Returns:
             `y [B, T, hidden_size]`.
         """
         B, T, _ = x.shape
+        group = process_group if process_group is not None else self.process_group
+        if group is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask cannot be combined with process_group (context parallelism "
+                                 "takes unpadded shards); pass one or the other")
+            return self._forward_context_parallel(x, group, position_ids, cache)
         if attention_mask is not None:
             valid = self._padding(x, attention_mask)
             if not bool(valid.all()):
@@ -398,6 +414,21 @@ class GroupedQueryAttention(nn.Module):
             cache.seqlens += n
             cache._empty = False
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _forward_context_parallel(self, x, group, position_ids, cache) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError("a KV cache cannot be combined with process_group (context parallelism is for "
+                             "training and prefill over a sharded sequence); pass one or the other")
+        B, T, _ = x.shape
+        if position_ids is None and self.rope_theta is not None:  # the shard's positions in the whole sequence
+            _, world, rank = resolve_group(group)
+            check_local_length("x", T, self.cp_layout)
+            ranges = chunk_ranges(self.cp_layout, world, rank, T * world)
+            position_ids = torch.cat([torch.arange(a, b, device=x.device) for a, b in ranges])[None].expand(B, T)
+        q, k, v, fused = self.project_qkv(x, position_ids)
+        o = cp_attention(q, k, v, group=group, causal=self.causal, scale=self.scaling, layout=self.cp_layout,
+                         window=self.window, softcap=self.softcap, backend=self.backend, **fused)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
     def _attend_loki_cache(self, q, k, v, cache: KVCache) -> torch.Tensor:
         """Attention through a cache of keys rotated into a Loki basis: dense prefill on the
