@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 COLUMNS = (
     "op", "mode", "device", "dtype", "backend", "status", "note", "sweep",
-    "B", "T", "S", "H", "Hk", "D", "Dv", "Tq", "causal", "rank", "top_k", "kind",
+    "B", "T", "S", "H", "Hk", "D", "Dv", "Tq", "causal", "rank", "top_k", "kind", "W", "block_size",
     "reps", "time_ms", "time_p20_ms", "time_p80_ms",
     "flops", "tflops", "pct_peak_flops", "bytes", "gbps", "pct_peak_bw", "tokens_per_s",
     "peak_mem_mb", "speedup", "speedup_vs", "runs",
@@ -122,8 +122,10 @@ def shape_label(row: dict[str, Any]) -> str:
     op = row["op"]
     if op == "linear_attention_step":
         return f"{row['kind']} B{row['B']} {heads} {dims}"
-    if op in ("attention_decode", "loki_decode"):
+    if op in ("attention_decode", "loki_decode", "paged_decode"):
         s = f"B{row['B']} S{row['S']} {heads} {dims}"
+        if row.get("block_size") is not None:
+            s += f" bs{row['block_size']}"
         if row.get("Tq", 1) != 1:
             s += f" Tq{row['Tq']}"
         if op == "loki_decode":
@@ -135,6 +137,8 @@ def shape_label(row: dict[str, Any]) -> str:
     s += f" {heads} {dims}"
     if row.get("causal") is not None:
         s += " causal" if row["causal"] else " full"
+    if row.get("W") is not None:
+        s += f" W{row['W']}"
     return s
 
 

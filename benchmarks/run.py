@@ -4,6 +4,7 @@
     python benchmarks/run.py --op all                               # every op, default modes, quick preset
     python benchmarks/run.py --op attention --mode fwd+bwd --T 1024,4096 --B 2 --H 16 --Hk 4 --D 128
     python benchmarks/run.py --list                                 # ops, modes, presets, peers
+    python benchmarks/run.py --op cp_lightning_attention --nproc 2  # context parallel (benchmarks/distributed.py)
 
 Prints a table per op and mode and writes ``<op>_<mode>_<device>_<dtype>.{csv,json,png}`` under
 ``--out`` (default ``bench_results/``). Method: docs/benchmarks.md.
@@ -274,6 +275,9 @@ def _print_list(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("--op") and "cp_" in a or a.startswith("cp_") for a in argv):  # context parallel
+        from benchmarks import distributed
+        return distributed.main(argv)
     args = parser().parse_args(argv)
     args.argv = argv
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -318,7 +318,10 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         state: float32 state as above; row `state_indices[b]` (or `b`) is read and updated in place.
         decay: float32 `[H]` (`>= 0`) for the lightning recurrence.
         scale, feature_map, normalize, eps: as in `linear_attention` / `lightning_attention`.
-        state_indices: int32/int64 `[B]`, distinct rows of `state` (continuous batching).
+        state_indices: int32/int64 `[B]`, distinct rows of `state` (continuous batching). A
+            repeated row would be updated by two programs at once (a race): it is rejected with a
+            ValueError when value checks run (CPU tensors; CUDA with `ATTNKIT_CHECKS=1`, never
+            during CUDA-graph capture); unchecked, the result for that row is undefined.
         backend: `None` (automatic), `"reference"`, `"triton"` or `"cuda"`.
 
     Returns:
