@@ -269,6 +269,8 @@ def test_decode_window_softcap_paged_matches_oracle(c, block_size):
         k_rows.append(torch.cat([kc[b, :n], kn[b]]) if c["append"] else kc[b, :n])
         v_rows.append(torch.cat([vc[b, :n], vn[b]]) if c["append"] else vc[b, :n])
     golden = oracle_decode(q, k_rows, v_rows, after, window=c["window"], softcap=c["softcap"], scale=0.3)
+    k_full = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in k_rows])
+    v_full = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in v_rows])
 
     for backend in decode_backends():
         for dtype in ((F64, torch.float32) if backend == "reference" else (torch.float32, torch.float16)):
@@ -301,10 +303,9 @@ def test_decode_window_softcap_paged_matches_oracle(c, block_size):
             if dtype == F64:
                 close64(o, golden)
             else:
-                ref = attnkit.attention_decode(cast(q), *(x.to(dtype) for x in (torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in k_rows]),
-                                                                                  torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in v_rows]))),
-                                               lens_of(after), scale=0.3, window=c["window"], softcap=c["softcap"],
-                                               backend="reference")
+                # the same-dtype reference over the same tokens (contiguous, already appended)
+                ref = attnkit.attention_decode(cast(q), cast(k_full), cast(v_full), lens_of(after), scale=0.3,
+                                               window=c["window"], softcap=c["softcap"], backend="reference")
                 assert_close_to_golden(f"{backend} {dtype}", o, ref, golden)
             # caches: the new tokens where they belong, every other element unchanged (NaN stays NaN)
             if block_size is None:
