@@ -7,12 +7,15 @@ Oracles are written here from the definition, in float64, independently of attnk
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import attnkit
+from attnkit import BackendUnavailable
 
-from .harness import DEVICE
+from .harness import DEVICE, assert_close_to_golden, interpreted
 
 F64 = torch.float64
 
@@ -184,13 +187,6 @@ def test_window_off_and_causal_normalisation_are_exact():
 
 
 # ----------------------------------------------------------------------------------- decode
-
-import os  # noqa: E402
-
-from attnkit import BackendUnavailable  # noqa: E402
-
-from .harness import assert_close_to_golden, interpreted  # noqa: E402
-
 
 def decode_backends():
     """Backends that can run decode on this machine: reference always; the compiled extension
