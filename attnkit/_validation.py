@@ -1,8 +1,9 @@
 """Input checks shared by every op.
 
 Messages name the argument, what came and what was expected. Shape, dtype and device checks
-always run; checks that read tensor values run only where :func:`value_checks_enabled` says so
-(CPU tensors always; CUDA tensors under ``ATTNKIT_CHECKS=1`` and never during graph capture).
+always run (at trace time under torch.compile); checks that read tensor values run only where
+:func:`value_checks_enabled` says so (CPU tensors always; CUDA tensors under ``ATTNKIT_CHECKS=1``;
+never while tracing, compiling, exporting or capturing a CUDA graph).
 """
 
 from __future__ import annotations
@@ -113,14 +114,34 @@ def expect_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def tracing() -> bool:
+    """Whether the caller is being traced (torch.compile/dynamo, torch.export, FX tracing) rather
+    than run: tensor values are then unknown and must not be read."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    """A tensor without readable values: meta, fake (FakeTensor, FunctionalTensor) or proxied."""
+    return t.device.type == "meta" or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+
+
 def value_checks_enabled(*tensors: torch.Tensor | None) -> bool:
-    """Whether checks that read tensor values may run (they would sync a CUDA device)."""
+    """Whether checks that read tensor values may run.
+
+    Never while tracing/compiling/exporting (values are unknown; shape and dtype checks still run
+    at trace time) or capturing a CUDA graph (reading values would sync); for CUDA tensors only
+    under ``ATTNKIT_CHECKS=1`` (each check syncs the device); always for plain CPU tensors.
+    """
+    if tracing() or any(t is not None and _symbolic(t) for t in tensors):
+        return False
     on_cuda = any(t is not None and t.device.type == "cuda" for t in tensors)
     if not on_cuda:
         return True
-    if os.environ.get("ATTNKIT_CHECKS", "0") != "1":
+    if torch.cuda.is_current_stream_capturing():
         return False
-    return not torch.cuda.is_current_stream_capturing()
+    return os.environ.get("ATTNKIT_CHECKS", "0") == "1"
 
 
 def check_scale(scale: Any, head_dim: int, device: torch.device) -> float | torch.Tensor:

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
+from ..distributed._comm import resolve_group
+from ..distributed.sequence import check_layout, check_local_length, chunk_ranges
+from ..distributed.softmax import attention as cp_attention
 from ..ops.loki import LokiBasis, loki_rotate
 from ..ops.loki.cache import loki_attention_decode_lowrank, loki_cache_append
 from ..ops.softmax import attention, attention_decode, qk_norm
@@ -165,6 +168,10 @@ class GroupedQueryAttention(nn.Module):
         softcap: logit softcap `c` (`c * tanh(scale * q.k / c)`, Gemma 2's
             `attn_logit_softcapping`); `None` = off.
         backend: attnkit backend for the ops (`None`: automatic).
+        process_group: context parallelism: a `torch.distributed` process group; `forward` then takes
+            this rank's shard of the sequence in `cp_layout` (`attnkit.distributed.attention`), and
+            the default RoPE positions are the shard's positions in the whole sequence.
+        cp_layout: `"contiguous"` or `"zigzag"` (see `attnkit.distributed.shard_sequence`).
 
     Example:
         >>> layer = attnkit.nn.GroupedQueryAttention(2048, 16, 4, qk_norm="rms", rope_theta=1e6)
@@ -175,10 +182,11 @@ class GroupedQueryAttention(nn.Module):
                  *, bias: bool = False, qk_norm: str | None = None, causal: bool = True,
                  rope_theta: float | None = None, norm_eps: float = 1e-6, backend: str | None = None,
                  window: tuple[int, int] | None = None, softcap: float | None = None,
-                 device=None, dtype=None) -> None:
+                 process_group=None, cp_layout: str = "contiguous", device=None, dtype=None) -> None:
         super().__init__()
         V.check_window(window, causal)  # validated now; the ops normalise it per call
         softcap = V.check_softcap(softcap) or None
+        self.process_group, self.cp_layout = process_group, check_layout(cp_layout)
         if qk_norm not in (None, "rms", "l2"):
             raise ValueError(f"qk_norm must be None, 'rms' or 'l2', got {qk_norm!r}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -288,7 +296,7 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, *, process_group=None) -> torch.Tensor:
         """Args:
             x: `[B, T, hidden_size]`.
             cache: a :class:`KVCache`; the new tokens are appended and attend to everything cached
@@ -302,11 +310,19 @@ class GroupedQueryAttention(nn.Module):
                 Each row then computes exactly what it would alone without its padding; padded
                 positions output zeros. With a cache it is accepted for the prefill of an empty
                 cache (row `b` caches its `sum(mask[b])` tokens) or when it is all ones.
+            process_group: overrides the constructor's; with a group, `x` is this rank's shard of
+                the sequence (no `cache`, no `attention_mask`).
 
         Returns:
             `y [B, T, hidden_size]`.
         """
         B, T, _ = x.shape
+        group = process_group if process_group is not None else self.process_group
+        if group is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask cannot be combined with process_group (context parallelism "
+                                 "takes unpadded shards); pass one or the other")
+            return self._forward_context_parallel(x, group, position_ids, cache)
         if attention_mask is not None:
             valid = self._padding(x, attention_mask)
             if not bool(valid.all()):
@@ -329,8 +345,8 @@ class GroupedQueryAttention(nn.Module):
                               backend=self.backend)
                 if T > cache.max_seqlen:
                     raise ValueError(f"cache holds at most {cache.max_seqlen} tokens per row, got a prefill of {T}")
-                cache.k[:, :T] = k
-                cache.v[:, :T] = v
+                cache.k[:, :T] = k.detach()  # the cache holds values, not autograd history
+                cache.v[:, :T] = v.detach()
             else:
                 with torch.no_grad():
                     o = attention_decode(q, cache.k, cache.v, cache.seqlens, k_new=k, v_new=v, scale=self.scaling,
@@ -399,6 +415,21 @@ class GroupedQueryAttention(nn.Module):
             cache._empty = False
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
+    def _forward_context_parallel(self, x, group, position_ids, cache) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError("a KV cache cannot be combined with process_group (context parallelism is for "
+                             "training and prefill over a sharded sequence); pass one or the other")
+        B, T, _ = x.shape
+        if position_ids is None and self.rope_theta is not None:  # the shard's positions in the whole sequence
+            _, world, rank = resolve_group(group)
+            check_local_length("x", T, self.cp_layout)
+            ranges = chunk_ranges(self.cp_layout, world, rank, T * world)
+            position_ids = torch.cat([torch.arange(a, b, device=x.device) for a, b in ranges])[None].expand(B, T)
+        q, k, v, fused = self.project_qkv(x, position_ids)
+        o = cp_attention(q, k, v, group=group, causal=self.causal, scale=self.scaling, layout=self.cp_layout,
+                         window=self.window, softcap=self.softcap, backend=self.backend, **fused)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
     def _attend_loki_cache(self, q, k, v, cache: KVCache) -> torch.Tensor:
         """Attention through a cache of keys rotated into a Loki basis: dense prefill on the
         unrotated q/k; then the new keys are rotated and appended (with the low-rank buffer), and
@@ -453,10 +484,24 @@ class MultiheadAttention(nn.MultiheadAttention):
     than a causal hint on a square attention (or none), no key padding mask, no dropout in
     training, no `add_bias_kv`/`add_zero_attn`, the fused kernels run; every other case runs
     PyTorch's own implementation, so results are exact in every case.
+
+    Inside a `torch.nn.TransformerEncoderLayer`, torch's inference fast path
+    (`torch._transformer_encoder_layer_fwd`, taken in `eval()` under `no_grad`/`inference_mode`)
+    reads the layer's `self_attn` weights and never calls `self_attn`. This module keeps that fast
+    path off for any layer that contains it (torch skips it when a submodule has forward hooks; a
+    no-op pre-hook is registered for that), so the replacement runs in inference too.
     """
 
-    def fused_refusal(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal) -> str | None:
-        """Why the fused path cannot serve this call (None when it can)."""
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_forward_pre_hook(_bypass_torch_fast_path)
+
+    def fused_refusal(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                      average_attn_weights=True, is_causal=False) -> str | None:
+        """Why the fused path cannot serve this call (None when it can).
+
+        Takes the arguments of :meth:`forward`, with the same defaults, positionally or by keyword.
+        """
         if need_weights:
             return "need_weights=True (attention weights are not materialised by the kernels)"
         if key_padding_mask is not None:
@@ -479,7 +524,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        reason = self.fused_refusal(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        reason = self.fused_refusal(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                    attn_mask=attn_mask, is_causal=is_causal)
         if reason is not None:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
@@ -513,6 +559,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         return out, None
 
 
+def _bypass_torch_fast_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing. Its presence makes `TransformerEncoderLayer.forward`
+    take its regular path ("forward pre-/hooks are attached to the module"), which calls
+    `self_attn`, instead of the fused C++ fast path that would bypass attnkit."""
+    return None
+
+
 def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
     return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
                 add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, kdim=m.kdim, vdim=m.vdim,
@@ -522,7 +575,11 @@ def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
 def replace_multihead_attention(model: nn.Module) -> nn.Module:
     """Swap every `torch.nn.MultiheadAttention` inside `model` for :class:`MultiheadAttention`, in place,
     keeping weights, device, dtype and training mode. Returns `model` (or the replacement if `model`
-    itself is one)."""
+    itself is one).
+
+    The replacement also takes effect under `torch.nn.TransformerEncoder(Layer)` in inference
+    (`eval()` + `no_grad`/`inference_mode`), where torch's fused fast path would otherwise skip
+    `self_attn`: see :class:`MultiheadAttention`."""
     if isinstance(model, nn.MultiheadAttention) and not isinstance(model, MultiheadAttention):
         return _swap(model)
     for name, child in list(model.named_children()):

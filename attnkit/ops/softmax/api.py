@@ -164,9 +164,13 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
                     window=window, softcap=softcap))
 
 
-def attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_norm_weight=None,
-              k_norm_weight=None, norm_eps=1e-6, cu_seqlens_q=None, cu_seqlens_k=None,
-              return_lse=False, window=None, softcap=None, backend=None):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | torch.Tensor | None = None, qk_norm: str | None = None,
+              q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+              norm_eps: float = 1e-6, cu_seqlens_q: torch.Tensor | None = None,
+              cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False,
+              window: tuple[int, int] | None = None, softcap: float | None = None,
+              backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with native GQA/MQA and an optional fused per-head QK-norm.
 
     Query head `h` reads KV head `h // (H // Hk)` (contiguous groups, as in flash-attn); K/V are
@@ -298,8 +302,12 @@ def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None,
                     block_table=block_table))
 
 
-def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, scale=None,
-                     window=None, softcap=None, block_table=None, backend=None):
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor, *, k_new: torch.Tensor | None = None,
+                     v_new: torch.Tensor | None = None, scale: float | None = None,
+                     window: tuple[int, int] | None = None, softcap: float | None = None,
+                     block_table: torch.Tensor | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """Decoding attention over a padded KV cache, optionally appending new tokens in place.
 
     Inference only (no gradients). Row `b` holds `cache_seqlens[b]` valid tokens. If `k_new`/
@@ -366,7 +374,8 @@ def _prepare_qk_norm(x, weight=None, *, mode="rms", eps=1e-6) -> dispatch.Call:
         kwargs=dict(x=x, weight=weight, mode=mode, eps=eps))
 
 
-def qk_norm(x, weight=None, *, mode="rms", eps=1e-6, backend=None):
+def qk_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, mode: str = "rms", eps: float = 1e-6,
+            backend: str | None = None) -> torch.Tensor:
     """Per-head RMS or L2 norm over the last dim (the norm `attention(qk_norm=...)` fuses).
 
     `"rms"`: `y = x * rsqrt(mean(x², -1) + eps) * weight` (Qwen3 / OLMo2 q_norm, k_norm);
