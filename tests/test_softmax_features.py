@@ -427,22 +427,25 @@ def test_paged_cache_shapes_checked():
     assert o.shape == (2, 1, 4, 8)
 
 
-def test_triton_refuses_unimplemented_features_clearly():
+def test_feature_tags_and_triton_refusal_helper():
+    """The tags backends refuse by, and the refusal the triton registration uses for a feature
+    its kernels lack (none at present: ATTENTION_LACKS / DECODE_LACKS are empty)."""
     from attnkit.ops.softmax import triton_register
     q, kc, vc, lens, kn, vn, table = _decode_args(paged=True)
     inputs = attnkit.ops.softmax.api._prepare_attention_decode(q.float(), kc.float(), vc.float(), lens,
                                                               window=(3, 0), softcap=1.0, block_table=table).inputs
     assert {"window", "softcap", "paged", "block_size=4"} <= inputs.features
-    impl = attnkit.dispatch.registered("attention_decode")["triton"]
-    reasons = " ".join(impl.check(inputs))
-    for feature in triton_register.DECODE_LACKS:
-        assert f"'{feature}' is not supported yet" in reasons
-    impl = attnkit.dispatch.registered("attention")["triton"]
-    inputs = attnkit.ops.softmax.api._prepare_attention(q.float(), kc[:2].float(), vc[:2].float(), causal=True,
-                                                       window=(2, 0), softcap=3.0).inputs
-    reasons = " ".join(impl.check(inputs))
-    for feature in triton_register.ATTENTION_LACKS:
-        assert f"'{feature}' is not supported yet" in reasons
+    reasons = list(triton_register._not_yet("attention_decode", ("window", "softcap", "paged"))(inputs))
+    assert [r.split("'")[1] for r in reasons] == ["window", "softcap", "paged"]
+    assert all("not supported yet by the triton attention_decode kernel" in r for r in reasons)
+    q2, kc2, vc2, lens2, _, _, _ = _decode_args()
+    plain = attnkit.ops.softmax.api._prepare_attention_decode(q2.float(), kc2.float(), vc2.float(), lens2).inputs
+    assert not list(triton_register._not_yet("attention_decode", ("window", "softcap", "paged"))(plain))
+    for lacking, op in ((triton_register.DECODE_LACKS, "attention_decode"),
+                        (triton_register.ATTENTION_LACKS, "attention")):
+        impl = attnkit.dispatch.registered(op)["triton"]
+        got = " ".join(impl.check(inputs))
+        assert all(f"'{f}' is not supported yet" in got for f in lacking)
 
 
 # ------------------------------------------- kernels against the float64 golden (fwd and grads)
