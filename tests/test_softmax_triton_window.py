@@ -130,7 +130,7 @@ WINDOW_CASES = params([
 @pytest.mark.parametrize("case", WINDOW_CASES)
 def test_window_softcap(case, dtype, nan_empty):
     T, S, H, Hk, D = (case[n] for n in ("T", "S", "H", "Hk", "D"))
-    data = dict(q=_data(2, T, H, D), k=_data(2, S, Hk, D), v=_data(2, S, Hk, D))
+    data = dict(q=_data(1, T, H, D), k=_data(1, S, Hk, D), v=_data(1, S, Hk, D))
     aux = []
     if case["norm"] == "rms":
         data.update(q_w=_data(D) * 0.5 + 1, k_w=_data(D) * 0.5 + 1)
@@ -173,7 +173,7 @@ TILE = 128
 def _poisoned_forward_case(dtype):
     torch.manual_seed(3)
     T = S = 3 * TILE + 64
-    q, k, v = (torch.randn(1, T, 2, 32, device=DEVICE).to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(1, T, 1, 16, device=DEVICE).to(dtype) for _ in range(3))
     return T, q, k, v
 
 
@@ -221,3 +221,30 @@ def test_queries_outside_every_window_are_never_read():
     assert bool(torch.isfinite(dk2[:, :TILE]).all()) and bool(torch.isfinite(dv2[:, :TILE]).all())
     torch.testing.assert_close(dk2[:, :TILE], dk[:, :TILE], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dv2[:, :TILE], dv[:, :TILE], rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ configs and prune
+
+
+def test_shared_memory_prune_is_device_aware():
+    import triton
+
+    cfgs = [triton.Config({"BM": bm, "BN": bn}, num_warps=8, num_stages=s)
+            for bm in (64, 128) for bn in (64, 128) for s in (2, 3, 4)]
+    for cap, limit in (((8, 0), 166_912), ((9, 0), 232_448), ((8, 9), 101_376)):
+        assert ta.smem_limit(cap) == limit
+        for BD in (64, 128, 256):
+            kept = ta.prune_fwd(cfgs, BD, BD, 2, cap)
+            assert kept and all(ta.fwd_smem_bytes(c, BD, BD, 2) <= limit for c in kept)
+            outer = ta.bwd_outer_tile(BD, BD, 2)
+            bcfgs = [triton.Config({"BM": n}, num_warps=8, num_stages=s) for n in (16, 32, 64) for s in (2, 3)]
+            kept = ta.prune_bwd(bcfgs, outer, BD, BD, 2, cap)
+            assert kept and all(ta.bwd_smem_bytes(c, outer, BD, BD, 2) <= limit for c in kept)
+    # sm_90 keeps strictly more forward configs than sm_80 at head dim 128
+    assert len(ta.prune_fwd(cfgs, 128, 128, 2, (9, 0))) > len(ta.prune_fwd(cfgs, 128, 128, 2, (8, 0)))
+
+
+def test_length_bucket_is_coarse():
+    assert ta.len_bucket(1) == ta.len_bucket(100) == ta.len_bucket(1025) == ta.len_bucket(2048)
+    assert ta.len_bucket(2049) == ta.len_bucket(16384) != ta.len_bucket(16385)
+    assert ta.len_bucket(16385) == ta.len_bucket(1 << 20)

@@ -98,7 +98,8 @@ def fwd_configs() -> list[triton.Config]:
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3),
-                                 (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2))]
+                                 (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                                 (64, 64, 8, 2), (64, 32, 8, 2))]
 
 
 def fwd_smem_bytes(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> int:
@@ -108,9 +109,29 @@ def fwd_smem_bytes(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> int:
     return elsize * (bm * BD + max(cfg.num_stages, 1) * bn * (BD + BDV) + bm * bn)
 
 
+# Registers per thread a config may plan for (estimate below); ptxas has 255. Calibrated on the
+# sm_90 compile audit (bf16, D = 64/128): configs estimated <= 208 compiled without spills, those
+# above spilled (e.g. forward 128 x 128 x D128 / 8 warps: 224, 144 B spilled).
+REG_BUDGET = 208
+
+
+def _regs(elems_f32: int, elems_operand: int, elsize: int, num_warps: int, num_stages: int) -> float:
+    """Registers per thread: float32 tiles (accumulators, logits) count 1 per element, input-dtype
+    operands held in registers `elsize / 4`, plus 24 per pipeline stage beyond 2."""
+    return (elems_f32 + elems_operand * elsize / 4) / (32 * num_warps) + 24 * max(num_stages - 2, 0)
+
+
+def fwd_regs(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> float:
+    """Accumulator `[BM, BDV]` and logits/probabilities `2 x [BM, BN]` in float32, `[BM, BD]` Q."""
+    bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
+    return _regs(bm * BDV + 2 * bm * bn, bm * BD, elsize, cfg.num_warps, cfg.num_stages)
+
+
 def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
+    """Configs that fit the device's shared memory and the register budget."""
     limit = smem_limit(capability)
-    kept = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
+    kept = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit
+            and fwd_regs(c, BD, BDV, elsize) <= REG_BUDGET]
     return kept or [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
 
 
@@ -136,7 +157,7 @@ def bwd_configs(inner: str) -> list[triton.Config]:
     if interpreted():
         return [triton.Config({inner: 16}, num_warps=4, num_stages=1)]
     return [triton.Config({inner: n}, num_warps=w, num_stages=s)
-            for n in (64, 32) for w in (8, 4) for s in (2, 3)]
+            for n in (64, 32, 16) for w in (8, 4) for s in (2, 3)]
 
 
 def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int) -> int:
@@ -146,10 +167,21 @@ def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: in
     return elsize * (outer * (BD + BDV) + (max(cfg.num_stages, 1) + 1) * inner * (BD + BDV))
 
 
-def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
+def bwd_regs(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int, dkdv: bool) -> float:
+    """dk/dv: two float32 accumulators `[outer, BD + BDV]` and resident K, V; dq: one `[outer, BD]`
+    accumulator and resident Q, dO; both: `2 x [outer, inner]` float32 logits/dp."""
+    inner = next(iter(cfg.kwargs.values()))
+    acc = outer * (BD + BDV) if dkdv else outer * BD
+    return _regs(acc + 2 * outer * inner, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages)
+
+
+def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability,
+              dkdv: bool = True) -> list[triton.Config]:
+    """Inner tiles up to the outer tile that fit shared memory and the register budget."""
     limit = smem_limit(capability)
     kept = [c for c in configs if next(iter(c.kwargs.values())) <= outer
-            and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit]
+            and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit
+            and bwd_regs(c, outer, BD, BDV, elsize, dkdv) <= REG_BUDGET]
     if kept:
         return kept
     name = next(iter(configs[0].kwargs))
@@ -163,7 +195,8 @@ def _prune_bwd_dkdv(configs, named_args, **kwargs):
 
 def _prune_bwd_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]))
+    return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
+                     dkdv=False)
 
 
 # ----------------------------------------------------------------------------------- jit helpers
