@@ -534,7 +534,7 @@ def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_ro
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_fwd_kernel(
-    q, k, v, o, lse, rk, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
+    q, k, v, o, lse, rq, rk, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
     T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -572,16 +572,12 @@ def _attention_fwd_kernel(
     if NORM != 0:
         rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] queries; the norm once here: r_q per row (float32, into the row scale) and the
-    # weights of both sides folded into the operand (x_q ⊙ w_q ⊙ w_k)
+    # [BM, BD] query operand: with a norm, `q` is x_q ⊙ w_q ⊙ w_k (weights) or x_q, and r_q
+    # (float32, from the pre-pass) enters the row scale; nothing is normalised in registers
     b_q = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
     b_rs = sc1
     if NORM != 0:
-        b_xq = b_q.to(tl.float32)
-        b_rs = row_rstd(b_xq, m_row, eps, D, NORM) * sc1
-        if HAS_QW or HAS_KW:
-            b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
-            b_q = (b_xq * b_u[None, :]).to(b_q.dtype)
+        b_rs = tl.load(rq + (i_b * T + bos + t) * H + h, mask=m_row, other=0.) * sc1
 
     # keys of the block's positions [t0, t1]; row p = t + s_len - t_len sees p - WL <= s <= p + WR
     shift = s_len - t_len
@@ -1010,36 +1006,45 @@ def attention_fwd(q, k, v, *, causal: bool, scale: float | torch.Tensor, norm: s
     """Runs the forward kernel (no autograd). Any strides are accepted.
 
     Returns `o [B, T, H, DV]` (q's dtype, contiguous), `lse [B, H, T]` float32 (natural log) and
-    the keys' rstd `[B, S, Hk]` float32 (None without a norm), which the backward reuses.
+    the rstd of the queries `[B, T, H]` and keys `[B, S, Hk]` (float32; None without a norm),
+    which the backward reuses.
     """
     B, T, H, _ = q.shape
     HK, DV = k.shape[2], v.shape[3]
     G = H // HK
     o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    rk = norm_prep(k, norm, eps)[0] if norm is not None else None
+    rq = rk = None
+    q_op = {}
+    if norm is not None:
+        # QK-norm pre-pass: r_k once per key, r_q once per query and, with weights, the query
+        # operand x_q ⊙ w_q ⊙ w_k (one rounding; without weights the operand is q itself)
+        rk = norm_prep(k, norm, eps)[0]
+        rq, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=q_w is not None or k_w is not None)
+        if qn is not None:
+            q_op = dict(q=qn, **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(qn))))
     if o.numel() == 0:
-        return o, lse.fill_(float("-inf")), rk
+        return o, lse.fill_(float("-inf")), rq, rk
     n_seq = None if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
 
     def grid(meta):
         return (_row_blocks(T * G, n_seq, meta["BM"]) * B * HK,)
 
     with device_guard(q):
-        _attention_fwd_kernel[grid](
-            o=o, lse=lse, rk=rk,
-            **_common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k,
-                           window_bounds(window, causal), norm))
-    return o, lse, rk
+        args = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k,
+                            window_bounds(window, causal), norm)
+        _attention_fwd_kernel[grid](o=o, lse=lse, rq=rq, rk=rk, **{**args, **q_op})
+    return o, lse, rq, rk
 
 
 def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | torch.Tensor, norm: str | None,
                   q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, rk: torch.Tensor | None = None):
+                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, rq: torch.Tensor | None = None,
+                  rk: torch.Tensor | None = None):
     """Runs the backward kernels (no autograd). `o`, `do` contiguous `[B, T, H, DV]`; `dlse`
-    (`[B, H, T]` float32 contiguous) may be None; `rk` is the forward's key rstd (recomputed when
-    None and a norm is on).
+    (`[B, H, T]` float32 contiguous) may be None; `rq`/`rk` are the forward's query/key rstd
+    (recomputed when None and a norm is on).
 
     Returns `(dq, dk, dv, dq_w, dk_w, dscale)`: dq/dk/dv in the input dtype, the weight gradients
     in float32 (None without weights), `dscale` a float32 0-dim tensor (None for a float scale).
@@ -1071,13 +1076,14 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
         BT = 32 if interpreted() else 64
         wb = window_bounds(window, causal)
         common = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k, wb, norm)
-        rq = None
         dkdv_q = {}
         if norm is not None:
             if rk is None:
                 rk = norm_prep(k, norm, eps)[0]
             # the dk/dv kernel streams the query operand the forward used (x_q ⊙ w_q ⊙ w_k) and r_q
-            rq, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=q_w is not None or k_w is not None)
+            has_w = q_w is not None or k_w is not None
+            rq_new, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=has_w) if rq is None or has_w else (None, None)
+            rq = rq if rq is not None else rq_new
             if qn is not None:
                 dkdv_q = dict(q=qn, **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(qn))))
         dkdv_args = {**common, **dkdv_q}
@@ -1107,11 +1113,11 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, scale_tensor, q_w, k_w, scale, causal, norm, eps, cu_seqlens_q, cu_seqlens_k,
                 window, softcap):
         ctx.set_materialize_grads(False)
-        o, lse, rk = attention_fwd(
+        o, lse, rq, rk = attention_fwd(
             q, k, v, causal=causal, scale=scale_tensor if scale_tensor is not None else scale, norm=norm,
             q_w=q_w, k_w=k_w, eps=eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             window=window, softcap=softcap)
-        ctx.save_for_backward(q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rk)
+        ctx.save_for_backward(q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rq, rk)
         ctx.scale = scale
         ctx.causal = causal
         ctx.norm = norm
@@ -1122,14 +1128,14 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rk = ctx.saved_tensors
+        q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rq, rk = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv, dq_w, dk_w, dscale = attention_bwd(
             q, k, v, o, lse, do.contiguous(), dlse.contiguous() if dlse is not None else None,
             causal=ctx.causal, scale=scale_tensor if scale_tensor is not None else ctx.scale,
             norm=ctx.norm, q_w=q_w, k_w=k_w, eps=ctx.eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            window=ctx.window, softcap=ctx.softcap, rk=rk)
+            window=ctx.window, softcap=ctx.softcap, rq=rq, rk=rk)
         if dscale is not None:
             dscale = dscale.to(scale_tensor.dtype)
         if dq_w is not None:
