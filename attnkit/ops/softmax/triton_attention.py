@@ -20,11 +20,11 @@ product keeps the outer tile as its M dimension (the dk/dv kernel works on trans
 that sm_90 can run them on `wgmma`. The backward is deterministic (no atomics): dq and dk/dv are
 separate kernels, and weight/scale gradients are per-program partials summed by the launcher.
 
-QK-norm: with `q̂ = r_q x_q ⊙ w_q`, `k̂ = r_k x_k ⊙ w_k`, `q̂·k̂ = ((r_q x_q ⊙ w_q ⊙ w_k) · x_k) r_k`.
-The forward normalises its resident Q tile once (weights of both sides folded in), a pre-pass
-computes `r_k` once per key, and `r_k` multiplies the logit scale per key column: the loop has the
-same products as plain attention. The backward materialises the normalised queries once for the
-dk/dv kernel; the norms' own backward runs in the epilogues. Derivations: docs/softmax_kernels.md.
+QK-norm: with `q̂ = r_q x_q ⊙ w_q`, `k̂ = r_k x_k ⊙ w_k`, `q̂·k̂ = r_q r_k ((x_q ⊙ w_q ⊙ w_k) · x_k)`.
+A pre-pass computes `r_q` once per query, `r_k` once per key and (with weights) the query operand
+`x_q ⊙ w_q ⊙ w_k`; the rstds scale the float32 logits per row and per key column, so the loops
+have the same products as plain attention. The norms' own backward runs in the epilogues.
+Derivations: docs/softmax_kernels.md.
 
 Variable lengths run in one launch without a host sync: sequence `i` owns the row blocks
 `[cu[i]·G // BM + i, cu[i+1]·G // BM + i + 1)` (at least `cdiv(len_i·G, BM)` of them) and a
