@@ -849,13 +849,14 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
     return b_acc, b_dsr, b_dss, b_pr
 
 
-@triton.heuristics({**_HEURISTICS, "HAS_DLSE": lambda args: args["dlse"] is not None})
+@triton.heuristics({**_HEURISTICS, "HAS_DLSE": lambda args: args["dlse"] is not None,
+                    "HAS_QOP": lambda args: args["qop"] is not None})
 @triton.autotune(configs=bwd_configs("BN"),
                  key=["BD", "BDV", "G", "HAS_WL", "HAS_WR", "NORM", "SOFTCAP", "BM", "LEN_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_bwd_dq})
 @triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dlse, dq, rk, dqw_part, dkw_part, dscale_part, scale_ptr, q_w, k_w,
+    q, k, v, do, lse, delta, dlse, dq, qop, rq, rk, dqw_part, dkw_part, dscale_part, scale_ptr, q_w, k_w,
     cu_seqlens_q, cu_seqlens_k, scale, softcap, eps, T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -863,6 +864,7 @@ def _attention_bwd_dq_kernel(
     SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
     IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_QOP: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BM packed query rows), as in the forward. It also
     # writes the partials of both norm weights' gradients and of the tensor scale's: per row,
@@ -896,18 +898,17 @@ def _attention_bwd_dq_kernel(
     if NORM != 0:
         rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] query operand and r_q as in the forward, [BM, BDV], [BM]
-    b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
-    b_q = b_xq
+    # [BM, BD] query operand and r_q as in the forward (pre-pass: `qop` contiguous x_q ⊙ w_q ⊙ w_k
+    # when weights exist, `rq`), [BM, BDV], [BM]
+    p_row = (i_b * T + bos + t) * H + h
+    if HAS_QOP:
+        b_q = tl.load(qop + p_row.to(tl.int64)[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :],
+                      other=0.)
+    else:
+        b_q = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
     r_q = sc1  # unused without a norm
     if NORM != 0:
-        b_xqf = b_xq.to(tl.float32)
-        r_q = row_rstd(b_xqf, m_row, eps, D, NORM)
-        b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
-        b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
-        if HAS_QW or HAS_KW:
-            b_q = (b_xqf * (b_wq * b_wk)[None, :]).to(b_xq.dtype)
-    p_row = (i_b * T + bos + t) * H + h
+        r_q = tl.load(rq + p_row, mask=m_row, other=0.)
     b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_row[:, None] & m_dv[None, :], other=0.)
     p_lse = (i_b * H + h) * T + bos + t
     b_lse2 = tl.load(lse + p_lse, mask=m_row, other=0.) * 1.4426950408889634
@@ -947,8 +948,11 @@ def _attention_bwd_dq_kernel(
             b_fix += tl.load(dlse + p_lse, mask=m_row, other=0.)
         tl.store(dscale_part + i_prog, tl.sum(b_dsr + b_fix * b_pr, 0))
     if NORM != 0:
-        # dL/dq̂ = scale · w_k ⊙ acc; dL/dw_k = scale · Σ_rows acc ⊙ q̂ (q̂ = x_q·r_q ⊙ w_q)
-        b_yq = b_xqf * r_q[:, None]
+        # dL/dq̂ = scale · w_k ⊙ acc; dL/dw_k = scale · Σ_rows acc ⊙ q̂ (q̂ = x_q·r_q ⊙ w_q);
+        # the raw queries are read again here rather than kept through the loop
+        b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
+        b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
+        b_yq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd).to(tl.float32) * r_q[:, None]
         if HAS_KW:
             tl.store(dkw_part + i_prog * D + o_d, tl.sum(b_acc * (b_yq * b_wq[None, :]), 0) * scale, mask=m_d)
         b_dq, b_dqw = row_norm_bwd(b_acc * (b_wk * scale)[None, :], b_yq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
@@ -1077,6 +1081,7 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
         wb = window_bounds(window, causal)
         common = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k, wb, norm)
         dkdv_q = {}
+        qn = None
         if norm is not None:
             if rk is None:
                 rk = norm_prep(k, norm, eps)[0]
@@ -1095,7 +1100,7 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
             _attention_bwd_dkdv_kernel[(n_k,)](
                 do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile, **dkdv_args)
             _attention_bwd_dq_kernel[(n_q,)](
-                do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
+                do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, qop=qn, rq=rq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
                 dscale_part=dscale_part, BM=tile, **common)
     dq_w = dqw_part.sum(0) if dqw_part is not None else None
     dk_w = dkw_part.sum(0) if dkw_part is not None else None
