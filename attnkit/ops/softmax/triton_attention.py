@@ -786,14 +786,15 @@ def _attention_bwd_dkdv_kernel(
                                 shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
                                 BM, True, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
 
+    # dv first: its registers are free before the norm's backward needs a float32 tile
+    p_kv = (i_b * S + bos_k + cols) * HK + i_hk
+    tl.store(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_col[:, None] & m_dv[None, :])
     b_dk = b_dk * scale
     if NORM != 0:
         # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward
         b_dk, _ = row_norm_bwd(b_dk, b_k.to(tl.float32) * r_k[:, None], r_k, k_base, o_d, m_d, D, NORM, False)
-    p_kv = (i_b * S + bos_k + cols) * HK + i_hk
     tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_col[:, None] & m_d[None, :])
-    tl.store(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_col[:, None] & m_dv[None, :])
 
 
 @triton.jit
