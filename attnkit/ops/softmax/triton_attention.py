@@ -326,6 +326,23 @@ def row_norm_bwd(g, y, r, w, o_d, m_d, D: tl.constexpr, NORM: tl.constexpr, HAS_
 
 
 @triton.jit
+def row_norm_bwd_x(g, x, r, w, o_d, m_d, D: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr):
+    """`row_norm_bwd` from the raw input tile `x` (any dtype) and `r`, with `y = x·r` formed inside
+    the elementwise expressions instead of as a float32 tile of its own (registers, in the
+    attention epilogues). Returns (`dx`, `Σ_rows g ⊙ y`)."""
+    if HAS_W:
+        gy = g * tl.load(w + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
+    else:
+        gy = g
+    c = tl.sum(gy * x.to(tl.float32), 1) * r
+    if NORM == 1:
+        c = c / D
+    dx = r[:, None] * (gy - x.to(tl.float32) * (r * c)[:, None])
+    dw = tl.sum(g * x.to(tl.float32) * r[:, None], 0)
+    return dx, dw
+
+
+@triton.jit
 def load_rows(base, rows, heads, o_d, m_row, m_d, s_t, s_h, s_d):
     """A `[R, BD]` tile of rows (`rows` token index, `heads` head index per row), zero padded."""
     p = base + rows[:, None] * s_t + heads[:, None] * s_h + o_d[None, :] * s_d
@@ -793,7 +810,7 @@ def _attention_bwd_dkdv_kernel(
     b_dk = b_dk * scale
     if NORM != 0:
         # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward
-        b_dk, _ = row_norm_bwd(b_dk, b_k.to(tl.float32) * r_k[:, None], r_k, k_base, o_d, m_d, D, NORM, False)
+        b_dk, _ = row_norm_bwd_x(b_dk, b_k, r_k, k_base, o_d, m_d, D, NORM, False)
     tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_col[:, None] & m_d[None, :])
 
 
@@ -953,10 +970,11 @@ def _attention_bwd_dq_kernel(
         # the raw queries are read again here rather than kept through the loop
         b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
         b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
-        b_yq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd).to(tl.float32) * r_q[:, None]
+        b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
         if HAS_KW:
-            tl.store(dkw_part + i_prog * D + o_d, tl.sum(b_acc * (b_yq * b_wq[None, :]), 0) * scale, mask=m_d)
-        b_dq, b_dqw = row_norm_bwd(b_acc * (b_wk * scale)[None, :], b_yq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
+            tl.store(dkw_part + i_prog * D + o_d,
+                     tl.sum(b_acc * b_xq.to(tl.float32) * r_q[:, None], 0) * b_wq * scale, mask=m_d)
+        b_dq, b_dqw = row_norm_bwd_x(b_acc * (b_wk * scale)[None, :], b_xq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
         if HAS_QW:
             tl.store(dqw_part + i_prog * D + o_d, b_dqw, mask=m_d)
     else:
