@@ -128,11 +128,16 @@ def fwd_regs(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> float:
 
 
 def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
-    """Configs that fit the device's shared memory and the register budget."""
+    """Configs that fit the device's shared memory and the register budget; when none fits the
+    budget, the one with the fewest estimated registers that fits shared memory."""
     limit = smem_limit(capability)
-    kept = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit
-            and fwd_regs(c, BD, BDV, elsize) <= REG_BUDGET]
-    return kept or [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
+    fits = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
+    kept = [c for c in fits if fwd_regs(c, BD, BDV, elsize) <= REG_BUDGET]
+    if kept:
+        return kept
+    if fits:
+        return [min(fits, key=lambda c: fwd_regs(c, BD, BDV, elsize))]
+    return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -167,36 +172,42 @@ def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: in
     return elsize * (outer * (BD + BDV) + (max(cfg.num_stages, 1) + 1) * inner * (BD + BDV))
 
 
-def bwd_regs(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int, dkdv: bool) -> float:
+def bwd_regs(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int, dkdv: bool,
+             norm: bool = False) -> float:
     """dk/dv: two float32 accumulators `[outer, BD + BDV]` and resident K, V; dq: one `[outer, BD]`
-    accumulator and resident Q, dO; both: `2 x [outer, inner]` float32 logits/dp."""
+    accumulator and resident Q, dO; both: `2 x [outer, inner]` float32 logits/dp; +24 with a
+    QK-norm (the row and column rstd scales; the audit's dq 128 x 64 / D128 spilled 48 B with it)."""
     inner = next(iter(cfg.kwargs.values()))
     acc = outer * (BD + BDV) if dkdv else outer * BD
-    return _regs(acc + 2 * outer * inner, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages)
+    return _regs(acc + 2 * outer * inner, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
 
 
 def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability,
-              dkdv: bool = True) -> list[triton.Config]:
-    """Inner tiles up to the outer tile that fit shared memory and the register budget."""
+              dkdv: bool = True, norm: bool = False) -> list[triton.Config]:
+    """Inner tiles up to the outer tile that fit shared memory and the register budget; when none
+    fits the budget, the one with the fewest estimated registers that fits shared memory."""
     limit = smem_limit(capability)
-    kept = [c for c in configs if next(iter(c.kwargs.values())) <= outer
-            and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit
-            and bwd_regs(c, outer, BD, BDV, elsize, dkdv) <= REG_BUDGET]
+    fits = [c for c in configs if next(iter(c.kwargs.values())) <= outer
+            and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit]
+    kept = [c for c in fits if bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm) <= REG_BUDGET]
     if kept:
         return kept
+    if fits:
+        return [min(fits, key=lambda c: bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm))]
     name = next(iter(configs[0].kwargs))
     return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
 
 
 def _prune_bwd_dkdv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    return prune_bwd(configs, args["BN"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]))
+    return prune_bwd(configs, args["BN"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
+                     norm=args["NORM"] != 0)
 
 
 def _prune_bwd_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
-                     dkdv=False)
+                     dkdv=False, norm=args["NORM"] != 0)
 
 
 # ----------------------------------------------------------------------------------- jit helpers
