@@ -207,20 +207,19 @@ def test_queries_outside_every_window_are_never_read():
     # NaN-poisoned queries (and their upstream gradients) at t >= 3*TILE must not reach them
     T, q, k, v = _poisoned_forward_case(torch.float32)
     kw = dict(causal=True, scale=0.2, window=(64, 0), softcap=0.0)
-    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    o, lse = _kernel(qg, kg, vg, **kw)
-    do = torch.randn_like(o)
-    dk, dv = torch.autograd.grad(o, [kg, vg], do)
+    do = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEVICE)
+    k64, v64 = k.double().requires_grad_(), v.double().requires_grad_()
+    dk, dv = torch.autograd.grad(oracle(q.double(), k64, v64, **kw)[0], [k64, v64], do.double())
     qp = q.clone()
     qp[:, 3 * TILE:] = float("nan")
     dop = do.clone()
     dop[:, 3 * TILE:] = float("nan")
-    qg2, kg2, vg2 = (x.clone().requires_grad_() for x in (qp, k, v))
-    o2, _ = _kernel(qg2, kg2, vg2, **kw)
-    dk2, dv2 = torch.autograd.grad(o2, [kg2, vg2], dop)
+    kg, vg = k.clone().requires_grad_(), v.clone().requires_grad_()
+    o, _ = _kernel(qp, kg, vg, **kw)
+    dk2, dv2 = torch.autograd.grad(o, [kg, vg], dop)
     assert bool(torch.isfinite(dk2[:, :TILE]).all()) and bool(torch.isfinite(dv2[:, :TILE]).all())
-    torch.testing.assert_close(dk2[:, :TILE], dk[:, :TILE], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dv2[:, :TILE], dv[:, :TILE], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dk2[:, :TILE], dk[:, :TILE].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dv2[:, :TILE], dv[:, :TILE].float(), rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------ configs and prune
