@@ -174,12 +174,13 @@ def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: in
 
 def bwd_regs(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int, dkdv: bool,
              norm: bool = False) -> float:
-    """dk/dv: two float32 accumulators `[outer, BD + BDV]` and resident K, V; dq: one `[outer, BD]`
-    accumulator and resident Q, dO; both: `2 x [outer, inner]` float32 logits/dp; +24 with a
-    QK-norm (the row and column rstd scales; the audit's dq 128 x 64 / D128 spilled 48 B with it)."""
+    """dk/dv: two float32 accumulators `[outer, BD + BDV]`, resident K, V and `4 x [outer, inner]`
+    transposed tiles (`Sᵀ`, `Pᵀ`, `dPᵀ`, `dSᵀ`: the audit's 128 x 64 / D64 config spilled 188 B with
+    2); dq: one `[outer, BD]` accumulator, resident Q, dO and `2 x [outer, inner]` logits/dp;
+    +24 with a QK-norm (the row and column rstd scales; dq 128 x 64 / D128 spilled 48 B with it)."""
     inner = next(iter(cfg.kwargs.values()))
-    acc = outer * (BD + BDV) if dkdv else outer * BD
-    return _regs(acc + 2 * outer * inner, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
+    acc = outer * (BD + BDV) + 4 * outer * inner if dkdv else outer * BD + 2 * outer * inner
+    return _regs(acc, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
 
 
 def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability,
