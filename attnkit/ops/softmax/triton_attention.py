@@ -34,6 +34,7 @@ program finds its sequence by a binary search over `cu_seqlens`.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -81,9 +82,15 @@ def smem_limit(capability: tuple[int, int] | None) -> int:
 
 
 def _capability(t: torch.Tensor) -> tuple[int, int] | None:
-    if t.device.type != "cuda":
+    """The compute capability the configs are pruned for: the tensor's CUDA device; for CPU/meta
+    tensors (a static audit recording launches) `$ATTNKIT_TARGET_ARCH` (`sm_90`, `sm_80`, ...),
+    else sm_80, the smallest shared memory of the supported data-centre GPUs."""
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_capability(t.device)
+    if interpreted():
         return None
-    return torch.cuda.get_device_capability(t.device)
+    arch = os.environ.get("ATTNKIT_TARGET_ARCH", "sm_80").removeprefix("sm_")
+    return (int(arch[:-1]), int(arch[-1])) if arch.isdigit() and len(arch) >= 2 else (8, 0)
 
 
 def len_bucket(n: int) -> int:
