@@ -83,9 +83,9 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
     """The launch configuration of the split-KV kernel, from shapes only (no tuning).
 
     `BM`: packed query rows per tile (all `Tq * G` rows of a group up to 64, at least 16 for
-    `tl.dot`). `BN = 128` keys per tile where a K and a V tile fit twice in `smem` (else 64, 32),
-    with as many pipeline stages (4, 3, 2) as fit: decoding is bound by HBM, so the aim is bytes in
-    flight, not arithmetic. 4 warps (8 for 64-row query tiles). float32 (FMA products): 16-64 keys.
+    `tl.dot`). `BN = 128` keys per tile where a K and a V tile fit in `smem` (else 64, 32), with
+    as many pipeline stages (4, 3, 2; `stages - 1` tiles buffered) as fit: decoding is bound by
+    HBM, so the aim is bytes in flight, not arithmetic. 4 warps (8 for 64-row query tiles). float32 (FMA products): 16-64 keys.
     """
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
     if interpreted():
@@ -96,10 +96,12 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
         bn = max(16, min(64, 2048 // bd))
         return dict(BM=bm, BN=bn, num_warps=8 if bd >= 128 or bm >= 64 else 4, num_stages=2)
     budget = smem - 8 * 1024  # query tile, reduction scratch, barriers
-    for bn in (128, 64, 32):
+    # a 128 x 256 key tile at 4 warps needs more than 255 registers around the dot: cap BN at 64
+    for bn in ((128, 64, 32) if bd + bdv <= 256 else (64, 32)):
         stage = bn * (bd + bdv) * elt
         for stages in (4, 3, 2):
-            if stages * stage <= budget:
+            # Triton's pipeliner keeps `num_stages - 1` K/V tiles in flight in shared memory
+            if (stages - 1) * stage <= budget:
                 return dict(BM=bm, BN=bn, num_warps=8 if bm >= 64 else 4, num_stages=stages)
     return dict(BM=bm, BN=16, num_warps=4, num_stages=1)
 
