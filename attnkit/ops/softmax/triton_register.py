@@ -30,7 +30,7 @@ def _no_interpreted_bf16_dot(inputs: dispatch.Inputs) -> Iterator[str]:
 # Features of SPEC "Sliding window, softcap, paged KV cache" (issue 15) that the Triton kernels do
 # not implement yet. Whoever adds one to a kernel removes it from its tuple here.
 ATTENTION_LACKS = ("window", "softcap")
-DECODE_LACKS = ("window", "softcap", "paged")
+DECODE_LACKS = ()
 
 
 def _not_yet(op: str, lacking: tuple[str, ...]) -> Callable[[dispatch.Inputs], Iterator[str]]:
