@@ -47,7 +47,9 @@ def check_compiled(fn, *args, backend="aot_eager", exact=True):
     eager_args, comp_args = _clone(args), _clone(args)
     out_e = _flat(fn(*eager_args))
     out_c = _flat(torch.compile(fn, fullgraph=True, backend=backend)(*comp_args))
-    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    # eager calls the backend directly, compiled code runs torch.ops.attnkit.* (the backward op
+    # reruns the forward under autograd): equal up to float32 rounding of a reordered reduction
+    tol = dict(rtol=1e-6, atol=1e-6) if exact else dict(rtol=1e-5, atol=1e-5)
     assert len(out_e) == len(out_c)
     for a, b in zip(out_c, out_e):
         torch.testing.assert_close(a, b, **tol)
