@@ -8,7 +8,9 @@ For tiny inputs (so the kernel itself costs little), each op is timed four ways:
   dispatcher, the op's autograd wrapper), no validation;
 * ``public``: ``attnkit.<op>(..., backend=<backend>)``: validation (shape, dtype and, on CPU
   tensors, value checks), cached backend choice, then the custom op;
-* ``public auto``: the same with the automatic backend choice (``backend=None``).
+* ``public auto``: the same with the automatic backend choice (``backend=None``);
+* ``validate``: the prepare step alone (shape/dtype/option checks; on CPU tensors also the value
+  checks, which run small torch reductions and read them on the host).
 
 The table shows medians in µs and the overheads ``public - direct`` and ``custom op - direct``.
 Each timing is the median of `--reps` batches of `--inner` calls after `--warmup` calls.
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"(median of {args.reps} x {args.inner} calls, µs per call)")
     head = f"{'op':24s} {'backend':10s} {'direct':>8s} {'custom op':>10s} {'public':>8s} {'auto':>8s}" \
-           f" {'public-direct':>14s} {'op-direct':>10s}"
+           f" {'validate':>9s} {'public-direct':>14s} {'op-direct':>10s}"
     print(head)
     print("-" * len(head))
     with torch.no_grad():
@@ -101,8 +103,10 @@ def main(argv=None) -> int:
             t_op = _time(lambda: caller(call.kwargs, backend), args.warmup, args.reps, args.inner, sync)
             t_pub = _time(lambda: public(*pos, **kw, backend=backend), args.warmup, args.reps, args.inner, sync)
             t_auto = _time(lambda: public(*pos, **kw), args.warmup, args.reps, args.inner, sync)
+            prepare = dispatch._OPS[name]
+            t_val = _time(lambda: prepare(*pos, **kw), args.warmup, args.reps, args.inner, sync)
             print(f"{name:24s} {backend:10s} {t_direct:8.1f} {t_op:10.1f} {t_pub:8.1f} {t_auto:8.1f}"
-                  f" {t_pub - t_direct:14.1f} {t_op - t_direct:10.1f}")
+                  f" {t_val:9.1f} {t_pub - t_direct:14.1f} {t_op - t_direct:10.1f}")
     return 0
 
 
