@@ -437,7 +437,10 @@ class Explanation:
     inputs: Inputs
 
     def __str__(self) -> str:
-        head = f"{self.op}: " + (f"runs on {self.backend!r}" if self.backend else "no backend can run this input")
+        from ._labels import backend_label
+
+        head = f"{self.op}: " + (f"runs on {self.backend!r} ({backend_label(self.backend, self.inputs.device)})"
+                                 if self.backend else "no backend can run this input")
         if self.requested:
             head += f" (requested {self.requested!r})"
         body = []
