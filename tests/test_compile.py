@@ -76,11 +76,17 @@ def test_compile_attention_ops():
     check_compiled(lambda q, k, v, w: attnkit.attention(q, k, v, causal=True, qk_norm="rms", q_norm_weight=w,
                                                         k_norm_weight=w, return_lse=True), q, k, v, w)
     check_compiled(lambda x, w: attnkit.qk_norm(x, w), q, w)
+    check_compiled(lambda q, k, v: attnkit.attention(q, k, v, causal=True, window=(2, 0), softcap=5.0), q, k, v)
     kc, vc, lens = r(2, 9, 2, 16), r(2, 9, 2, 16), torch.tensor([3, 6], dtype=torch.int32, device=DEVICE)
     q1, k1, v1 = r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16)
     check_compiled(lambda q, kc, vc, lens, k1, v1: attnkit.attention_decode(q, kc, vc, lens, k_new=k1, v_new=v1),
                    q1, kc, vc, lens, k1, v1)
     check_compiled(lambda q, kc, vc, lens: attnkit.attention_decode(q, kc, vc, lens), q1, kc, vc, lens)
+    pk, pv = r(5, 4, 2, 16), r(5, 4, 2, 16)  # paged: 5 blocks of 4 tokens
+    table = torch.tensor([[3, 1], [0, 4]], dtype=torch.int32, device=DEVICE)
+    check_compiled(lambda q, pk, pv, lens, k1, v1, t: attnkit.attention_decode(
+        q, pk, pv, lens, k_new=k1, v_new=v1, block_table=t, window=(3, 0), softcap=4.0),
+        q1, pk, pv, torch.tensor([2, 5], dtype=torch.int32, device=DEVICE), k1, v1, table)
 
 
 def test_compile_linear_ops():
