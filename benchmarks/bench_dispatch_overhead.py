@@ -14,7 +14,9 @@ For tiny inputs (so the kernel itself costs little), each op is timed four ways:
 
 The table shows medians in µs and the overheads ``public - direct`` and ``custom op - direct``.
 Each timing is the median of `--reps` batches of `--inner` calls after `--warmup` calls.
-Other processes sharing the CPU inflate the times: run it several times and keep the best.
+Other processes sharing the CPU inflate wall-clock times: ``--clock process`` measures this
+process's CPU time instead (``time.process_time``; CPU tensors only, 1 thread), which contention
+inflates far less.
 
 Examples:
     python benchmarks/bench_dispatch_overhead.py
@@ -59,17 +61,20 @@ def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
     }
 
 
+CLOCK = time.perf_counter
+
+
 def _time(fn, warmup: int, reps: int, inner: int, sync) -> float:
     for _ in range(warmup):
         fn()
     sync()
     samples = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for _ in range(inner):
             fn()
         sync()
-        samples.append((time.perf_counter() - t0) / inner)
+        samples.append((CLOCK() - t0) / inner)
     return statistics.median(samples) * 1e6
 
 
@@ -80,13 +85,19 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--inner", type=int, default=200)
+    p.add_argument("--clock", choices=("wall", "process"), default="wall")
     args = p.parse_args(argv)
+    global CLOCK
+    if args.clock == "process":
+        if args.device != "cpu":
+            p.error("--clock process measures CPU time: CPU tensors only")
+        CLOCK = time.process_time
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     all_cases = cases(args.device)
     names = args.ops or list(all_cases)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"(median of {args.reps} x {args.inner} calls, µs per call)")
+          f"clock={args.clock} (median of {args.reps} x {args.inner} calls, µs per call)")
     head = f"{'op':24s} {'backend':10s} {'direct':>8s} {'custom op':>10s} {'public':>8s} {'auto':>8s}" \
            f" {'validate':>9s} {'public-direct':>14s} {'op-direct':>10s}"
     print(head)
