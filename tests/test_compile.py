@@ -141,6 +141,7 @@ def _modules():
         "gqa_fused_norm": aknn.GroupedQueryAttention(64, 4, 2, qk_norm="rms"),
         "gqa_l2_rope": aknn.GroupedQueryAttention(64, 4, 2, qk_norm="l2", rope_theta=1e4),
         "mqa": aknn.MultiQueryAttention(64, 4),
+        "gqa_window_softcap": aknn.GroupedQueryAttention(64, 4, 2, rope_theta=1e4, window=(2, 0), softcap=5.0),
         "lightning": aknn.LightningAttention(64, 4, layer_idx=1, num_layers=3),
         "linear": aknn.LinearAttention(64, 4, 2),
         "linear_noncausal": aknn.LinearAttention(64, 4, feature_map="relu", normalize=False, causal=False),
@@ -182,11 +183,13 @@ def test_compile_decode_loops_do_not_recompile():
     torch.manual_seed(2)
     layers = {"gqa": aknn.GroupedQueryAttention(64, 4, 2, qk_norm="rms", rope_theta=1e4).to(DEVICE),
               "lightning": aknn.LightningAttention(64, 4).to(DEVICE),
-              "linear": aknn.LinearAttention(64, 4, 2).to(DEVICE)}
+              "linear": aknn.LinearAttention(64, 4, 2).to(DEVICE),
+              "gqa_loki": aknn.GroupedQueryAttention(64, 4, 2, rope_theta=1e4).to(DEVICE)}
+    layers["gqa_loki"].set_loki_basis(attnkit.loki_calibrate(r(64, 2, 16)), rank=4, top_k=4)
     with torch.no_grad():
         for name, m in layers.items():
             counter = CompileCounterWithBackend("aot_eager")
-            if name == "gqa":
+            if name.startswith("gqa"):
                 cache, cache_e = aknn.KVCache.for_module(m, 2, 16), aknn.KVCache.for_module(m, 2, 16)
                 step = torch.compile(lambda x, c: m(x, cache=c), fullgraph=True, backend=counter)
                 xs = [r(2, 5, 64)] + [r(2, 1, 64) for _ in range(5)]
