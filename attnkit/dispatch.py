@@ -413,12 +413,15 @@ def run(op_name: str, call: Call, backend: str | None = None) -> Any:
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         name = _traced_choose_constant(op_name, inputs.device.type, inputs.device.index, inputs.dtype,
                                        tuple(inputs.head_dims), tuple(sorted(inputs.features)), backend)
-        return _custom_ops.CALLERS[op_name](call.kwargs, name)
-    env = _env_key()
-    name = choose(op_name, inputs, backend, env)
-    if env[3] is not None or _traced(call.kwargs):  # ATTNKIT_EAGER_CUSTOM_OPS
-        return _custom_ops.CALLERS[op_name](call.kwargs, name)
-    return _IMPLS[op_name][name].function()(**call.kwargs)
+    else:
+        env = _env_key()
+        name = choose(op_name, inputs, backend, env)
+        if env[3] not in (b"1", "1") and not _traced(call.kwargs):  # env[3]: ATTNKIT_EAGER_CUSTOM_OPS
+            return _IMPLS[op_name][name].function()(**call.kwargs)
+    caller = _custom_ops.CALLERS.get(op_name)
+    if caller is None:  # an op registered without a custom op (yet): traced as Python
+        return _IMPLS[op_name][name].function()(**call.kwargs)
+    return caller(call.kwargs, name)
 
 
 def implementation(op_name: str, backend: str) -> Callable[..., Any]:
