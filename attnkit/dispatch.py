@@ -375,7 +375,11 @@ def _traced_choose(op_name: str, device_type: str, device_index: int | None, dty
     return choose(op_name, inputs, backend)
 
 
-_traced_choose_constant = torch._dynamo.assume_constant_result(_traced_choose)
+# What torch._dynamo.assume_constant_result(_traced_choose) does (dynamo calls the function at
+# trace time and bakes its result in as a constant), without importing torch._dynamo (seconds)
+# when attnkit is imported.
+_traced_choose._dynamo_marked_constant = True
+_traced_choose_constant = _traced_choose
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
