@@ -99,7 +99,7 @@ def run_case(ctx, name, fn_full, fn_cp, seq, rep, dtype, backend, layout="contig
                 continue
             y = x.detach()
             if shard:
-                y = akd.shard_sequence(y, layout=layout)
+                y = akd.shard_sequence(y, layout=layout, group=ctx.get("group"))
             y = y.to(dt).clone().requires_grad_(x.requires_grad)
             out[k] = y
         return out
@@ -117,7 +117,7 @@ def run_case(ctx, name, fn_full, fn_cp, seq, rep, dtype, backend, layout="contig
             # one cotangent per rank for the (replicated) final states; single-process: their sum
             cot_s = [[randn(g, *st.shape) for st in states] for _ in range(world)]
         if cp:
-            loss = (o.to(F64) * akd.shard_sequence(cot_o, layout=layout)).sum()
+            loss = (o.to(F64) * akd.shard_sequence(cot_o, layout=layout, group=ctx.get("group"))).sum()
             loss = loss + sum((st.to(F64) * c).sum() for st, c in zip(states, cot_s[rank]))
         else:
             loss = (o.to(F64) * cot_o).sum()
@@ -133,11 +133,11 @@ def run_case(ctx, name, fn_full, fn_cp, seq, rep, dtype, backend, layout="contig
             for k in r:
                 if k in gd:  # SPMD: each rank holds its contribution; the sum is the gradient
                     gd[k] = gd[k].clone()
-                    dist.all_reduce(gd[k])
+                    dist.all_reduce(gd[k], group=ctx.get("group"))
         results[key] = (o, states, gd)
 
     def shard(x):
-        return akd.shard_sequence(x, layout=layout)
+        return akd.shard_sequence(x, layout=layout, group=ctx.get("group"))
 
     checks = [("o", results["out"][0], shard(results["ref"][0]), shard(results["golden"][0]))]
     for i, st in enumerate(results["out"][1]):
@@ -495,6 +495,31 @@ def check_window(ctx):
                      qkv(g, 2, T, 4, 2, 16, 16), {}, F64, None, layout=layout, seed=40 + i)
     finally:
         cps._api.attention, cps._local_supports = saved
+
+
+def check_subgroups(ctx):
+    """Two independent context-parallel groups (ranks {0, 1} and {2, 3}) in one world of 4."""
+    rank, world = ctx["rank"], ctx["world"]
+    if world != 4:
+        return
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    sub = {**ctx, "group": mine, "world": 2, "rank": dist.get_rank(mine)}
+    g = gen(8 + rank // 2)  # the two groups work on different data
+    full, _ = lightning_fns()
+
+    def cp_g(s, r, be):
+        return akd.lightning_attention(s["q"], s["k"], s["v"], r.get("decay"), group=mine, output_final_state=True,
+                                       backend=be)
+    run_case(sub, "lightning sub-group", full, cp_g, qkv(g, 1, 32, 2, 1, 16, 16, scale=0.5),
+             {"decay": (torch.rand(2, generator=g, dtype=F64) * 0.3).requires_grad_(True)}, F64, "reference", seed=50)
+    full, _ = softmax_fns("zigzag", causal=True)
+
+    def cp_s(s, r, be):
+        return akd.attention(s["q"], s["k"], s["v"], causal=True, layout="zigzag", group=mine, backend=be), None
+    run_case(sub, "attention sub-group", full, cp_s, qkv(g, 1, 16, 2, 1, 16, 16), {}, F64, "reference",
+             layout="zigzag", seed=51)
+    ctx["checked"] = sub["checked"]
 
 
 def check_timeout(ctx):
