@@ -406,6 +406,9 @@ def check_modules(ctx):
         ("GroupedQueryAttention rope qk_norm zigzag",
          lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 2, qk_norm="rms", rope_theta=1e4, **kw), "zigzag", False,
          "constructor"),
+        ("GroupedQueryAttention window softcap rope zigzag",
+         lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 2, window=(5, -1), softcap=3.0, rope_theta=1e4, **kw),
+         "zigzag", False, "forward"),
         ("GroupedQueryAttention fused qk_norm",
          lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 1, qk_norm="rms", **kw),
          "contiguous", False, "forward"),
@@ -495,6 +498,25 @@ def check_window(ctx):
                      qkv(g, 2, T, 4, 2, 16, 16), {}, F64, None, layout=layout, seed=40 + i)
     finally:
         cps._api.attention, cps._local_supports = saved
+    # and through the real local op (float64 reference; the Triton kernels where they take windows)
+    x = torch.randn(1, 8, 2, 16)
+    kernels = [(F64, "reference")]
+    refusals = attnkit.explain("attention", x, x, x, causal=True, window=(3, -1), softcap=2.0).refusals
+    if not refusals.get("triton"):
+        kernels.append((torch.float32, "triton"))
+    for dt, be in kernels:
+        for i, (layout, causal, window, softcap) in enumerate([
+                ("zigzag", True, (3, -1), 2.0), ("contiguous", False, (2, 5), 0.0)]):
+            def full(s, r, be, causal=causal, window=window, softcap=softcap):
+                return attnkit.attention(s["q"], s["k"], s["v"], causal=causal, window=window, softcap=softcap,
+                                         backend=be), None
+
+            def cp(s, r, be, causal=causal, window=window, softcap=softcap, layout=layout):
+                return akd.attention(s["q"], s["k"], s["v"], causal=causal, window=window, softcap=softcap,
+                                     layout=layout, backend=be), None
+            run_case(ctx, f"window (attnkit.attention {be}) {layout} causal={causal} window={window} "
+                     f"softcap={softcap}", full, cp, qkv(g, 2, T, 4, 2, 16, 16), {}, dt, be, layout=layout,
+                     seed=60 + i)
 
 
 def check_subgroups(ctx):
