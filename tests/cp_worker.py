@@ -6,6 +6,11 @@ failing check does not leave the ranks out of step; failures are collected and r
 (exit code 1). Each rank builds the same whole-sequence inputs from a fixed seed, runs the
 single-process op on them (float64 reference = golden; the test dtype/backend = the tolerance
 yardstick), then the context-parallel op on its shard, and compares its shard of everything.
+
+Checks (CP_CHECKS, comma list): layouts (shard/gather, bad layouts/lengths, mismatched shards),
+linear (lightning + linear attention), softmax, window (window/softcap), modules (nn layers with
+process_group=), bytes (payload per rank vs T, Hk, dtype), subgroups (4 ranks), timeout (2 ranks).
+CP_QUICK=1 runs a subset (the 4-rank launch).
 """
 
 from __future__ import annotations
