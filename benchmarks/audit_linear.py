@@ -77,7 +77,7 @@ def _launches(op: str, D: int):
     ptr = "*bf16"
     common_rt = dict(T="i32", NS="i32", SEG="i32", seg_info=None, cu_seqlens=None)
     out = []
-    BK, BV = bkv
+    BK, BV = host._blocks_dv_split(K, V, host.STATE_BUDGET)
     out.append(("state", kern._segment_state_kernel,
                 dict(k=ptr, v=ptr, hs="*fp32", zs="*fp32" if not light else None, decay=dec, **common_rt),
                 dict(HK=HK, HS=HS, K=K, V=V, BK=BK, BV=BV, USE_DECAY=light, IS_VARLEN=False, **flags)))
@@ -86,6 +86,8 @@ def _launches(op: str, D: int):
                      zin="*fp32" if not light else None, scale="fp32", eps="fp32", **common_rt),
                 dict(H=H, HK=HK, HS=HS, K=K, V=V, BK=BK, BV=BV, CAUSAL=True, STATE_PER_SEQ=False,
                      USE_DECAY=light, IS_VARLEN=False, **flags)))
+    out[-1][3].update(BK=bkv[0], BV=bkv[1])
+    BK, BV = host._blocks_dv_split(K, V, host.STATE_BUDGET)
     nrm = None if light else "*fp32"
     out.append(("dstate", kern._segment_dstate_kernel,
                 dict(q=ptr, do=ptr, den=nrm, delta=nrm, dhs="*fp32", dzs=nrm, decay=dec, scale="fp32", **common_rt),
@@ -100,7 +102,7 @@ def _launches(op: str, D: int):
                 scale="fp32", **common_rt)
     cx = dict(H=H, HK=HK, HS=HS, K=K, V=V, CAUSAL=True, STATE_PER_SEQ=False, USE_DECAY=light,
               IS_VARLEN=False, **flags)
-    if host._pow2(K) * host._pow2(V) <= host.STATE_BUDGET:
+    if host._pow2(K) * host._pow2(V) <= host.TILE_STATE_BUDGET:
         out.append(("dkdv", kern._segment_dkdv_kernel, dict(dkdv, dk=ptr, dv=ptr),
                     dict(cx, BK=host._pow2(K), BV=host._pow2(V), STORE_DK=True, STORE_DV=True)))
     else:

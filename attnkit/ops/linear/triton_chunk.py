@@ -26,7 +26,7 @@ import triton
 
 from ..common.triton_utils import device_guard, dot_precision
 from . import triton_chunk_kernels as kern
-from .triton_chunk_kernels import FEATURE_MAPS, STATE_BUDGET
+from .triton_chunk_kernels import FEATURE_MAPS, STATE_BUDGET, TILE_STATE_BUDGET
 
 MIN_SEG = 256  # tokens: 4 chunks of 64, below that the scan over segments costs more than it gives
 MAX_SEG = 8192
@@ -110,16 +110,16 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _blocks_dv_split(K: int, V: int) -> tuple[int, int]:
+def _blocks_dv_split(K: int, V: int, budget: int = TILE_STATE_BUDGET) -> tuple[int, int]:
     """Dk whole, Dv split so the `[BK, BV]` state block fits: for o, dv and the state passes."""
     BK = _pow2(K)
-    return BK, min(_pow2(V), max(16, STATE_BUDGET // BK))
+    return BK, min(_pow2(V), max(16, budget // BK))
 
 
-def _blocks_dk_split(K: int, V: int) -> tuple[int, int]:
+def _blocks_dk_split(K: int, V: int, budget: int = TILE_STATE_BUDGET) -> tuple[int, int]:
     """Dv whole, Dk split: for dq and dk (they sum over Dv)."""
     BV = _pow2(V)
-    return min(_pow2(K), max(16, STATE_BUDGET // BV)), BV
+    return min(_pow2(K), max(16, budget // BV)), BV
 
 
 def _dims(q, k, v, cu_seqlens):
@@ -151,7 +151,7 @@ def local_state(k: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None,
     zs = k.new_empty(plan.nseg, HS, K, dtype=torch.float32) if normalize else None
     if plan.nseg == 0 or HS == 0:
         return hs, zs
-    BK, BV = _blocks_dv_split(K, V)
+    BK, BV = _blocks_dv_split(K, V, STATE_BUDGET)
     grid = (plan.nseg, HS, triton.cdiv(K, BK) * triton.cdiv(V, BV))
     with device_guard(k):
         kern._segment_state_kernel[grid](
@@ -234,7 +234,7 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
         dhs = q.new_empty(plan.nseg, HS, K, V, dtype=fp32)
         dzs = q.new_empty(plan.nseg, HS, K, dtype=fp32) if normalize else None
         if run:
-            BK, BV = _blocks_dv_split(K, V)
+            BK, BV = _blocks_dv_split(K, V, STATE_BUDGET)
             grid = (plan.nseg, HS, triton.cdiv(K, BK) * triton.cdiv(V, BV))
             kern._segment_dstate_kernel[grid](q, do, den, delta, dhs, dzs, decay, plan.seg_info, cu_seqlens,
                                               BK=BK, BV=BV, **common)
@@ -253,7 +253,7 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
             args = (q, k, v, do, den, delta)
             tail = dict(decay=decay, gin=g_in, gzin=gz_in, seg_info=plan.seg_info, cu_seqlens=cu_seqlens,
                         HK=HK, CAUSAL=causal, STATE_PER_SEQ=not causal, **common)
-            if _pow2(K) * _pow2(V) <= STATE_BUDGET:
+            if _pow2(K) * _pow2(V) <= TILE_STATE_BUDGET:
                 grid = (plan.nseg, HS, 1)
                 kern._segment_dkdv_kernel[grid](*args, dk, dv, BK=_pow2(K), BV=_pow2(V), **tail)
             else:

@@ -34,9 +34,11 @@ from ..common.triton_utils import interpreted
 
 FEATURE_MAPS = {None: 0, "elu": 1, "relu": 2}
 
-# fp32 elements of the state block a program keeps in registers: [128, 128] with 8 warps is
-# 64 registers per thread
+# fp32 elements of the state block a program keeps in registers (8 warps): [128, 128] for the
+# state passes (one product per chunk), [128, 64] for the output/dq/dk/dv passes, whose token
+# tiles and [BT, BT] score tiles share the register file (ptxas: [128, 128] spills there)
 STATE_BUDGET = 128 * 128
+TILE_STATE_BUDGET = 128 * 64
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -97,12 +99,12 @@ def _phi_grad(x, FEATURE_MAP: tl.constexpr):
 
 
 @triton.jit
-def _load_q(q, rows, i_h, o_k, mask, scale, H: tl.constexpr, K: tl.constexpr, FEATURE_MAP: tl.constexpr):
+def _load_q(q, start, t, i_h, o_k, mask, scale, H: tl.constexpr, K: tl.constexpr, FEATURE_MAP: tl.constexpr):
     """Returns (q̃ in q's dtype for the tensor-core dots, q̃ in float32, raw q in float32).
     q̃ = φ(scale·q) with a feature map; without one q̃ = q and the caller multiplies the
     products by `scale` (no extra rounding of q)."""
     # [BT, BK]
-    b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=mask, other=0.)
+    b_q = tl.load(q + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), mask=mask, other=0.)
     b_x = b_q.to(tl.float32)
     b_qf = b_x
     if FEATURE_MAP != 0:
@@ -112,11 +114,11 @@ def _load_q(q, rows, i_h, o_k, mask, scale, H: tl.constexpr, K: tl.constexpr, FE
 
 
 @triton.jit
-def _load_k(k, rows, i_hk, o_k, mask, HK: tl.constexpr, K: tl.constexpr, FEATURE_MAP: tl.constexpr):
+def _load_k(k, start, t, i_hk, o_k, mask, HK: tl.constexpr, K: tl.constexpr, FEATURE_MAP: tl.constexpr):
     """Returns (φ(k) in k's dtype for the tensor-core dots, φ(k) in float32, raw k in float32);
     padded rows/columns stay exactly 0."""
     # [BT, BK]
-    b_k = tl.load(k + (rows[:, None] * HK + i_hk) * K + o_k[None, :], mask=mask, other=0.)
+    b_k = tl.load(k + (start * HK + i_hk) * K + (t[:, None] * (HK * K) + o_k[None, :]), mask=mask, other=0.)
     b_x = b_k.to(tl.float32)
     b_kf = b_x
     if FEATURE_MAP != 0:
@@ -174,7 +176,8 @@ def _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN: tl.constexpr):
     n = tl.maximum(tl.minimum(eos - start, SEG), 0)
     if IS_VARLEN:
         n = tl.where(i_g >= 0, n, 0)
-    return pid, i_n, start, n
+    # n <= SEG: token offsets inside a segment are int32 (one int64 base per tile, not per element)
+    return pid, i_n, start, n.to(tl.int32)
 
 
 @triton.jit
@@ -185,6 +188,29 @@ def _state_ptr(hin, pid, i_n, i_s, HS: tl.constexpr, D: tl.constexpr, PER_SEQ: t
     else:
         p = hin + (pid * HS + i_s) * D
     return p
+
+
+@triton.jit
+def _cols(i_b, BD: tl.constexpr, D: tl.constexpr):
+    """Columns of block `i_b` of a head dim; a block that covers the dim is a constant range, so
+    its bounds mask folds away at compile time."""
+    if BD >= D:
+        o = tl.arange(0, BD)
+    else:
+        o = i_b * BD + tl.arange(0, BD)
+    return o
+
+
+@triton.jit
+def _intra_mask_t(b_a, o_t, USE_DECAY: tl.constexpr):
+    """Mᵀ[j, t] = λ^(t-j) for t >= j, else 0 (built transposed, no layout shuffle)."""
+    # [BT, BT]
+    diff = o_t[None, :] - o_t[:, None]
+    if USE_DECAY:
+        b_m = tl.where(diff >= 0, tl.exp(-b_a * tl.where(diff >= 0, diff, 0).to(tl.float32)), 0.)
+    else:
+        b_m = tl.where(diff >= 0, 1.0, 0.)
+    return b_m
 
 
 # --------------------------------------------------------------------------------------- forward
@@ -212,8 +238,8 @@ def _segment_state_kernel(
     i_k, i_v = tl.program_id(2) // NVB, tl.program_id(2) % NVB
     i_hk = i_s * HK // HS
     o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_k = _cols(i_k, BK, K)
+    o_v = _cols(i_v, BV, V)
     m_k = o_k < K
     m_v = o_v < V
     b_a = 0.
@@ -225,14 +251,14 @@ def _segment_state_kernel(
     for i_t in range(0, tl.cdiv(n, BT)):
         t = i_t * BT + o_t
         m_t = t < n
-        rows = start + t
-        _, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
-        b_k, b_kf, _ = _load_k(k, rows, i_hk, o_k, m_t[:, None] & m_k[None, :], HK, K, FEATURE_MAP)
+        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_t[:, None] & m_k[None, :], HK, K, FEATURE_MAP)
         # [BT, BV]
-        b_v = tl.load(v + (rows[:, None] * HK + i_hk) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_t[:, None] & m_v[None, :], other=0.)
         # S <- λ^L S + (K ⊙ λ^(L-1-j))ᵀ V: [BK, BT] @ [BT, BV] -> [BK, BV]
         b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
-        b_h = b_h * b_sd + tl.dot(tl.trans(b_kw), b_v, input_precision=DOT_PRECISION)
+        # (the product accumulates into the decayed state: no second [BK, BV] accumulator)
+        b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
         if NORMALIZE:
             b_z += tl.sum(b_kf, 0)
     p_h = _state_ptr(hs, pid, i_n, i_s, HS, K * V, False)
@@ -308,12 +334,12 @@ def _segment_output_kernel(
     # started from the segment's incoming state `hin` (CAUSAL=False, linear attention only: the
     # sequence totals, no intra term, no update). o's Dv block is complete: nothing is reduced.
     pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
-    i_s, i_v = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_s, i_v = tl.program_id(1).to(tl.int64), tl.program_id(2)
     QPS: tl.constexpr = H // HS  # query heads per state head (1 for lightning, the GQA group for linear)
     i_hk = i_s * HK // HS
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = _cols(i_v, BV, V)
     m_k = o_k < K
     m_v = o_v < V
 
@@ -326,32 +352,33 @@ def _segment_output_kernel(
     b_a = 0.
     if USE_DECAY:
         b_a = tl.load(decay + i_s).to(tl.float32)
-    b_m = _intra_mask(b_a, o_t, USE_DECAY)
-
     for i_t in range(0, tl.cdiv(n, BT)):
         t = i_t * BT + o_t
         m_t = t < n
-        rows = start + t
         b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
         if CAUSAL:
-            b_k, b_kf, _ = _load_k(k, rows, i_hk, o_k, m_t[:, None] & m_k[None, :], HK, K, FEATURE_MAP)
+            b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_t[:, None] & m_k[None, :], HK, K, FEATURE_MAP)
             # [BT, BV]
-            b_v = tl.load(v + (rows[:, None] * HK + i_hk) * V + o_v[None, :],
+            b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]),
                           mask=m_t[:, None] & m_v[None, :], other=0.)
+            # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early
+            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
         if NORMALIZE:
             # per-token normaliser z_i = z_prev + Σ_{j<=i} φ(k_j) in float32 (a scan, not a product)
             b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
             if CAUSAL:
                 b_zc += tl.cumsum(b_kf, 0)
+                b_z += tl.sum(b_kf, 0)
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
-            b_q, b_qf, _ = _load_q(q, rows, i_h, o_k, m_t[:, None] & m_k[None, :], scale, H, K, FEATURE_MAP)
+            b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_t[:, None] & m_k[None, :], scale, H, K, FEATURE_MAP)
             # inter-chunk: [BT, BK] @ [BK, BV] -> [BT, BV], scaled by λ^(i+1)
             b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
             if CAUSAL:
                 # intra-chunk: ([BT, BK] @ [BK, BT]) ⊙ M -> [BT, BT]; [BT, BT] @ [BT, BV] -> [BT, BV]
-                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * b_m
-                b_o += tl.dot(b_s.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+                # (the [BT, BT] mask is rebuilt per chunk: a few exps, 16 fewer live registers)
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
+                b_o = tl.dot(b_s.to(b_v.dtype), b_v, b_o, input_precision=DOT_PRECISION)
             if FEATURE_MAP == 0:
                 b_o *= scale
             if NORMALIZE:
@@ -361,31 +388,28 @@ def _segment_output_kernel(
                 b_den += eps
                 b_o = b_o / b_den[:, None]
                 if i_v == 0:
-                    tl.store(den + rows * H + i_h, b_den, mask=m_t)
-            tl.store(o + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+                    tl.store(den + start * H + i_h + t * H, b_den, mask=m_t)
+            tl.store(o + (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :]), b_o.to(o.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
         if CAUSAL:
             # S <- λ^L S + (K ⊙ λ^(L-1-j))ᵀ V: [BK, BT] @ [BT, BV] -> [BK, BV]
-            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
-            b_h = b_h * b_sd + tl.dot(tl.trans(b_kw), b_v, input_precision=DOT_PRECISION)
-            if NORMALIZE:
-                b_z += tl.sum(b_kf, 0)
+            b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
 
 
 # -------------------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _load_dn(do, den, delta, rows, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
+def _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
              NORMALIZE: tl.constexpr, dtype: tl.constexpr):
     """The cotangent of the unnormalised output, dn = do / den, in `dtype` for the dots, and
     dd = -(do·o) / den (0 without normalisation)."""
     # [BT, BV]
-    b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.)
+    b_do = tl.load(do + (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :]), mask=m_tv, other=0.)
     b_dd = tl.zeros(m_t.shape, dtype=tl.float32)
     if NORMALIZE:
-        b_den = tl.load(den + rows * H + i_h, mask=m_t, other=1.)
-        b_dd += tl.load(delta + rows * H + i_h, mask=m_t, other=0.)
+        b_den = tl.load(den + start * H + i_h + t * H, mask=m_t, other=1.)
+        b_dd += tl.load(delta + start * H + i_h + t * H, mask=m_t, other=0.)
         b_do = (b_do.to(tl.float32) / b_den[:, None])
     return b_do.to(dtype), b_dd
 
@@ -412,8 +436,8 @@ def _segment_dstate_kernel(
     i_k, i_v = tl.program_id(2) // NVB, tl.program_id(2) % NVB
     QPS: tl.constexpr = H // HS
     o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_k = _cols(i_k, BK, K)
+    o_v = _cols(i_v, BV, V)
     m_k = o_k < K
     m_v = o_v < V
     b_a = 0.
@@ -427,21 +451,19 @@ def _segment_dstate_kernel(
         i_t = NT - 1 - i_r
         t = i_t * BT + o_t
         m_t = t < n
-        rows = start + t
         m_tk = m_t[:, None] & m_k[None, :]
-        b_qd, _, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
-        b_dh_c = tl.zeros([BK, BV], dtype=tl.float32)
+        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        b_dh = b_dh * b_sd
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
-            b_q, b_qf, _ = _load_q(q, rows, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
-            b_dn, b_dd = _load_dn(do, den, delta, rows, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
+            b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
+            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
                                   NORMALIZE, b_q.dtype)
-            # (Q̃ ⊙ λ^(i+1))ᵀ dN: [BK, BT] @ [BT, BV] -> [BK, BV]
+            # (Q̃ ⊙ λ^(i+1))ᵀ dN: [BK, BT] @ [BT, BV] -> [BK, BV], accumulated into the decayed G
             b_qw = (b_qf * b_qd[:, None]).to(b_q.dtype)
-            b_dh_c += tl.dot(tl.trans(b_qw), b_dn, input_precision=DOT_PRECISION)
+            b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
             if NORMALIZE:
                 b_dz += tl.sum(b_qf * b_dd[:, None], 0)
-        b_dh = b_dh * b_sd + b_dh_c
     if FEATURE_MAP == 0:
         b_dh *= scale
         b_dz *= scale
@@ -469,11 +491,11 @@ def _segment_dq_kernel(
     #   dq̃_i = λ^(i+1) dn_i Sᵀ + Σ_j M[i,j] (dn_i·v_j) φ(k_j) [+ dd_i z_i],
     # a forward walk of the segment's chunks from its incoming state (saved by the forward).
     pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
-    i_s, i_k = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_s, i_k = tl.program_id(1).to(tl.int64), tl.program_id(2)
     QPS: tl.constexpr = H // HS
     i_hk = i_s * HK // HS
     o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
+    o_k = _cols(i_k, BK, K)
     o_v = tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
@@ -486,47 +508,43 @@ def _segment_dq_kernel(
     b_a = 0.
     if USE_DECAY:
         b_a = tl.load(decay + i_s).to(tl.float32)
-    b_m = _intra_mask(b_a, o_t, USE_DECAY)
-
     for i_t in range(0, tl.cdiv(n, BT)):
         t = i_t * BT + o_t
         m_t = t < n
-        rows = start + t
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
         if CAUSAL:
-            b_k, b_kf, _ = _load_k(k, rows, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
+            b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
             # [BT, BV]
-            b_v = tl.load(v + (rows[:, None] * HK + i_hk) * V + o_v[None, :], mask=m_tv, other=0.)
+            b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
+            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
         if NORMALIZE:
             b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
             if CAUSAL:
                 b_zc += tl.cumsum(b_kf, 0)
+                b_z += tl.sum(b_kf, 0)
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
-            b_dn, b_dd = _load_dn(do, den, delta, rows, i_h, o_v, m_t, m_tv, H, V, NORMALIZE,
+            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE,
                                   q.dtype.element_ty)
             # [BT, BV] @ [BV, BK] -> [BT, BK]
             b_dq = tl.dot(b_dn, tl.trans(b_h).to(b_dn.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
             if CAUSAL:
                 # ([BT, BV] @ [BV, BT]) ⊙ M -> [BT, BT]; then [BT, BT] @ [BT, BK] -> [BT, BK]
-                b_ds = tl.dot(b_dn, tl.trans(b_v), input_precision=DOT_PRECISION) * b_m
-                b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+                b_ds = tl.dot(b_dn, tl.trans(b_v), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
+                b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PRECISION)
             if NORMALIZE:
                 b_dq += b_dd[:, None] * b_zc
             if FEATURE_MAP == 0:
                 b_dq *= scale
             else:
-                b_x = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+                b_x = tl.load(q + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), mask=m_tk, other=0.).to(tl.float32)
                 b_dq *= _phi_grad(b_x * scale, FEATURE_MAP) * scale
-            tl.store(dq + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+            tl.store(dq + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m_tk)
         if CAUSAL:
             # same state update as the forward: [BK, BT] @ [BT, BV] -> [BK, BV]
-            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
-            b_h = b_h * b_sd + tl.dot(tl.trans(b_kw), b_v, input_precision=DOT_PRECISION)
-            if NORMALIZE:
-                b_z += tl.sum(b_kf, 0)
+            b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
 
 
 @triton.heuristics({
@@ -559,8 +577,8 @@ def _segment_dkdv_kernel(
     QPS: tl.constexpr = H // HS
     i_hk = i_s * HK // HS
     o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_k = _cols(i_k, BK, K)
+    o_v = _cols(i_v, BV, V)
     m_k = o_k < K
     m_v = o_v < V
 
@@ -573,21 +591,17 @@ def _segment_dkdv_kernel(
     b_a = 0.
     if USE_DECAY:
         b_a = tl.load(decay + i_s).to(tl.float32)
-    # transposed mask: Mᵀ[j, t] = M[t, j]
-    b_mt = tl.trans(_intra_mask(b_a, o_t, USE_DECAY))
-
     NT = tl.cdiv(n, BT)
     for i_r in range(0, NT):
         i_t = NT - 1 - i_r
         t = i_t * BT + o_t
         m_t = t < n
-        rows = start + t
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
-        b_k, _, b_kx = _load_k(k, rows, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
+        b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
         # [BT, BV]
-        b_v = tl.load(v + (rows[:, None] * HK + i_hk) * V + o_v[None, :], mask=m_tv, other=0.)
+        b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
         # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
         if STORE_DK:
             b_dk = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
@@ -596,42 +610,44 @@ def _segment_dkdv_kernel(
         if STORE_DV:
             b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
         if CAUSAL:
-            b_dh_c = tl.zeros([BK, BV], dtype=tl.float32)
-            b_dz_c = tl.zeros([BK], dtype=tl.float32)
+            # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per chunk (fewer live registers)
+            b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
+            if FEATURE_MAP == 0:
+                b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
+            # G <- λ^L G + Σ_group (Q̃ ⊙ λ^(t+1))ᵀ dN: the products accumulate into the decayed G
+            b_dh = b_dh * b_sd
             for i_g in range(QPS):
                 i_h = i_s * QPS + i_g
-                b_q, b_qf, _ = _load_q(q, rows, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
-                b_dn, b_dd = _load_dn(do, den, delta, rows, i_h, o_v, m_t, m_tv, H, V, NORMALIZE, b_q.dtype)
+                b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
+                b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE, b_q.dtype)
+                b_qs = b_qd
+                if FEATURE_MAP == 0:
+                    b_qs = b_qd * scale
+                b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+                # [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃ tile dies early)
+                b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
                 if STORE_DV:
                     # Aᵀ = (K̃ Q̃ᵀ) ⊙ Mᵀ: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += Aᵀ dN
                     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
-                    if FEATURE_MAP == 0:
-                        b_st *= scale
-                    b_dv += tl.dot(b_st.to(b_dn.dtype), b_dn, input_precision=DOT_PRECISION)
+                    b_dv = tl.dot(b_st.to(b_dn.dtype), b_dn, b_dv, input_precision=DOT_PRECISION)
                 if STORE_DK:
                     # dAᵀ = (V dNᵀ) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
                     b_dst = tl.dot(b_v, tl.trans(b_dn), input_precision=DOT_PRECISION) * b_mt
-                    b_dkq = tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+                    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
                     if NORMALIZE:
                         # Σ_{t>=j} dd_t q̃_t in float32: a reverse scan over the chunk
-                        b_dkq += tl.cumsum(b_qf * b_dd[:, None], 0, reverse=True)
-                    if FEATURE_MAP == 0:
-                        b_dkq *= scale
-                    b_dk += b_dkq
-                # (Q̃ ⊙ λ^(t+1))ᵀ dN: [BK, BT] @ [BT, BV] -> [BK, BV]
-                b_qw = (b_qf * b_qd[:, None]).to(b_q.dtype)
-                b_dh_c += tl.dot(tl.trans(b_qw), b_dn, input_precision=DOT_PRECISION)
+                        b_dzq = tl.cumsum(b_qf * b_dd[:, None], 0, reverse=True)
+                        if FEATURE_MAP == 0:
+                            b_dzq *= scale
+                        b_dk += b_dzq
                 if NORMALIZE:
-                    b_dz_c += tl.sum(b_qf * b_dd[:, None], 0)
-            if FEATURE_MAP == 0:
-                b_dh_c *= scale
-                b_dz_c *= scale
-            b_dh = b_dh * b_sd + b_dh_c
-            if NORMALIZE:
-                b_dz += b_dz_c
+                    b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
+                    if FEATURE_MAP == 0:
+                        b_dzc *= scale
+                    b_dz += b_dzc
         if STORE_DK:
             if FEATURE_MAP != 0:
                 b_dk *= _phi_grad(b_kx, FEATURE_MAP)
-            tl.store(dk + (rows[:, None] * HS + i_s) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+            tl.store(dk + (start * HS + i_s) * K + (t[:, None] * (HS * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m_tk)
         if STORE_DV:
-            tl.store(dv + (rows[:, None] * HS + i_s) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+            tl.store(dv + (start * HS + i_s) * V + (t[:, None] * (HS * V) + o_v[None, :]), b_dv.to(dv.dtype.element_ty), mask=m_tv)
