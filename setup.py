@@ -13,7 +13,14 @@ setup(
     "softmax GQA with fused QK-norm, Loki sparse decoding",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Typing :: Typed",
+    ],
     packages=find_packages(include=["attnkit", "attnkit.*"]),
+    package_data={"attnkit": ["py.typed"]},  # PEP 561: the package ships its type hints
     python_requires=">=3.10",
     # torch is not pinned: any torch >= 2.4 already installed satisfies this, so pip never
     # downloads another one (install the build you want first, e.g. the CPU wheel).
@@ -24,7 +31,8 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest>=7", "numpy", "einops"],
+        # matplotlib: the benchmark CLI test checks the PNG plots too.
+        "test": ["pytest>=7", "numpy", "einops", "matplotlib"],
         "bench": ["matplotlib"],
         "peers": ["flash-linear-attention", "lightning-attn"],
         "transformers": ["transformers>=4.48"],

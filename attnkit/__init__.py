@@ -18,6 +18,22 @@ from .ops.softmax import attention, attention_decode, qk_norm
 
 __version__ = "0.1.0"
 
+# Subpackages reachable as attributes after a plain `import attnkit` (imported on first access,
+# so `import attnkit` stays light): `attnkit.nn.MultiheadAttention`, `attnkit.integrations...`.
+_LAZY_SUBMODULES = ("nn", "integrations")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 __all__ = [
     "BackendUnavailable",
     "LokiBasis",
@@ -32,5 +48,6 @@ __all__ = [
     "loki_attention_decode",
     "loki_calibrate",
     "loki_rotate",
+    "nn",
     "qk_norm",
 ]

@@ -1,8 +1,9 @@
 """Input checks shared by every op.
 
 Messages name the argument, what came and what was expected. Shape, dtype and device checks
-always run; checks that read tensor values run only where :func:`value_checks_enabled` says so
-(CPU tensors always; CUDA tensors under ``ATTNKIT_CHECKS=1`` and never during graph capture).
+always run (at trace time under torch.compile); checks that read tensor values run only where
+:func:`value_checks_enabled` says so (CPU tensors always; CUDA tensors under ``ATTNKIT_CHECKS=1``;
+never while tracing, compiling, exporting or capturing a CUDA graph).
 """
 
 from __future__ import annotations
@@ -113,14 +114,34 @@ def expect_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def tracing() -> bool:
+    """Whether the caller is being traced (torch.compile/dynamo, torch.export, FX tracing) rather
+    than run: tensor values are then unknown and must not be read."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    """A tensor without readable values: meta, fake (FakeTensor, FunctionalTensor) or proxied."""
+    return t.device.type == "meta" or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+
+
 def value_checks_enabled(*tensors: torch.Tensor | None) -> bool:
-    """Whether checks that read tensor values may run (they would sync a CUDA device)."""
+    """Whether checks that read tensor values may run.
+
+    Never while tracing/compiling/exporting (values are unknown; shape and dtype checks still run
+    at trace time) or capturing a CUDA graph (reading values would sync); for CUDA tensors only
+    under ``ATTNKIT_CHECKS=1`` (each check syncs the device); always for plain CPU tensors.
+    """
+    if tracing() or any(t is not None and _symbolic(t) for t in tensors):
+        return False
     on_cuda = any(t is not None and t.device.type == "cuda" for t in tensors)
     if not on_cuda:
         return True
-    if os.environ.get("ATTNKIT_CHECKS", "0") != "1":
+    if torch.cuda.is_current_stream_capturing():
         return False
-    return not torch.cuda.is_current_stream_capturing()
+    return os.environ.get("ATTNKIT_CHECKS", "0") == "1"
 
 
 def check_scale(scale: Any, head_dim: int, device: torch.device) -> float | torch.Tensor:
@@ -178,3 +199,78 @@ def check_index(name: str, idx: torch.Tensor, length: int, limit: int, limit_nam
         if lo < 0 or hi >= limit:
             raise ValueError(f"{name} values must be in 0..{limit - 1} ({limit_name}), "
                              f"got values in {lo}..{hi}")
+
+
+def check_window(window: Any, causal: bool) -> tuple[int, int]:
+    """`window=(left, right)` of the softmax ops -> a pair of Python ints, `-1` = unbounded side.
+
+    `None` means `(-1, -1)`. With `causal`, a right bound is redundant (`s <= p` already holds),
+    so it is normalised to `-1`, and `(-1, *)` becomes `(-1, -1)` (no window).
+    """
+    if window is None:
+        return (-1, -1)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
+        got = type(window).__name__ if not isinstance(window, (tuple, list)) else repr(tuple(window))
+        raise TypeError(f"window must be None or a pair of ints (left, right), got {got}")
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window must be (left, right) with each side >= 0, or -1 for unbounded, "
+                         f"got ({left}, {right})")
+    if causal:
+        right = -1
+    return (left, right)
+
+
+def check_softcap(softcap: Any) -> float:
+    """`softcap=c`: None or 0 -> 0.0 (off); else a finite float > 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be None or a float > 0, got {type(softcap).__name__}")
+    value = float(softcap)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"softcap must be None, 0 (off) or a finite float > 0, got {softcap}")
+    return value
+
+
+def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size: int,
+                      lengths: torch.Tensor | None, new_tokens: int) -> torch.Tensor:
+    """A paged-cache `block_table`: int32 `[B, max_blocks]`; returns it contiguous.
+
+    Value checks (where :func:`value_checks_enabled`): every entry a row uses (blocks holding its
+    first `lengths[b] + new_tokens` tokens) is in `0..num_blocks - 1`, the lengths fit the
+    table's capacity, and no two rows append into the same cache slot. Entries a row does not
+    use are never read and may hold anything (e.g. -1). `lengths=None`: shape checks only.
+    """
+    expect_tensor("block_table", block_table)
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {dtype_name(block_table.dtype)}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have shape [B, max_blocks] with B = {batch} (q's batch "
+                         f"size), got {shape_str(block_table)}")
+    capacity = block_table.shape[1] * block_size
+    if lengths is not None and value_checks_enabled(block_table, lengths) and batch > 0:
+        total = lengths.long() + new_tokens
+        longest = int(total.max())
+        if longest > capacity:
+            b = int(total.argmax())
+            raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
+                             f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
+                             f"{block_size} = {capacity}")
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None] * block_size < total[:, None]
+        vals = block_table[used]
+        if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_blocks):
+            bad = used & ((block_table < 0) | (block_table >= num_blocks))
+            b, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
+                             f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
+                             f"(num_blocks = k_cache.shape[0])")
+        if new_tokens > 0:
+            pos = lengths.long()[:, None] + torch.arange(new_tokens, device=lengths.device)
+            rows = torch.arange(batch, device=lengths.device)[:, None].expand_as(pos)
+            slots = block_table[rows, pos // block_size].long() * block_size + pos % block_size
+            if torch.unique(slots).numel() != slots.numel():
+                raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
+                                 "slot; rows may share blocks they only read, not blocks they write")
+    return block_table.contiguous()

@@ -12,13 +12,21 @@ Every dispatched op is split in two:
 The public function is then ``run(name, prepare(...), backend)``; adding a backend for an op
 never touches the op's public function. ``explain`` runs only the prepare step and the
 acceptance checks, never a kernel.
+
+``run`` picks the backend once per call signature (op, :class:`Inputs`, requested backend and the
+environment switches it depends on) and caches the choice, then calls the op's
+``torch.ops.attnkit.<name>`` custom op (:mod:`attnkit._custom_ops`) with the chosen backend's
+name, so that ``torch.compile``/``torch.export`` see one opaque op with a fake implementation and
+registered autograd. Under ``torch.compile`` the choice is made once, at trace time.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +39,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "Call",
+    "choose",
     "Explanation",
     "Inputs",
     "explain",
@@ -39,6 +48,9 @@ __all__ = [
     "registered",
     "run",
 ]
+
+
+_GENERATION = 0  # bumped by register(): invalidates cached choices
 
 
 class BackendUnavailable(RuntimeError):
@@ -140,8 +152,11 @@ def register(
     automatic choice (highest first); `automatic=False` keeps an implementation out of the
     automatic choice (it still runs when named). `check(inputs)` returns refusal reasons.
     """
+    global _GENERATION
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _GENERATION += 1
+    _CHOICES.clear()
     _IMPLS.setdefault(op_name, {})[backend] = Implementation(
         op=op_name,
         backend=backend,
@@ -163,14 +178,45 @@ def registered(op_name: str) -> dict[str, Implementation]:
 # --------------------------------------------------------------------------- backend-level checks
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_mismatch() -> str | None:
+    """Why Triton's interpreter cannot run although ``TRITON_INTERPRET=1`` is set, or None.
+
+    Triton reads ``TRITON_INTERPRET`` when its functions are decorated: if ``triton`` was imported
+    before the variable was set, its own library functions (``tl.cdiv``, ``tl.sum``, ...) are GPU
+    JIT functions and every interpreted launch fails with a cryptic ``InterpreterError``.
+    """
+    import sys
+
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:  # triton not imported yet: it will read the variable when it is
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    compiled = [n for n, f in vars(standard).items()
+                if isinstance(f, JITFunction) and not isinstance(f, InterpretedFunction)]
+    if not compiled:
+        return None
+    return ("TRITON_INTERPRET=1 was set after triton was imported, so triton's own functions "
+            f"(e.g. tl.{compiled[0]}) were compiled for the GPU and cannot run in the CPU interpreter; "
+            "set TRITON_INTERPRET=1 in the environment before anything imports triton "
+            "(e.g. `TRITON_INTERPRET=1 python ...`, or at the very top of the script/conftest)")
+
+
 def _triton_reasons(inputs: Inputs) -> list[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return ["triton is not installed (pip install triton)"]
     if inputs.device.type == "cuda":
         return []
     if inputs.device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return []
+            mismatch = _interpreter_mismatch()
+            return [mismatch] if mismatch else []
         return ["CPU tensors run on the triton backend only under TRITON_INTERPRET=1 "
                 "(set it before triton is imported)"]
     return [f"runs on CUDA tensors, got {inputs.device.type}"]
@@ -251,18 +297,96 @@ def _format(refusals: dict[str, list[str]], only: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _make_ready(impl: Implementation) -> bool:
+    """Load what an automatically chosen backend needs before it runs (the native extension is
+    built on first use). False if that failed: the backend then refuses (its reasons name the
+    build log) and the automatic choice moves on. A named backend is never made ready here: its
+    own first call raises :class:`BackendUnavailable` with the reason."""
+    if impl.backend != "cuda":
+        return True
+    native = importlib.import_module("attnkit.native")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            native.load()
+    except RuntimeError as e:
+        log = getattr(importlib.import_module("attnkit.native._build"), "_failure", None) or str(e)
+        if log in _WARNED:
+            return False
+        _WARNED.add(log)
+        warnings.warn(f"attnkit: the native extension failed to build, so the automatic backend choice "
+                      f"skips the 'cuda' backend and uses the next one (build log: {log}); "
+                      "`python -m attnkit.native --build` retries", RuntimeWarning, stacklevel=4)
+        del caught
+        return False
+    for w in caught:  # not a failure: pass other warnings on
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return True
+
+
+_CHOICES: dict[tuple, str] = {}
+_WARNED: set[str] = set()
+
+
+def _env_key() -> tuple:
+    env = os.environ
+    return (env.get("ATTNKIT_BACKEND"), env.get("TRITON_INTERPRET"), env.get("ATTNKIT_DISABLE_NATIVE"))
+
+
+def choose(op_name: str, inputs: Inputs, backend: str | None = None) -> str:
+    """The backend that runs a validated call (raises :class:`BackendUnavailable` if none can).
+
+    Cached per (op, inputs, requested backend, environment switches): availability probes
+    (imports, compiler checks, building the native extension) run once per call signature.
+    """
+    key = (op_name, inputs, backend, _env_key(), _GENERATION)
+    name = _CHOICES.get(key)
+    if name is not None:
+        return name
+    while True:
+        impl, refusals = _choose(op_name, inputs, backend)
+        if impl is None:
+            requested = _requested(backend)
+            if requested is not None:
+                source = "backend" if backend is not None else "ATTNKIT_BACKEND"
+                raise BackendUnavailable(
+                    f"{op_name}: {source}={requested!r} cannot run this input:\n"
+                    + _format(refusals, only=requested))
+            raise BackendUnavailable(f"{op_name}: no backend can run this input:\n" + _format(refusals))
+        if _requested(backend) is not None or _make_ready(impl):
+            break
+        # the automatic choice's backend failed to load: it now refuses, choose again
+    _CHOICES[key] = impl.backend
+    return impl.backend
+
+
+def _traced_choose(op_name: str, device_type: str, device_index: int | None, dtype: torch.dtype,
+                   head_dims: tuple, features: tuple, backend: str | None) -> str:
+    """`choose` with plain arguments, evaluated once at trace time under torch.compile."""
+    inputs = Inputs(op_name, torch.device(device_type, device_index), dtype, head_dims, frozenset(features))
+    return choose(op_name, inputs, backend)
+
+
+_traced_choose_constant = torch._dynamo.assume_constant_result(_traced_choose)
+
+
 def run(op_name: str, call: Call, backend: str | None = None) -> Any:
-    """Choose a backend for a validated call and run it."""
-    impl, refusals = _choose(op_name, call.inputs, backend)
-    if impl is None:
-        requested = _requested(backend)
-        if requested is not None:
-            source = "backend" if backend is not None else "ATTNKIT_BACKEND"
-            raise BackendUnavailable(
-                f"{op_name}: {source}={requested!r} cannot run this input:\n"
-                + _format(refusals, only=requested))
-        raise BackendUnavailable(f"{op_name}: no backend can run this input:\n" + _format(refusals))
-    return impl.function()(**call.kwargs)
+    """Choose a backend for a validated call and run it through ``torch.ops.attnkit.<op_name>``."""
+    inputs = call.inputs
+    if torch.compiler.is_compiling():
+        name = _traced_choose_constant(op_name, inputs.device.type, inputs.device.index, inputs.dtype,
+                                       tuple(inputs.head_dims), tuple(sorted(inputs.features)), backend)
+    else:
+        name = choose(op_name, inputs, backend)
+    caller = _custom_ops.CALLERS.get(op_name)
+    if caller is None:
+        return _IMPLS[op_name][name].function()(**call.kwargs)
+    return caller(call.kwargs, name)
+
+
+def implementation(op_name: str, backend: str) -> Callable[..., Any]:
+    """The function `backend` runs for `op_name` (imported on first use)."""
+    return _IMPLS[op_name][backend].function()
 
 
 @dataclass
@@ -276,7 +400,10 @@ class Explanation:
     inputs: Inputs
 
     def __str__(self) -> str:
-        head = f"{self.op}: " + (f"runs on {self.backend!r}" if self.backend else "no backend can run this input")
+        from ._labels import backend_label
+
+        head = f"{self.op}: " + (f"runs on {self.backend!r} ({backend_label(self.backend, self.inputs.device)})"
+                                 if self.backend else "no backend can run this input")
         if self.requested:
             head += f" (requested {self.requested!r})"
         body = []
@@ -312,3 +439,6 @@ def explain(op_name: str, *args: Any, **kwargs: Any) -> Explanation:
 def ops() -> list[str]:
     """Names of every dispatched op."""
     return sorted(_OPS)
+
+
+from . import _custom_ops  # noqa: E402  (registers torch.ops.attnkit.*; needs the names above)

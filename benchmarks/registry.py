@@ -519,3 +519,125 @@ def make_runner(cfg: OpConfig, case: Case, name: str) -> Runner:
         if peer.name == name:
             return peer.make(case)
     raise Unavailable(f"not a backend, comparator or peer of {cfg.name}")
+
+
+# ------------------------------------------- sliding window and paged KV cache (issue 15)
+#
+# window_attention: causal attention with a sliding window of W keys (`window=(W - 1, 0)`), next
+# to the same tokens cut into T/W independent causal chunks of W ("attnkit:chunks", the
+# baseline): a kernel that skips the tiles outside the window costs about 2x the chunks (each
+# query sees W keys instead of W/2 on average), independent of T; one that masks them costs T/W
+# times more. "attnkit:full" is causal attention over all T keys.
+# paged_decode: attention_decode through a shuffled block table next to the same cache stored
+# contiguously ("attnkit:contiguous", the baseline): same bytes, so the same GB/s is the goal.
+
+
+class _OwnPeers(OpConfig):
+    """An op config whose peers are given here (these ops have no entry in peers.py)."""
+
+    def peers(self) -> list[Peer]:
+        return []
+
+
+def build_window(case: Case) -> None:
+    build_attention(case)
+
+
+def call_window(case: Case) -> AttnkitCall:
+    t = case.tensors
+    return ("attention", attnkit.attention, (t["q"], t["k"], t["v"]),
+            {"causal": True, "scale": case["scale"], "window": (case["W"] - 1, 0)})
+
+
+def window_chunks(case: Case) -> Runner:
+    """The same q, k, v cut into T/W causal chunks of W tokens (one batched call)."""
+    t = case.tensors
+    B, T, H, Hk, D, W = (case[k] for k in ("B", "T", "H", "Hk", "D", "W"))
+    if T % W:
+        raise Unavailable(f"T = {T} is not a multiple of the window W = {W}")
+
+    def chunk(x):
+        return x.reshape(B * (T // W), W, x.shape[2], x.shape[3])
+
+    q, k, v = chunk(t["q"]), chunk(t["k"]), chunk(t["v"])
+    call = ("attention", attnkit.attention, (q, k, v), {"causal": True, "scale": case["scale"]})
+    runner = attnkit_auto(case, call, "attnkit:chunks")
+    runner.model = lambda c: (models.attention_flops(B * (T // W), H, W, W, D, c["Dv"], True, c.mode),
+                              models.attention_bytes(B * (T // W), H, Hk, W, W, D, c["Dv"], c.dtype, c.mode), B * T)
+    return runner
+
+
+def window_full(case: Case) -> Runner:
+    """Causal attention over all T keys (no window): what a masking kernel costs."""
+    runner = attnkit_auto(case, call_attention(case), "attnkit:full")
+    runner.model = model_attention
+    return runner
+
+
+def model_window(case: Case) -> Model:
+    B, T, H, Hk, D, Dv, W = (case[k] for k in ("B", "T", "H", "Hk", "D", "Dv", "W"))
+    pairs = sum(min(t + 1, W) for t in range(min(T, W))) + max(0, T - W) * W  # keys seen per query, summed
+    flops = 2.0 * B * H * pairs * (D + Dv) * models.MODE_FLOP_FACTOR[case.mode]
+    return flops, models.attention_bytes(B, H, Hk, T, T, D, Dv, case.dtype, case.mode), B * T
+
+
+def build_paged(case: Case) -> None:
+    """The decode cache of `build_decode`, plus the same tokens in a shuffled block pool."""
+    build_decode(case)
+    t = case.tensors
+    B, S, bs = case["B"], case["S"], case["block_size"]
+    if S % bs:
+        raise Unavailable(f"S = {S} is not a multiple of block_size = {bs}")
+    nb = S // bs
+    perm = torch.randperm(B * nb, device=case.device)
+    t["block_table"] = perm.view(B, nb).to(torch.int32).contiguous()
+    for name in ("k_cache", "v_cache"):
+        blocks = t[name].view(B * nb, bs, *t[name].shape[2:])
+        pool = torch.empty_like(blocks)
+        pool[perm] = blocks
+        t[f"{name}_paged"] = pool
+
+
+def call_paged(case: Case) -> AttnkitCall:
+    t = case.tensors
+    return ("attention_decode", attnkit.attention_decode,
+            (t["q"], t["k_cache_paged"], t["v_cache_paged"], t["cache_seqlens"]),
+            {"scale": case["scale"], "block_table": t["block_table"]})
+
+
+def paged_contiguous(case: Case) -> Runner:
+    """The same decode over the contiguous cache."""
+    return attnkit_auto(case, call_decode(case), "attnkit:contiguous")
+
+
+def _window_presets() -> dict[str, dict[str, list[dict]]]:
+    def rows(Ts, W, **fixed):
+        return [dict(fixed, T=T, S=T, W=W, causal=True, sweep=f"W={W}") for T in Ts]
+
+    return {
+        "quick": {"cpu": rows([512, 1024], 128, B=1, H=2, D=32),
+                  "cuda": rows([8 * K, 32 * K], 4 * K, B=1, H=16, D=128)},
+        "default": {"cpu": rows([512, 1024, 2048], 256, B=1, H=4, D=64),
+                    "cuda": rows([4 * K, 8 * K, 16 * K, 32 * K], 4 * K, B=1, H=16, D=128)
+                    + rows([8 * K, 32 * K], 1 * K, B=1, H=16, D=128)},
+        "full": {"cpu": rows([512, 1024, 2048, 4096], 256, B=1, H=4, D=64),
+                 "cuda": rows([4 * K, 8 * K, 16 * K, 32 * K, 64 * K], 4 * K, B=1, H=16, D=128)
+                 + rows([8 * K, 32 * K, 64 * K], 1 * K, B=1, H=32, Hk=8, D=128)},
+    }
+
+
+_WIN_BASE = {"cpu": dict(B=1, T=1024, S=1024, W=256, H=4, D=64, causal=True),
+             "cuda": dict(B=1, T=32 * K, S=32 * K, W=4 * K, H=16, D=128, causal=True)}
+_PAGED_BASE = {"cpu": dict(_DEC_BASE["cpu"], block_size=16, Tq=1), "cuda": dict(_DEC_BASE["cuda"], block_size=16, Tq=1)}
+
+OPS["window_attention"] = _OwnPeers(
+    "window_attention", "causal sliding-window attention (window W) vs T/W causal chunks of W",
+    ("fwd", "bwd", "fwd+bwd"), "fwd", "T", "flops", _WIN_BASE, _window_presets(),
+    build_window, call_window, model_window,
+    comparators={"attnkit:chunks": window_chunks, "attnkit:full": window_full}, baseline="attnkit:chunks")
+OPS["paged_decode"] = _OwnPeers(
+    "paged_decode", "decoding through a shuffled paged KV cache (block_size 16) vs the contiguous cache",
+    ("decode",), "decode", "S", "bandwidth", _PAGED_BASE, _decode_presets({"block_size": 16, "Tq": 1}),
+    build_paged, call_paged, model_decode,
+    comparators={"attnkit:contiguous": paged_contiguous}, baseline="attnkit:contiguous")
+ALL = tuple(OPS)

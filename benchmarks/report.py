@@ -15,16 +15,18 @@ from typing import Any
 
 import torch
 
+from attnkit._labels import backend_label, short_tag
+
 from . import models
 
 REPO = Path(__file__).resolve().parent.parent
 
 COLUMNS = (
     "op", "mode", "device", "dtype", "backend", "status", "note", "sweep",
-    "B", "T", "S", "H", "Hk", "D", "Dv", "Tq", "causal", "rank", "top_k", "kind",
+    "B", "T", "S", "H", "Hk", "D", "Dv", "Tq", "causal", "rank", "top_k", "kind", "W", "block_size",
     "reps", "time_ms", "time_p20_ms", "time_p80_ms",
     "flops", "tflops", "pct_peak_flops", "bytes", "gbps", "pct_peak_bw", "tokens_per_s",
-    "peak_mem_mb", "speedup", "speedup_vs",
+    "peak_mem_mb", "speedup", "speedup_vs", "runs",
 )
 
 
@@ -63,12 +65,20 @@ def device_name(device: torch.device) -> str:
     return _cpu_name()
 
 
+def device_label(device: torch.device) -> str:
+    """The device as the headers say it: the GPU's name, or ``CPU: <model>, <n> threads``."""
+    if device.type == "cuda":
+        return device_name(device)
+    n = torch.get_num_threads()
+    return f"CPU: {_cpu_name()}, {n} thread{'s' if n != 1 else ''}"
+
+
 def machine_info(device: torch.device, peak: models.Peak | None) -> dict[str, Any]:
     """Where and with what the numbers were taken (no host name)."""
     info: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device_type": device.type,
-        "device_name": device_name(device),
+        "device_name": device_label(device),
         "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "os": platform.platform(terse=True),
@@ -112,8 +122,10 @@ def shape_label(row: dict[str, Any]) -> str:
     op = row["op"]
     if op == "linear_attention_step":
         return f"{row['kind']} B{row['B']} {heads} {dims}"
-    if op in ("attention_decode", "loki_decode"):
+    if op in ("attention_decode", "loki_decode", "paged_decode"):
         s = f"B{row['B']} S{row['S']} {heads} {dims}"
+        if row.get("block_size") is not None:
+            s += f" bs{row['block_size']}"
         if row.get("Tq", 1) != 1:
             s += f" Tq{row['Tq']}"
         if op == "loki_decode":
@@ -125,11 +137,36 @@ def shape_label(row: dict[str, Any]) -> str:
     s += f" {heads} {dims}"
     if row.get("causal") is not None:
         s += " causal" if row["causal"] else " full"
+    if row.get("W") is not None:
+        s += f" W{row['W']}"
     return s
 
 
-def table_columns(metric: str) -> list[tuple[str, str, str]]:
-    """(header, row key, format) of the stdout table for an op's metric kind."""
+def display_backend(row: dict[str, Any]) -> str:
+    """The backend as tables and plot legends show it: ``attnkit:cuda [C++ CPU]`` for the cuda
+    backend's C++ kernels on CPU tensors, so a name never claims hardware that did not run."""
+    name = row["backend"]
+    prefix, _, backend = name.partition(":")
+    tag = short_tag(backend, row["device"]) if prefix == "attnkit" else None
+    if tag is None and (row.get("note") or "").startswith("auto="):
+        tag = short_tag(row["note"][len("auto="):].split()[0], row["device"])
+    return f"{name} [{tag}]" if tag else name
+
+
+def runs_label(name: str, device: torch.device, note: str = "") -> str:
+    """What ran, in words, for the CSV/JSON ``runs`` column (empty for peers and comparators
+    that are not an attnkit backend)."""
+    prefix, _, backend = name.partition(":")
+    if prefix == "attnkit" and backend in ("reference", "triton", "cuda"):
+        return backend_label(backend, device)
+    if note.startswith("auto="):
+        return "automatic choice: " + backend_label(note[len("auto="):].split()[0], device)
+    return ""
+
+
+def table_columns(metric: str, percent: bool = True) -> list[tuple[str, str, str]]:
+    """(header, row key, format) of the stdout table for an op's metric kind. ``percent=False``
+    (no peak known, e.g. every CPU run) leaves out the %-of-peak columns, which would be empty."""
     common_head = [("backend", "backend", "s"), ("shape", "_shape", "s"), ("ms", "time_ms", ".4g"),
                    ("p20-p80 ms", "_spread", "s")]
     tail = [("mem MB", "peak_mem_mb", ".4g"), ("speedup", "speedup", ".3g")]
@@ -140,6 +177,8 @@ def table_columns(metric: str) -> list[tuple[str, str, str]]:
                ("TFLOP/s", "tflops", ".3g")]
     else:
         mid = [("GB/s", "gbps", ".4g"), ("%HBM", "pct_peak_bw", ".3g"), ("TFLOP/s", "tflops", ".3g")]
+    if not percent:
+        mid = [c for c in mid if not c[0].startswith("%")]
     return common_head + mid + tail
 
 
@@ -148,6 +187,8 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
         return ""
     if key == "_shape":
         return shape_label(row)
+    if key == "backend":
+        return display_backend(row)
     if key == "_spread":
         return f"{row['time_p20_ms']:.4g}-{row['time_p80_ms']:.4g}"
     if key == "_mtok":
@@ -160,10 +201,11 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
 class Table:
     """Prints rows as they are measured, in fixed-width columns."""
 
-    WIDTHS = {"backend": 22, "shape": 34}
+    WIDTHS = {"backend": 26, "shape": 34}
 
-    def __init__(self, metric: str, stream=None):
-        self.cols = table_columns(metric)
+    def __init__(self, metric: str, stream=None, percent: bool = True):
+        self.cols = table_columns(metric, percent)
+        self.explained: set[str] = set()
         self.stream = stream or sys.stdout
 
     def _line(self, cells: list[str]) -> str:
@@ -181,6 +223,10 @@ class Table:
         print("-" * len(line), file=self.stream)
 
     def row(self, row: dict[str, Any]) -> None:
+        shown = display_backend(row)
+        if shown != row["backend"] and shown not in self.explained and row.get("runs"):
+            self.explained.add(shown)
+            print(f"   ({shown}: {row['runs']})", file=self.stream)
         cells = [_cell(row, key, spec) for _, key, spec in self.cols]
         line = self._line(cells)
         if row["status"] != "ok":
@@ -239,9 +285,22 @@ def _series(rows: list[dict[str, Any]], x: str) -> dict[str, list[dict[str, Any]
         keys = [k for k in sorted(varying - covarying[sweep])  # S = T is no news in a T sweep
                 if not (k == "S" and x == "T" and r.get("S") == r.get("T"))]
         extra = " ".join(f"{k}={r.get(k)}" for k in keys if f"{k}={r.get(k)}" not in sweep.split())
-        label = " ".join(p for p in (r["backend"], sweep, extra) if p)
+        label = " ".join(p for p in (display_backend(r), sweep, extra) if p)
         out.setdefault(label, []).append(r)
     return out
+
+
+PLOTS_SKIPPED = ('plots skipped: matplotlib is not installed (pip install -e ".[bench]" to get them); '
+                 "the table, CSV and JSON are written")
+
+
+def can_plot() -> bool:
+    """Whether matplotlib can be imported (the ``bench`` extra); without it only the plots are skipped."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plot(path: Path, rows: list[dict[str, Any]], x: str, metric: str, title: str) -> bool:

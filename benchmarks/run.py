@@ -4,6 +4,7 @@
     python benchmarks/run.py --op all                               # every op, default modes, quick preset
     python benchmarks/run.py --op attention --mode fwd+bwd --T 1024,4096 --B 2 --H 16 --Hk 4 --D 128
     python benchmarks/run.py --list                                 # ops, modes, presets, peers
+    python benchmarks/run.py --op cp_lightning_attention --nproc 2  # context parallel (benchmarks/distributed.py)
 
 Prints a table per op and mode and writes ``<op>_<mode>_<device>_<dtype>.{csv,json,png}`` under
 ``--out`` (default ``bench_results/``). Method: docs/benchmarks.md.
@@ -132,7 +133,7 @@ def run_op(cfg: OpConfig, mode: str, shapes: list[dict], device: torch.device, d
            backends: list[str] | None, budget: Budget, peak: models.Peak | None, args: argparse.Namespace,
            out_dir: Path, machine: dict[str, Any]) -> list[dict[str, Any]]:
     title = f"{cfg.name} {mode} ({cfg.summary}) on {machine['device_name']}, {str(dtype).replace('torch.', '')}"
-    table = report.Table(cfg.metric)
+    table = report.Table(cfg.metric, percent=peak is not None)
     table.header(title)
     flush = L2Flush(device) if device.type == "cuda" and not args.no_l2_flush else None
     shown: set[tuple[str, str]] = set()
@@ -175,6 +176,7 @@ def run_op(cfg: OpConfig, mode: str, shapes: list[dict], device: torch.device, d
                 _free(device)
                 continue
             base["note"] = runner.note
+            base["runs"] = report.runs_label(name, device, runner.note)
             try:
                 row = {**base, **measure(cfg, case, runner, budget, peak, not args.no_memory, flush)}
             except torch.cuda.OutOfMemoryError:
@@ -212,7 +214,7 @@ def _write(cfg: OpConfig, mode: str, device: torch.device, dtype: torch.dtype, r
     report.write_csv(out_dir / f"{stem}.csv", rows, machine, config)
     report.write_json(out_dir / f"{stem}.json", rows, machine, config)
     written = [f"{stem}.csv", f"{stem}.json"]
-    if not args.no_plot and report.plot(out_dir / f"{stem}.png", rows, cfg.x, cfg.metric,
+    if getattr(args, "plot", not args.no_plot) and report.plot(out_dir / f"{stem}.png", rows, cfg.x, cfg.metric,
                                         f"{cfg.name} {mode} — {machine['device_name']}, "
                                         f"{str(dtype).replace('torch.', '')}"):
         written.append(f"{stem}.png")
@@ -273,6 +275,9 @@ def _print_list(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("--op") and "cp_" in a or a.startswith("cp_") for a in argv):  # context parallel
+        from benchmarks import distributed
+        return distributed.main(argv)
     args = parser().parse_args(argv)
     args.argv = argv
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -313,10 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                            args.peak_gbps or base.hbm_gbps)
     machine = report.machine_info(device, peak)
     out_dir = report.ensure_dir(args.out)
+    args.plot = not args.no_plot and report.can_plot()
     budget = budget_for(device, args.preset, args)
     print(f"# {machine['device_name']} | torch {machine['torch']} | triton {machine['triton']} | "
           f"attnkit {machine['attnkit']} | peak "
           + (f"{peak.bf16_tflops:g} TFLOP/s bf16, {peak.hbm_gbps:g} GB/s ({peak.name})" if peak else "n/a"))
+    if not args.no_plot and not args.plot:
+        print(f"# {report.PLOTS_SKIPPED}", flush=True)
 
     for op in ops:
         cfg = OPS[op]

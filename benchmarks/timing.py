@@ -94,7 +94,7 @@ def time_step(step: Step, device: torch.device, budget: Budget,
         _sync(device)
         spent += time.perf_counter() - t0
         calls += 1
-    per_call = spent / calls
+    per_call = spent / max(calls, 1)  # --warmup 0: no estimate, max_reps bounds the count
     reps = int(min(budget.max_reps, max(budget.min_reps, budget.budget_s / max(per_call, 1e-9))))
 
     times: list[float] = []

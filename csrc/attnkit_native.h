@@ -25,7 +25,12 @@ enum class NormMode : int32_t { kRms = 0, kL2 = 1 };
 // `sel_idx` is set, the positions `sel_idx[((b * Hk + hk) * sel_rows + srow) * sel_cap + j]` for
 // `j < sel_count[...]` (Loki), where `srow` is the row when `sel_rows > 1` (one list per query
 // head) and 0 otherwise (one list per KV head). With `causal`, row `r` sees the positions
-// `s <= L_b - Tq + t` (bottom-right causal). `out [B, Tq, H, Dv]` is contiguous in `dtype`.
+// `s <= L_b - Tq + t` (bottom-right causal), and with `window_left >= 0` (decode lists only) also
+// `s >= L_b - Tq + t - window_left`. With `softcap > 0` the scaled logits `x` become
+// `softcap * tanh(x / softcap)`. With `block_table` (paged cache, decode lists only), position `s`
+// of row `b` lives in block `block_table[b * bt_stride + s / block_size]` at offset
+// `s % block_size`; `k_sb`/`v_sb` are then the strides of one block. `out [B, Tq, H, Dv]` is
+// contiguous in `dtype`.
 struct AttendParams {
   DType dtype = DType::kFloat32;
   int B = 0, Hk = 0, G = 0, Tq = 0, D = 0, Dv = 0;
@@ -44,10 +49,27 @@ struct AttendParams {
   const int32_t* sel_count = nullptr;
   int sel_rows = 1;
   int64_t sel_cap = 0;
+  int64_t window_left = -1;
+  float softcap = 0.0f;
+  const int32_t* block_table = nullptr;
+  int64_t bt_stride = 0;
+  int block_size = 1;
   void* out = nullptr;
 };
 
-// In-place append of `k_new [B, Tq, Hk, D]`, `v_new [B, Tq, Hk, Dv]` at rows `lens[b] + t`.
+// Element offset of token `s` of row `b` in a cache with batch (or block) stride `sb` and token
+// stride `ss`: contiguous `b * sb + s * ss`, paged through the block table.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int64_t cache_offset(const int32_t* block_table, int64_t bt_stride, int block_size, int b, int64_t s,
+                            int64_t sb, int64_t ss) {
+  if (block_table == nullptr) return b * sb + s * ss;
+  return static_cast<int64_t>(block_table[b * bt_stride + s / block_size]) * sb + (s % block_size) * ss;
+}
+
+// In-place append of `k_new [B, Tq, Hk, D]`, `v_new [B, Tq, Hk, Dv]` at rows `lens[b] + t`
+// (through `block_table` when paged, as in AttendParams).
 struct AppendParams {
   DType dtype = DType::kFloat32;
   int B = 0, Tq = 0, Hk = 0, D = 0, Dv = 0;
@@ -60,6 +82,9 @@ struct AppendParams {
   void* v = nullptr;
   int64_t v_sb = 0, v_ss = 0, v_sh = 0;
   const int32_t* lens = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t bt_stride = 0;
+  int block_size = 1;
 };
 
 // Loki: rotate q with its KV head's basis, score the valid positions with the first `rank` dims,

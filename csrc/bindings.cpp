@@ -68,7 +68,9 @@ cuda::Workspace split_workspace(const at::Tensor& like, int B, int Hk, int G, in
 
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-                            const std::optional<at::Tensor>& v_new, double scale, int64_t stream, int64_t num_sms) {
+                            const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+                            double softcap, const std::optional<at::Tensor>& block_table, int64_t stream,
+                            int64_t num_sms) {
   check_rows("q", q, 4);
   check_rows("k_cache", k_cache, 4);
   check_rows("v_cache", v_cache, 4);
@@ -101,6 +103,19 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.v_sh = v_cache.stride(2);
   p.lens = cache_seqlens.data_ptr<int32_t>();
   p.causal = true;
+  p.window_left = window_left;
+  p.softcap = static_cast<float>(softcap);
+  int64_t capacity = k_cache.size(1);  // keys a row can hold
+  if (block_table.has_value()) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.is_contiguous() && bt.dim() == 2 && bt.size(0) == B,
+                "attnkit native: block_table must be contiguous int32 [B, max_blocks]");
+    check_device(q, {&bt});
+    p.block_table = bt.data_ptr<int32_t>();
+    p.bt_stride = bt.size(1);
+    p.block_size = static_cast<int>(k_cache.size(1));
+    capacity = bt.size(1) * k_cache.size(1);
+  }
   p.out = out.data_ptr();
   AppendParams a;
   const bool append = k_new.has_value();
@@ -133,13 +148,18 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k_cache, cons
     a.v_ss = p.v_ss;
     a.v_sh = p.v_sh;
     a.lens = p.lens;
+    a.block_table = p.block_table;
+    a.bt_stride = p.bt_stride;
+    a.block_size = p.block_size;
     p.len_add = Tq;
   }
   if (on_cuda(q)) {
 #ifdef ATTNKIT_WITH_CUDA
     TORCH_CHECK(cuda::attend_supported(p), "attnkit native CUDA: head dims or alignment unsupported");
     at::Tensor part_o, part_ml;
-    auto ws = split_workspace(q, B, Hk, p.G, Tq, Dv, k_cache.size(1), false, num_sms, part_o, part_ml);
+    // Keys a query row can visit: the capacity, or the window (no host sync on cache_seqlens).
+    const int64_t max_keys = window_left >= 0 ? std::min<int64_t>(capacity, window_left + Tq) : capacity;
+    auto ws = split_workspace(q, B, Hk, p.G, Tq, Dv, max_keys, false, num_sms, part_o, part_ml);
     check_launch(cuda::attention_decode(p, append ? &a : nullptr, ws, stream));
 #endif
   } else {

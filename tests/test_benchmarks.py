@@ -104,3 +104,29 @@ def test_peaks_by_device_name():
     assert models.peak_for("NVIDIA GH200 480GB").name.startswith("GH200")
     assert models.peak_for("NVIDIA H100 PCIe").name == "H100 PCIe"
     assert models.peak_for("AMD EPYC") is None and models.peak_for(None) is None
+
+
+def test_cli_without_matplotlib_writes_table_csv_json_and_says_plots_skipped(tmp_path, capsys, monkeypatch):
+    # issue 9: a machine without matplotlib still gets every result, and one line saying how to get plots
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    rc = run.main(["--op", "lightning_attention", "--device", "cpu", "--mode", "fwd", "--T", "32",
+                   "--B", "1", "--H", "2", "--D", "16", "--backends", "reference", "--warmup", "1",
+                   "--min-reps", "2", "--max-reps", "2", "--no-memory", "--out", str(tmp_path)])
+    assert rc == 0
+    stem = "lightning_attention_fwd_cpu_float32"
+    assert (tmp_path / f"{stem}.csv").stat().st_size > 0 and (tmp_path / f"{stem}.json").stat().st_size > 0
+    assert not (tmp_path / f"{stem}.png").exists()
+    assert [r["status"] for r in _rows(tmp_path / f"{stem}.csv")] == ["ok"]
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if "plots skipped" in line]
+    assert len(skipped) == 1 and 'pip install -e ".[bench]"' in skipped[0], out
+    assert "attnkit:reference" in out  # the table is printed
+
+
+def test_time_step_without_warmup():
+    # --warmup 0 used to divide by zero calls
+    stats = time_step(lambda: None, torch.device("cpu"),
+                      Budget(warmup=0, warmup_s=0.0, min_reps=2, max_reps=3, budget_s=0.1))
+    assert 2 <= stats.reps <= 3

@@ -215,3 +215,71 @@ def test_triton_refuses_interpreted_bfloat16():
     assert ex.backend is None and "bfloat16 matrix products are wrong" in str(ex.refusals["triton"])
     with pytest.raises(attnkit.BackendUnavailable, match="bfloat16"):
         attnkit.loki_attention_decode(q, kv, kv, lens, basis, rank=2, top_k=3, backend="triton")
+
+
+# ------------------------------------------------------------------- fused selection (no sort)
+
+
+def _selection_rule(v, length, k):
+    """Positions of the min(k, length) largest of v[:length], ties at the threshold: lowest first."""
+    v = v[:length]
+    kk = min(k, length)
+    if kk == 0:
+        return []
+    tau = v.sort(descending=True).values[kk - 1]
+    gt = (v > tau).nonzero().flatten().tolist()
+    eq = (v == tau).nonzero().flatten().tolist()[:kk - len(gt)]
+    return sorted(gt + eq)
+
+
+def test_select_is_exact_top_k_in_position_order_with_ties():
+    from attnkit.ops.loki.triton_loki import loki_select
+
+    B, HS, S = 3, 2, 300
+    sc = torch.randn(B, HS, S, device=DEVICE)
+    sc[0, 1, :200] = 0.5  # a threshold inside a long run of ties
+    sc[1, 0] = torch.randint(0, 4, (S,), device=DEVICE).float()  # only four distinct values
+    sc[2, 1, 5] = -3.4028234663852886e38  # a valid -inf, raised to the lowest float by the scorer
+    sc[2, 0, 7] = float("inf")
+    lens = torch.tensor([300, 257, 20], dtype=torch.int32, device=DEVICE)
+    for k in (1, 7, 64, 299):
+        idx = loki_select(sc, lens, k)
+        assert idx.shape == (B, HS, k) and idx.dtype == torch.int32
+        for b in range(B):
+            for h in range(HS):
+                want = _selection_rule(sc[b, h].cpu(), int(lens[b]), k)
+                got = idx[b, h].tolist()
+                assert got[:len(want)] == want, (k, b, h)
+                assert all(x == S for x in got[len(want):]), (k, b, h)  # short row: slots past it
+
+
+def test_decode_launches_no_sort_and_fit_grid_limits(monkeypatch):
+    # the step is Triton launches only (no torch.topk/sort), each on grid axis 0
+    calls = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            calls.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name in ("_loki_rotate_kernel", "_loki_score_kernel", "_loki_select_kernel", "_loki_sparse_attn_fwd_kernel",
+                 "_loki_sparse_attn_reduce_kernel"):
+        monkeypatch.setattr(triton_loki, name, Spy(name, getattr(triton_loki, name)))
+    monkeypatch.setattr(torch.Tensor, "topk", lambda *a, **k: pytest.fail("torch.topk in the Loki step"))
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: pytest.fail("torch.topk in the Loki step"))
+    monkeypatch.setattr(torch.Tensor, "sort", lambda *a, **k: pytest.fail("sort in the Loki step"))
+    B, S, H, Hk, D = 2, 96, 4, 2, 32
+    q, k, v = torch.randn(B, 1, H, D, device=DEVICE), torch.randn(B, S, Hk, D, device=DEVICE), torch.randn(
+        B, S, Hk, D, device=DEVICE)
+    basis = attnkit.loki_calibrate(k.reshape(-1, Hk, D))
+    lens = torch.tensor([96, 50], dtype=torch.int32, device=DEVICE)
+    for sel in ("head", "group"):
+        attnkit.loki_attention_decode(q, attnkit.loki_rotate(k, basis), v, lens, basis, rank=8, top_k=12,
+                                      selection=sel, backend="triton")
+    names = {n for n, _ in calls}
+    assert {"_loki_rotate_kernel", "_loki_score_kernel", "_loki_select_kernel",
+            "_loki_sparse_attn_fwd_kernel"} <= names
+    assert all(len(g) == 1 for _, g in calls)

@@ -96,8 +96,8 @@ def test_multihead_attention_unbatched_and_training_dropout():
 def test_multihead_attention_fused_path_is_taken_and_differentiable():
     _, ours = _pair(embed_dim=16, num_heads=2, batch_first=True)
     x = torch.randn(2, 6, 16, **F64, requires_grad=True)
-    assert ours.fused_refusal(x, x, x, None, False, None, False) is None
-    assert "need_weights" in ours.fused_refusal(x, x, x, None, True, None, False)
+    assert ours.fused_refusal(x, x, x, need_weights=False) is None
+    assert "need_weights" in ours.fused_refusal(x, x, x, need_weights=True)
     out, _ = ours(x, x, x, need_weights=False)
     out.sum().backward()
     assert x.grad is not None and ours.in_proj_weight.grad is not None
@@ -114,6 +114,60 @@ def test_replace_multihead_attention():
     with torch.no_grad():
         after = model(x)
     torch.testing.assert_close(after, before)
+
+
+def test_fused_refusal_takes_forward_arguments():
+    # issue 9 defect 8: like forward -- keywords, forward's defaults and positional order
+    _, ours = _pair(embed_dim=16, num_heads=2, batch_first=True)
+    x = torch.randn(2, 6, 16, **F64)
+    assert "need_weights" in ours.fused_refusal(x, x, x)  # forward's default need_weights=True
+    assert ours.fused_refusal(query=x, key=x, value=x, need_weights=False) is None
+    assert "key_padding_mask" in ours.fused_refusal(x, x, x, torch.zeros(2, 6, dtype=torch.bool), False)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6, **F64)
+    assert ours.fused_refusal(x, x, x, None, False, causal, True, True) is None  # forward's positional order
+    assert "attn_mask" in ours.fused_refusal(x, x, x, need_weights=False, attn_mask=causal, is_causal=False)
+
+
+def _count_attnkit_calls(monkeypatch) -> list:
+    import attnkit.nn.softmax as mod
+
+    calls, real = [], mod.attention
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mod, "attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_replace_multihead_attention_under_encoder_fast_path(monkeypatch, context, padding):
+    # issue 9 defect 5: in eval() + no_grad/inference_mode torch's TransformerEncoder(Layer) fast path
+    # never called self_attn, so the replacement did nothing; now attnkit runs and results agree
+    import copy
+
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    original = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).to(**F64).eval()
+    model = replace_multihead_attention(copy.deepcopy(original))
+    assert all(isinstance(m.self_attn, MultiheadAttention) for m in model.layers)
+    x = torch.randn(3, 7, 16, **F64)
+    mask = None
+    if padding:  # the encoder's nested-tensor path; a key padding mask is PyTorch's own path in the layer
+        mask = torch.zeros(3, 7, dtype=torch.bool, device=DEVICE)
+        mask[1, 5:] = True
+    calls = _count_attnkit_calls(monkeypatch)
+    with getattr(torch, context)():
+        before = original(x, src_key_padding_mask=mask)
+        assert calls == []
+        after = model(x, src_key_padding_mask=mask)
+    if padding:  # padded positions: whatever each path leaves there; the others agree
+        keep = ~mask[..., None]
+        torch.testing.assert_close(after * keep, before * keep)
+    else:
+        assert len(calls) == 2, "attnkit's attention ran once per layer"
+        torch.testing.assert_close(after, before)
 
 
 # ------------------------------------------------------------------------------------ GQA module

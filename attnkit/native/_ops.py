@@ -63,7 +63,8 @@ def _vector_ready(x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window=(-1, -1), softcap=0.0,
+                     block_table=None):
     B, Tq, H, _ = q.shape
     Dv = v_cache.shape[3]
     if B == 0 or Tq == 0 or H == 0:
@@ -78,12 +79,16 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
         if k_new is not None:
             pos = lens.long()[:, None] + torch.arange(Tq, device=q.device)
             rows = torch.arange(B, device=q.device)[:, None].expand(B, Tq)
+            if block_table is not None:
+                bs = k_cache.shape[1]
+                rows, pos = block_table[rows, pos // bs].long(), pos % bs
             k_cache[rows, pos] = k_new
             v_cache[rows, pos] = v_new
         kc, vc = k_cache.contiguous(), v_cache.contiguous()
     ctx, stream, sms = _launch(q)
     with ctx:
-        return ext.attention_decode(q, kc, vc, lens, k_new, v_new, float(scale), stream, sms)
+        return ext.attention_decode(q, kc, vc, lens, k_new, v_new, float(scale), int(window[0]), float(softcap),
+                                    block_table, stream, sms)
 
 
 # ------------------------------------------------------------------------- loki_attention_decode

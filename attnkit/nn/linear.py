@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.linear import lightning_attention as cp_lightning_attention
+from ..distributed.linear import linear_attention as cp_linear_attention
 from ..ops.linear import layer_decay, lightning_attention, lightning_slopes, linear_attention, linear_attention_step
 
 
@@ -59,6 +61,8 @@ class LightningAttention(nn.Module):
             pick their own tiling).
         norm_eps: RMSNorm epsilon (MiniMax uses 1e-6 for this norm).
         backend: attnkit backend for the ops (`None`: automatic).
+        process_group: context parallelism: a `torch.distributed` process group; `forward` then takes
+            this rank's contiguous shard of the sequence (`attnkit.distributed.lightning_attention`).
 
     Example:
         >>> layer = attnkit.nn.LightningAttention(1024, 16, layer_idx=2, num_layers=8)
@@ -68,8 +72,9 @@ class LightningAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, layer_idx: int = 0, num_layers: int = 1,
                  head_dim: int | None = None, *, block_size: int = 256, norm_eps: float = 1e-6,
-                 backend: str | None = None, device=None, dtype=None) -> None:
+                 backend: str | None = None, process_group=None, device=None, dtype=None) -> None:
         super().__init__()
+        self.process_group = process_group
         self.hidden_size = hidden_size
         self.num_attention_heads = num_heads
         self.head_dim = head_dim or hidden_size // num_heads
@@ -122,7 +127,7 @@ class LightningAttention(nn.Module):
         return self._decay
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, *, process_group=None):
         """Args:
             x: `[B, T, hidden_size]`.
             state: float32 `[B, H, head_dim, head_dim]` from a previous call, or None. On a
@@ -130,6 +135,9 @@ class LightningAttention(nn.Module):
             return_state: also return the state after the last token.
             attention_mask: optional `[B, T]` padding mask (0 = padding), zeroing padded tokens'
                 q/k/v as transformers does.
+            process_group: overrides the constructor's; with a group, `x` is this rank's contiguous
+                shard, `state` the state before the whole sequence, and the returned state the whole
+                sequence's final state.
 
         Returns:
             `y [B, T, hidden_size]`, or `(y, state)` when `return_state`.
@@ -140,7 +148,11 @@ class LightningAttention(nn.Module):
         if attention_mask is not None:
             qkv = (qkv * attention_mask[:, :, None]).to(qkv.dtype)
         q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)
-        if _use_step(x, state):
+        group = process_group if process_group is not None else self.process_group
+        if group is not None:
+            o, new_state = cp_lightning_attention(q, k, v, self.decay, group=group, scale=1.0, initial_state=state,
+                                                  output_final_state=return_state, backend=self.backend)
+        elif _use_step(x, state):
             o = linear_attention_step(q, k, v, state, decay=self.decay, scale=1.0, backend=self.backend)
             new_state = state
         else:
@@ -166,6 +178,8 @@ class LinearAttention(nn.Module):
         head_dim: default `hidden_size // num_heads`. bias: projection biases.
         scale: multiplies q before φ (default `head_dim ** -0.5`).
         backend: attnkit backend for the ops (`None`: automatic).
+        process_group: context parallelism: a `torch.distributed` process group; `forward` then takes
+            this rank's contiguous shard of the sequence (`attnkit.distributed.linear_attention`).
 
     Example:
         >>> layer = attnkit.nn.LinearAttention(512, 8, num_kv_heads=2)
@@ -175,8 +189,9 @@ class LinearAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
                  feature_map: Any = "elu", normalize: bool = True, causal: bool = True,
                  head_dim: int | None = None, *, bias: bool = False, scale: float | None = None, eps: float = 1e-6,
-                 backend: str | None = None, device=None, dtype=None) -> None:
+                 backend: str | None = None, process_group=None, device=None, dtype=None) -> None:
         super().__init__()
+        self.process_group = process_group
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
@@ -195,12 +210,14 @@ class LinearAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, **kw)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, **kw)
 
-    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False):
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False, *, process_group=None):
         """Args:
             x: `[B, T, hidden_size]`.
             state: `S [B, Hk, D, D]` float32 (or `(S, z)` when `normalize`) from a previous call. On
                 a single-token causal decoding step (no grad) it is updated in place and returned.
             return_state: also return the state after the last token.
+            process_group: overrides the constructor's; with a group, `x` is this rank's contiguous
+                shard and the states are those of the whole sequence.
 
         Returns:
             `y [B, T, hidden_size]`, or `(y, state)` when `return_state`.
@@ -212,7 +229,11 @@ class LinearAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, D)
         kw = dict(feature_map=self.feature_map, normalize=self.normalize, scale=self.scale, eps=self.eps,
                   backend=self.backend)
-        if _use_step(x, state, self.causal):
+        group = process_group if process_group is not None else self.process_group
+        if group is not None:
+            o, new_state = cp_linear_attention(q, k, v, group=group, causal=self.causal, initial_state=state,
+                                               output_final_state=return_state, **kw)
+        elif _use_step(x, state, self.causal):
             o = linear_attention_step(q, k, v, state, **kw)
             new_state = state
         else:

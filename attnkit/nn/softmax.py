@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
+from ..distributed._comm import resolve_group
+from ..distributed.sequence import check_layout, check_local_length, chunk_ranges
+from ..distributed.softmax import attention as cp_attention
 from ..ops.loki import LokiBasis, loki_rotate
 from ..ops.loki.cache import loki_attention_decode_lowrank, loki_cache_append
 from ..ops.softmax import attention, attention_decode, qk_norm
@@ -159,7 +162,16 @@ class GroupedQueryAttention(nn.Module):
         causal: causal self-attention (default).
         rope_theta: RoPE base; `None` means no rotary embedding.
         norm_eps: epsilon of the QK-norm.
+        window: sliding window `(left, right)` as in `attnkit.attention` (a query at position `p`
+            sees keys `p - left <= s <= p + right`, `-1` = unbounded); Mistral / Qwen2 / Gemma's
+            `sliding_window=W` is `(W - 1, 0)`. Applies to prefill and to cache decoding.
+        softcap: logit softcap `c` (`c * tanh(scale * q.k / c)`, Gemma 2's
+            `attn_logit_softcapping`); `None` = off.
         backend: attnkit backend for the ops (`None`: automatic).
+        process_group: context parallelism: a `torch.distributed` process group; `forward` then takes
+            this rank's shard of the sequence in `cp_layout` (`attnkit.distributed.attention`), and
+            the default RoPE positions are the shard's positions in the whole sequence.
+        cp_layout: `"contiguous"` or `"zigzag"` (see `attnkit.distributed.shard_sequence`).
 
     Example:
         >>> layer = attnkit.nn.GroupedQueryAttention(2048, 16, 4, qk_norm="rms", rope_theta=1e6)
@@ -169,8 +181,12 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  *, bias: bool = False, qk_norm: str | None = None, causal: bool = True,
                  rope_theta: float | None = None, norm_eps: float = 1e-6, backend: str | None = None,
-                 device=None, dtype=None) -> None:
+                 window: tuple[int, int] | None = None, softcap: float | None = None,
+                 process_group=None, cp_layout: str = "contiguous", device=None, dtype=None) -> None:
         super().__init__()
+        V.check_window(window, causal)  # validated now; the ops normalise it per call
+        softcap = V.check_softcap(softcap) or None
+        self.process_group, self.cp_layout = process_group, check_layout(cp_layout)
         if qk_norm not in (None, "rms", "l2"):
             raise ValueError(f"qk_norm must be None, 'rms' or 'l2', got {qk_norm!r}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -186,6 +202,8 @@ class GroupedQueryAttention(nn.Module):
         self.norm_eps = norm_eps
         self.scaling = self.head_dim ** -0.5
         self.backend = backend
+        self.window = None if window is None else (int(window[0]), int(window[1]))
+        self.softcap = softcap
         kw = dict(device=device, dtype=dtype)
         D = self.head_dim
         self.q_proj = nn.Linear(hidden_size, num_heads * D, bias=bias, **kw)
@@ -231,7 +249,9 @@ class GroupedQueryAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"qk_norm={self.qk_norm}, causal={self.causal}, rope_theta={self.rope_theta}")
+                f"qk_norm={self.qk_norm}, causal={self.causal}, rope_theta={self.rope_theta}"
+                + (f", window={self.window}" if self.window is not None else "")
+                + (f", softcap={self.softcap}" if self.softcap is not None else ""))
 
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None):
         """q `[B, T, H, D]`, k/v `[B, T, Hk, D]` after QK-norm and RoPE, or with the norm left for the
@@ -275,42 +295,139 @@ class GroupedQueryAttention(nn.Module):
         return position_ids
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *, process_group=None) -> torch.Tensor:
         """Args:
             x: `[B, T, hidden_size]`.
             cache: a :class:`KVCache`; the new tokens are appended and attend to everything cached
                 (prefill then token-by-token decode equals one forward over the whole sequence).
                 With a Loki basis set (:meth:`set_loki_basis`), single-token steps attend to the
                 `top_k` positions Loki selects.
-            position_ids: `[B, T]` RoPE positions; default `0..T-1`, or continuing each row's cache.
+            position_ids: `[B, T]` RoPE positions; default `0..T-1`, or continuing each row's cache
+                (with `attention_mask`: each row's real tokens count from 0).
+            attention_mask: `[B, T]` padding mask of a ragged batch (transformers' 2-D
+                `attention_mask`: 1/True = token, 0/False = padding; left, right or anywhere).
+                Each row then computes exactly what it would alone without its padding; padded
+                positions output zeros. With a cache it is accepted for the prefill of an empty
+                cache (row `b` caches its `sum(mask[b])` tokens) or when it is all ones.
+            process_group: overrides the constructor's; with a group, `x` is this rank's shard of
+                the sequence (no `cache`, no `attention_mask`).
 
         Returns:
             `y [B, T, hidden_size]`.
         """
         B, T, _ = x.shape
+        group = process_group if process_group is not None else self.process_group
+        if group is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask cannot be combined with process_group (context parallelism "
+                                 "takes unpadded shards); pass one or the other")
+            return self._forward_context_parallel(x, group, position_ids, cache)
+        if attention_mask is not None:
+            valid = self._padding(x, attention_mask)
+            if not bool(valid.all()):
+                return self._forward_padded(x, valid, cache, position_ids)
         position_ids = self._positions(x, cache, position_ids)
         q, k, v, fused = self.project_qkv(x, position_ids)
         if cache is None:
-            o = attention(q, k, v, causal=self.causal, scale=self.scaling, backend=self.backend, **fused)
+            o = attention(q, k, v, causal=self.causal, scale=self.scaling, window=self.window,
+                          softcap=self.softcap, backend=self.backend, **fused)
         else:
             if not self.causal:
                 raise ValueError("cache decoding needs a causal layer (causal=True)")
             if fused:  # decoding reads normalised keys from the cache: normalise before appending
                 q, k = self._norm_unfused(q, k, fused)
             if cache.loki_basis is not None or self.loki is not None:
+                self._no_window_with_loki()
                 o = self._attend_loki_cache(q, k, v, cache)
             elif cache._empty and T > 1:
-                o = attention(q, k, v, causal=True, scale=self.scaling, backend=self.backend)
+                o = attention(q, k, v, causal=True, scale=self.scaling, window=self.window, softcap=self.softcap,
+                              backend=self.backend)
                 if T > cache.max_seqlen:
                     raise ValueError(f"cache holds at most {cache.max_seqlen} tokens per row, got a prefill of {T}")
-                cache.k[:, :T] = k
-                cache.v[:, :T] = v
+                cache.k[:, :T] = k.detach()  # the cache holds values, not autograd history
+                cache.v[:, :T] = v.detach()
             else:
                 with torch.no_grad():
                     o = attention_decode(q, cache.k, cache.v, cache.seqlens, k_new=k, v_new=v, scale=self.scaling,
-                                         backend=self.backend)
+                                         window=self.window, softcap=self.softcap, backend=self.backend)
             cache.seqlens += T
             cache._empty = False
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _no_window_with_loki(self) -> None:
+        if self.window is not None or self.softcap is not None:
+            raise ValueError("Loki decoding does not support window/softcap layers: build the cache without a "
+                             "Loki basis (set_loki_basis(None)) for this layer")
+
+    @staticmethod
+    def _padding(x: torch.Tensor, attention_mask) -> torch.Tensor:
+        """The `[B, T]` bool mask of real tokens from a 2-D padding mask."""
+        V.expect_tensor("attention_mask", attention_mask)
+        B, T = x.shape[:2]
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape [B, T] = [{B}, {T}] (1 = token, 0 = padding), "
+                             f"got {V.shape_str(attention_mask)}")
+        if attention_mask.device != x.device:
+            raise ValueError(f"attention_mask must be on x's device ({x.device}), got {attention_mask.device}")
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise TypeError(f"attention_mask must be bool or integer (1 = token, 0 = padding), "
+                            f"got {V.dtype_name(attention_mask.dtype)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        return attention_mask == 1
+
+    def _forward_padded(self, x, valid, cache, position_ids):
+        """A ragged batch: the real tokens of every row packed into one varlen call."""
+        B, T, _ = x.shape
+        if cache is not None and not cache._empty:
+            raise ValueError("attention_mask with padding needs an empty cache (a ragged prefill); later steps "
+                             "follow each row's cache length: pass attention_mask=None")
+        if cache is not None and (cache.loki_basis is not None or self.loki is not None):
+            raise ValueError("a padded prefill into a Loki cache is not supported; prefill each row alone")
+        if position_ids is None:  # each row's real tokens count from 0
+            position_ids = (valid.long().cumsum(1) - 1).clamp_min(0)
+        q, k, v, fused = self.project_qkv(x, position_ids)
+        if cache is not None and fused:  # the cache holds normalised keys
+            q, k = self._norm_unfused(q, k, fused)
+            fused = {}
+        n = valid.sum(1, dtype=torch.int32)
+        cu = F.pad(torch.cumsum(n, 0, dtype=torch.int32), (1, 0))
+        o = attention(q[valid][None], k[valid][None], v[valid][None], causal=self.causal, scale=self.scaling,
+                      cu_seqlens_q=cu, cu_seqlens_k=cu, window=self.window, softcap=self.softcap,
+                      backend=self.backend, **fused)
+        out = o.new_zeros(B, T, self.num_heads, o.shape[-1])
+        out[valid] = o[0]
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("cache decoding needs a causal layer (causal=True)")
+            if int(n.max()) > cache.max_seqlen:
+                raise ValueError(f"cache holds at most {cache.max_seqlen} tokens per row, got a prefill of "
+                                 f"{int(n.max())}")
+            rows = torch.arange(B, device=x.device)[:, None].expand(B, T)[valid]
+            slots = (valid.long().cumsum(1) - 1)[valid]
+            with torch.no_grad():
+                cache.k[rows, slots] = k[valid].to(cache.k.dtype)
+                cache.v[rows, slots] = v[valid].to(cache.v.dtype)
+            cache.seqlens += n
+            cache._empty = False
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _forward_context_parallel(self, x, group, position_ids, cache) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError("a KV cache cannot be combined with process_group (context parallelism is for "
+                             "training and prefill over a sharded sequence); pass one or the other")
+        B, T, _ = x.shape
+        if position_ids is None and self.rope_theta is not None:  # the shard's positions in the whole sequence
+            _, world, rank = resolve_group(group)
+            check_local_length("x", T, self.cp_layout)
+            ranges = chunk_ranges(self.cp_layout, world, rank, T * world)
+            position_ids = torch.cat([torch.arange(a, b, device=x.device) for a, b in ranges])[None].expand(B, T)
+        q, k, v, fused = self.project_qkv(x, position_ids)
+        o = cp_attention(q, k, v, group=group, causal=self.causal, scale=self.scaling, layout=self.cp_layout,
+                         window=self.window, softcap=self.softcap, backend=self.backend, **fused)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
     def _attend_loki_cache(self, q, k, v, cache: KVCache) -> torch.Tensor:
@@ -367,10 +484,24 @@ class MultiheadAttention(nn.MultiheadAttention):
     than a causal hint on a square attention (or none), no key padding mask, no dropout in
     training, no `add_bias_kv`/`add_zero_attn`, the fused kernels run; every other case runs
     PyTorch's own implementation, so results are exact in every case.
+
+    Inside a `torch.nn.TransformerEncoderLayer`, torch's inference fast path
+    (`torch._transformer_encoder_layer_fwd`, taken in `eval()` under `no_grad`/`inference_mode`)
+    reads the layer's `self_attn` weights and never calls `self_attn`. This module keeps that fast
+    path off for any layer that contains it (torch skips it when a submodule has forward hooks; a
+    no-op pre-hook is registered for that), so the replacement runs in inference too.
     """
 
-    def fused_refusal(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal) -> str | None:
-        """Why the fused path cannot serve this call (None when it can)."""
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_forward_pre_hook(_bypass_torch_fast_path)
+
+    def fused_refusal(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                      average_attn_weights=True, is_causal=False) -> str | None:
+        """Why the fused path cannot serve this call (None when it can).
+
+        Takes the arguments of :meth:`forward`, with the same defaults, positionally or by keyword.
+        """
         if need_weights:
             return "need_weights=True (attention weights are not materialised by the kernels)"
         if key_padding_mask is not None:
@@ -393,7 +524,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        reason = self.fused_refusal(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        reason = self.fused_refusal(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                    attn_mask=attn_mask, is_causal=is_causal)
         if reason is not None:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
@@ -427,6 +559,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         return out, None
 
 
+def _bypass_torch_fast_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing. Its presence makes `TransformerEncoderLayer.forward`
+    take its regular path ("forward pre-/hooks are attached to the module"), which calls
+    `self_attn`, instead of the fused C++ fast path that would bypass attnkit."""
+    return None
+
+
 def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
     return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout, bias=m.in_proj_bias is not None,
                 add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn, kdim=m.kdim, vdim=m.vdim,
@@ -436,7 +575,11 @@ def _mha_kwargs(m: nn.MultiheadAttention) -> dict:
 def replace_multihead_attention(model: nn.Module) -> nn.Module:
     """Swap every `torch.nn.MultiheadAttention` inside `model` for :class:`MultiheadAttention`, in place,
     keeping weights, device, dtype and training mode. Returns `model` (or the replacement if `model`
-    itself is one)."""
+    itself is one).
+
+    The replacement also takes effect under `torch.nn.TransformerEncoder(Layer)` in inference
+    (`eval()` + `no_grad`/`inference_mode`), where torch's fused fast path would otherwise skip
+    `self_attn`: see :class:`MultiheadAttention`."""
     if isinstance(model, nn.MultiheadAttention) and not isinstance(model, MultiheadAttention):
         return _swap(model)
     for name, child in list(model.named_children()):

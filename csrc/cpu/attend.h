@@ -66,6 +66,13 @@ inline int64_t unit_keys(const AttendParams& p, const Unit& w, const int32_t** l
   return static_cast<int64_t>(p.lens[w.b]) + p.len_add;
 }
 
+// First list entry any row of the unit can see: the sliding window skips the keys before it.
+inline int64_t unit_first(const AttendParams& p, const Unit& w, const int32_t* list) {
+  if (list != nullptr || p.window_left < 0) return 0;
+  const int64_t L = static_cast<int64_t>(p.lens[w.b]) + p.len_add;
+  return std::max<int64_t>(0, L - p.Tq - p.window_left);
+}
+
 template <typename T>
 struct AttendWorker {
   static constexpr bool kF32 = std::is_same<T, float>::value;
@@ -73,12 +80,16 @@ struct AttendWorker {
   const AttendShape& shp;
   int rows;  // heads * rows_per_head; row i is row r0 + i % rows_per_head of head hk0 + i / rows_per_head
   std::vector<float> qf, sc, kbuf, vbuf, acc, m, l;
-  std::vector<int64_t> pos, limit;
+  std::vector<int64_t> pos, limit, first;
 
   AttendWorker(const AttendParams& params, const AttendShape& shape)
       : p(params), shp(shape), rows(shape.heads * shape.rows_per_head), qf(rows * params.D),
         sc(rows * kKeyBlock), kbuf(kF32 ? 0 : kKeyBlock * params.D), vbuf(kF32 ? 0 : kKeyBlock * params.Dv),
-        acc(rows * params.Dv), m(rows), l(rows), pos(kKeyBlock), limit(rows) {}
+        acc(rows * params.Dv), m(rows), l(rows), pos(kKeyBlock), limit(rows), first(rows) {}
+
+  // Element offsets of position s's K / V rows of batch row b (head 0), contiguous or paged.
+  int64_t k_off(int b, int64_t s) const { return cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.k_sb, p.k_ss); }
+  int64_t v_off(int b, int64_t s) const { return cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.v_sb, p.v_ss); }
 
   // Attend the unit's rows over list entries [j0, j1) (positions j0..j1-1 without a list).
   void run(const Unit& w, const int32_t* list, int64_t L, int64_t j0, int64_t j1) {
@@ -94,6 +105,7 @@ struct AttendWorker {
       }
       scale_row(qr, p.scale, D);
       limit[i] = p.causal ? L - p.Tq + t : INT64_MAX;
+      first[i] = p.causal && p.window_left >= 0 ? L - p.Tq + t - p.window_left : INT64_MIN;
       m[i] = kNegInf;
       l[i] = 0.0f;
     }
@@ -103,13 +115,18 @@ struct AttendWorker {
       for (int i = 0; i < rows; ++i) last = std::max(last, limit[i]);
       j1 = std::min(j1, last + 1);
     }
-    const T* kbase = static_cast<const T*>(p.k) + w.b * p.k_sb;
-    const T* vbase = static_cast<const T*>(p.v) + w.b * p.v_sb;
+    const T* kbase = static_cast<const T*>(p.k);
+    const T* vbase = static_cast<const T*>(p.v);
     const float* krow[kKeyBlock];
     const float* vrow[kKeyBlock];
     for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kKeyBlock, j1 - jb));
-      for (int jj = 0; jj < n; ++jj) pos[jj] = list != nullptr ? list[jb + jj] : jb + jj;
+      int64_t koff[kKeyBlock], voff[kKeyBlock];
+      for (int jj = 0; jj < n; ++jj) {
+        pos[jj] = list != nullptr ? list[jb + jj] : jb + jj;
+        koff[jj] = k_off(w.b, pos[jj]);
+        voff[jj] = v_off(w.b, pos[jj]);
+      }
       // Successive rows of one head are Hk * D apart (a 4 KiB page per position for typical
       // sizes) and hardware prefetchers stop at page boundaries: the next block's rows go to L2
       // during this block, each head's rows to L1 just before its microkernels.
@@ -117,24 +134,24 @@ struct AttendWorker {
       for (int64_t jn = jb + kKeyBlock; jn < jn_end; ++jn) {
         const int64_t s = list != nullptr ? list[jn] : jn;
         for (int ih = 0; ih < shp.heads; ++ih) {
-          prefetch_row<1>(kbase + s * p.k_ss + (w.hk0 + ih) * p.k_sh, D);
-          prefetch_row<1>(vbase + s * p.v_ss + (w.hk0 + ih) * p.v_sh, Dv);
+          prefetch_row<1>(kbase + k_off(w.b, s) + (w.hk0 + ih) * p.k_sh, D);
+          prefetch_row<1>(vbase + v_off(w.b, s) + (w.hk0 + ih) * p.v_sh, Dv);
         }
       }
       for (int ih = 0; ih < shp.heads; ++ih) {
         const T* kh = kbase + (w.hk0 + ih) * p.k_sh;
         const T* vh = vbase + (w.hk0 + ih) * p.v_sh;
         for (int jj = 0; jj < n; ++jj) {
-          prefetch_row<3>(kh + pos[jj] * p.k_ss, D);
-          prefetch_row<3>(vh + pos[jj] * p.v_ss, Dv);
+          prefetch_row<3>(kh + koff[jj], D);
+          prefetch_row<3>(vh + voff[jj], Dv);
         }
         for (int jj = 0; jj < n; ++jj) {
           if constexpr (kF32) {
-            krow[jj] = kh + pos[jj] * p.k_ss;
-            vrow[jj] = vh + pos[jj] * p.v_ss;
+            krow[jj] = kh + koff[jj];
+            vrow[jj] = vh + voff[jj];
           } else {
-            load_row(kh + pos[jj] * p.k_ss, &kbuf[jj * D], D);
-            load_row(vh + pos[jj] * p.v_ss, &vbuf[jj * Dv], Dv);
+            load_row(kh + koff[jj], &kbuf[jj * D], D);
+            load_row(vh + voff[jj], &vbuf[jj * Dv], Dv);
             krow[jj] = &kbuf[jj * D];
             vrow[jj] = &vbuf[jj * Dv];
           }
@@ -153,9 +170,13 @@ struct AttendWorker {
     });
     for (int i = i0; i < i0 + nrows; ++i) {
       float* s = &sc[i * kKeyBlock];
+      if (p.softcap > 0.0f) {
+        const float c = p.softcap, inv = 1.0f / p.softcap;
+        for (int jj = 0; jj < n; ++jj) s[jj] = c * std::tanh(s[jj] * inv);
+      }
       if (p.causal) {
         for (int jj = 0; jj < n; ++jj)
-          if (pos[jj] > limit[i]) s[jj] = kNegInf;
+          if (pos[jj] > limit[i] || pos[jj] < first[i]) s[jj] = kNegInf;
       }
       const float mnew = nan_max(m[i], max_of(s, n));
       if (mnew == kNegInf) {  // nothing visible yet: every probability is zero
@@ -206,7 +227,9 @@ void run_attend(const AttendParams& p) {
   int64_t max_keys = 0;
   for (int64_t u = 0; u < units; ++u) {
     const int32_t* list;
-    max_keys = std::max(max_keys, unit_keys(p, unit_of(p, shp, u), &list));
+    const Unit w = unit_of(p, shp, u);
+    const int64_t n = unit_keys(p, w, &list);
+    max_keys = std::max(max_keys, n - std::min(n, unit_first(p, w, list)));
   }
   // Split the keys when there are fewer units than about two per thread (flash-decoding).
   const int64_t threads = at::get_num_threads();
@@ -227,7 +250,8 @@ void run_attend(const AttendParams& p) {
       const int32_t* list;
       const int64_t n = unit_keys(p, w, &list);
       const int64_t L = static_cast<int64_t>(p.lens[w.b]) + p.len_add;
-      const int64_t j0 = std::min(n, split * split_len), j1 = std::min(n, j0 + split_len);
+      const int64_t start = unit_first(p, w, list);
+      const int64_t j0 = std::min(n, start + split * split_len), j1 = std::min(n, j0 + split_len);
       wk.run(w, list, L, j0, j1);
       if (nsplit == 1) {
         write_rows<T>(p, shp, w, wk.acc.data(), wk.l.data());

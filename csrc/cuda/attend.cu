@@ -65,14 +65,19 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
     list = p.sel_idx + li * p.sel_cap;
     n_keys = p.sel_count[li];
   }
-  const int64_t j0 = static_cast<int64_t>(split) * c.split_len;
+  // A sliding window (decode lists only) starts the splits at the first key any row sees.
+  const bool windowed = list == nullptr && p.causal && p.window_left >= 0;
+  const int64_t start = windowed ? max(static_cast<int64_t>(0), L - p.Tq - p.window_left) : 0;
+  const int64_t j0 = start + static_cast<int64_t>(split) * c.split_len;
   int64_t j1 = min(n_keys, j0 + c.split_len);
   int64_t limit[RT];  // last visible position of each row (bottom-right causal)
+  int64_t first[RT];  // first visible position of each row (sliding window)
   int64_t last = -1;
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
     const int t = (r0 + r) % p.Tq;
     limit[r] = p.causal ? L - p.Tq + t : INT64_MAX;
+    first[r] = windowed ? L - p.Tq + t - p.window_left : INT64_MIN;
     if (r < nr) last = max(last, limit[r]);
   }
   j1 = min(j1, last == INT64_MAX ? j1 : last + 1);
@@ -81,6 +86,8 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
   const int gk = tid / c.tgk, lk = tid % c.tgk, ngk = kThreads / c.tgk;
   const int gv = tid / c.tgv, lv = tid % c.tgv, ngv = kThreads / c.tgv;
   const float qmul = p.scale * kLog2e;
+  const float cap2 = p.softcap * kLog2e;  // the softcap in the log2 domain of the scores
+  const float inv_cap2 = p.softcap > 0.0f ? 1.0f / cap2 : 0.0f;
   float qreg[RT][VPT][VEC];
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
@@ -109,8 +116,9 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[r][u][e] = 0.0f;
 
-  const T* kbase = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* vbase = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  // Rows of position s: kbase + cache_offset(.., s, k_sb, k_ss) (contiguous or paged).
+  const T* kbase = static_cast<const T*>(p.k) + hk * p.k_sh;
+  const T* vbase = static_cast<const T*>(p.v) + hk * p.v_sh;
 
   for (int64_t jt = j0; jt < j1; jt += kKeyTile) {
     __syncthreads();  // the previous tile is done with s_pos / s_p
@@ -128,7 +136,8 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
       for (int u = 0; u < VPT; ++u) {
         const int vi = lk + u * c.tgk;
         if (s >= 0 && vi < c.nvk) {
-          load_vec(kbase + s * p.k_ss + vi * VEC, kf[u]);
+          load_vec(kbase + cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.k_sb, p.k_ss) + vi * VEC,
+                   kf[u]);
         } else {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) kf[u][e] = 0.0f;
@@ -142,7 +151,9 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
 #pragma unroll
           for (int e = 0; e < VEC; ++e) part += qreg[r][u][e] * kf[u][e];
         part = group_sum(part, c.tgk);
-        if (lk == 0 && jj < kKeyTile) s_p[r][jj] = (s >= 0 && r < nr && s <= limit[r]) ? part : -INFINITY;
+        if (p.softcap > 0.0f) part = cap2 * tanhf(part * inv_cap2);
+        if (lk == 0 && jj < kKeyTile)
+          s_p[r][jj] = (s >= 0 && r < nr && s <= limit[r] && s >= first[r]) ? part : -INFINITY;
       }
     }
     __syncthreads();
@@ -181,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
         const int vi = lv + u * c.tgv;
         if (vi >= c.nvv) continue;
         float vf[VEC];
-        load_vec(vbase + s * p.v_ss + vi * VEC, vf);
+        load_vec(vbase + cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.v_sb, p.v_ss) + vi * VEC, vf);
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
           const float pr = r < nr ? s_p[r][jj] : 0.0f;
@@ -256,8 +267,10 @@ __global__ void append_kernel(const AppendParams a) {
   const int64_t s = static_cast<int64_t>(a.lens[b]) + t;
   const T* kn = static_cast<const T*>(a.k_new) + b * a.kn_sb + t * a.kn_st + hk * a.kn_sh;
   const T* vn = static_cast<const T*>(a.v_new) + b * a.vn_sb + t * a.vn_st + hk * a.vn_sh;
-  T* k = static_cast<T*>(a.k) + b * a.k_sb + s * a.k_ss + hk * a.k_sh;
-  T* v = static_cast<T*>(a.v) + b * a.v_sb + s * a.v_ss + hk * a.v_sh;
+  T* k = static_cast<T*>(a.k) + cache_offset(a.block_table, a.bt_stride, a.block_size, b, s, a.k_sb, a.k_ss) +
+         hk * a.k_sh;
+  T* v = static_cast<T*>(a.v) + cache_offset(a.block_table, a.bt_stride, a.block_size, b, s, a.v_sb, a.v_ss) +
+         hk * a.v_sh;
   for (int d = threadIdx.x; d < a.D; d += blockDim.x) k[d] = kn[d];
   for (int d = threadIdx.x; d < a.Dv; d += blockDim.x) v[d] = vn[d];
 }

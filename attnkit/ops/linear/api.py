@@ -151,9 +151,10 @@ def _prepare_linear_attention(q, k, v, *, causal=True, feature_map=None, normali
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                      feature_map: str | Callable | None = None, normalize: bool = False,
-                     scale: float | None = None, eps: float = 1e-6, initial_state=None,
+                     scale: float | None = None, eps: float = 1e-6,
+                     initial_state: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
                      output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                     backend: str | None = None):
+                     backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
     """Linear attention (causal or not) with feature maps, optional normalisation and states.
 
     Causal: `S_t = S_{t-1} + φ(k_t)ᵀ v_t`, `o_t = φ(q_t) S_t`; with `normalize=True` also
@@ -216,7 +217,7 @@ def _prepare_lightning_attention(q, k, v, decay=None, *, scale=None, initial_sta
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None, *,
                         scale: float | None = None, initial_state: torch.Tensor | None = None,
                         output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                        backend: str | None = None):
+                        backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal linear attention with a per-head exponential decay (Lightning Attention-2, MiniMax-01).
 
     `λ_h = exp(-decay[h])`, `S_t = λ_h S_{t-1} + k_tᵀ v_t`, `o_t = scale · q_t S_t`.
@@ -300,7 +301,8 @@ def _prepare_linear_attention_step(q, k, v, state, *, decay=None, scale=None, fe
                                       feature_map=fm, normalize=normalize, eps=eps, state_indices=state_indices))
 
 
-def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state, *,
+def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          state: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *,
                           decay: torch.Tensor | None = None, scale: float | None = None,
                           feature_map: str | Callable | None = None, normalize: bool = False, eps: float = 1e-6,
                           state_indices: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
@@ -316,7 +318,10 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
         state: float32 state as above; row `state_indices[b]` (or `b`) is read and updated in place.
         decay: float32 `[H]` (`>= 0`) for the lightning recurrence.
         scale, feature_map, normalize, eps: as in `linear_attention` / `lightning_attention`.
-        state_indices: int32/int64 `[B]`, distinct rows of `state` (continuous batching).
+        state_indices: int32/int64 `[B]`, distinct rows of `state` (continuous batching). A
+            repeated row would be updated by two programs at once (a race): it is rejected with a
+            ValueError when value checks run (CPU tensors; CUDA with `ATTNKIT_CHECKS=1`, never
+            during CUDA-graph capture); unchecked, the result for that row is undefined.
         backend: `None` (automatic), `"reference"`, `"triton"` or `"cuda"`.
 
     Returns:

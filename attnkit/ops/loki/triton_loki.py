@@ -1,7 +1,9 @@
 """Triton Loki decode: rotation, low-rank scoring, top-k and sparse attention over the selected keys.
 
-One decoding step runs four launches, all sized from shapes only (never from `cache_seqlens`
-values), so nothing waits on the host and the step can be captured in a CUDA graph:
+One decoding step runs up to five launches, all sized from shapes only (never from
+`cache_seqlens` values) with fixed launch parameters (no autotuning) and every program id on grid
+axis 0, so nothing waits on the host, nothing benchmarks, and the step can be captured in a CUDA
+graph on its first call:
 
 1. `_loki_rotate_kernel` rotates the queries, `q̃ = q @ components[hk]`, into a float32 buffer
    `[B, H, D]` (the same kernel, with offsets, rotates appended keys into the caches).
@@ -12,8 +14,9 @@ values), so nothing waits on the host and the step can be captured in a CUDA gra
    from `k_cache_rot[..., :rank]` (the portable path): the kernel only sees strides.
    Scores are float32 `[B, H, Smax]` (`[B, Hk, Smax]` for `selection="group"`, the max over the
    group), `-inf` past the row's length.
-3. `torch.topk` picks `min(top_k, Smax)` slots per (row, selecting head). It is not fused: a
-   block-wise Triton top-k is left for later (docs/loki.md).
+3. `_loki_select_kernel` picks exactly `min(top_k, L)` positions per (row, selecting head) by
+   radix select on the score bits (no sort): int32 indices in increasing position order, ties at
+   the threshold resolved to the lowest positions.
 4. `_loki_sparse_attn_fwd_kernel` gathers the selected keys/values (full dims, one contiguous
    row each) and runs exact online softmax over them, split over the selected set (split-K)
    when that leaves the device idle; `_loki_sparse_attn_reduce_kernel` merges the splits by
@@ -35,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..common.triton_utils import device_guard, dot_precision, interpreted
+from ..softmax.triton_decode import num_splits_heuristic, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -43,12 +47,13 @@ MAX_SPLITS = 64
 # ------------------------------------------------------------------------------------ blocks
 
 
-def _configs() -> list[triton.Config]:
-    """Tile sizes are fixed by the host (the grid and the split layout depend on them); only warps
-    and stages are tuned."""
-    if interpreted():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (2, 3)]
+# Launch parameters are fixed heuristics (no autotuning): no call ever benchmarks, so every
+# kernel here can be captured in a CUDA graph on its first call.
+NUM_WARPS = 4
+NUM_STAGES = 2
+# Selection: one program per (row, selecting head) steps over its scores in blocks of up to
+# SELECT_BLOCK (a row of <= 8192 slots is one block: each pass re-reads it from L2, no loop).
+SELECT_BLOCK = 8192
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -72,9 +77,8 @@ def _attn_blocks(shared: bool, G: int, BD: int) -> tuple[int, int]:
 
 
 def _num_splits(programs: int, n_sel: int, BN: int, device: torch.device) -> int:
-    """Splits of the selected set so that about two waves of programs fill the device."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(n_sel, BN), MAX_SPLITS))
+    """Splits of the selected set so that the programs fill the device (flash-attn's rule)."""
+    return num_splits_heuristic(programs, sm_count(device), triton.cdiv(n_sel, BN), MAX_SPLITS)
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -85,18 +89,21 @@ def _num_splits(programs: int, n_sel: int, BN: int, device: torch.device) -> int
     "HAS_LOWRANK": lambda args: args["y_low"] is not None,
     "HAS_V": lambda args: args["v_new"] is not None,
 })
-@triton.jit(do_not_specialize=["T", "Smax"])
+@triton.jit(do_not_specialize=["T", "Smax", "n_t", "n_e"])
 def _loki_rotate_kernel(
-    x, comps, y, y_low, v_new, v_cache, cache_seqlens, T, Smax,
+    x, comps, y, y_low, v_new, v_cache, cache_seqlens, T, Smax, n_t, n_e,
     s_xb, s_xt, s_xh, s_xd, s_yb, s_yt, s_yh, s_yd, s_lb, s_lh, s_lt, s_ld,
     s_nvb, s_nvt, s_nvh, s_nvd, s_vb, s_vt, s_vh, s_vd,
     HK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
     HAS_OFFSETS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_V: tl.constexpr,
 ):
-    # program = (block of BT rows, batch row x KV head, block of BE output dims)
+    # program = (batch row x KV head, block of BT rows, block of BE output dims), folded on axis 0
     # x [B, T, HK, D] rows -> y[b, pos, hk, :] = x[b, t, hk, :] @ comps[hk], pos = t (+ cache_seqlens[b])
-    i_t, i_bh, i_e = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    i_e = pid % n_e
+    i_t = (pid // n_e) % n_t
+    i_bh = pid // (n_e * n_t)
     i_b, i_hk = i_bh // HK, i_bh % HK
     rows = i_t * BT + tl.arange(0, BT)
     m_row = rows < T
@@ -104,15 +111,20 @@ def _loki_rotate_kernel(
     if HAS_OFFSETS:
         pos = tl.load(cache_seqlens + i_b).to(tl.int64) + rows
         m_row = m_row & (pos < Smax)  # never write past the capacity (the public op refuses it)
-    o_d = tl.arange(0, BD)
     o_e = i_e * BE + tl.arange(0, BE)
-    m_d, m_e = o_d < D, o_e < D
-    # [BT, BD] x rows in float32; [BD, BE] columns of the head's basis
-    b_x = tl.load(x + i_b * s_xb + i_hk * s_xh + rows[:, None] * s_xt + o_d[None, :] * s_xd,
-                  mask=m_row[:, None] & m_d[None, :], other=0.).to(tl.float32)
-    b_c = tl.load(comps + i_hk * D * D + o_d[:, None] * D + o_e[None, :], mask=m_d[:, None] & m_e[None, :], other=0.)
-    # [BT, BD] @ [BD, BE] -> [BT, BE]; IEEE float32 like the reference rotation
-    b_y = tl.dot(b_x, b_c, input_precision="ieee")
+    m_e = o_e < D
+    x_base = x + i_b * s_xb + i_hk * s_xh + rows[:, None] * s_xt
+    c_base = comps + i_hk * D * D + o_e[None, :]
+    # [BT, BK] @ [BK, BE] -> [BT, BE] accumulated over the input dims in BK slices, IEEE float32
+    # like the reference rotation; only one slice of x and of the basis is live at a time, so
+    # nothing spills at D >= 128 (the whole [BT, D] x [D, BE] product did)
+    b_y = tl.zeros([BT, BE], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < D
+        b_x = tl.load(x_base + o_k[None, :] * s_xd, mask=m_row[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_c = tl.load(c_base + o_k[:, None] * D, mask=m_k[:, None] & m_e[None, :], other=0.)
+        b_y += tl.dot(b_x, b_c, input_precision="ieee")
     b_y = b_y.to(y.dtype.element_ty)
     tl.store(y + i_b * s_yb + i_hk * s_yh + pos[:, None] * s_yt + o_e[None, :] * s_yd, b_y,
              mask=m_row[:, None] & m_e[None, :])
@@ -127,16 +139,17 @@ def _loki_rotate_kernel(
         tl.store(v_cache + i_b * s_vb + i_hk * s_vh + pos[:, None] * s_vt + o_e[None, :] * s_vd, b_v, mask=m_v)
 
 
-@triton.autotune(configs=_configs(), key=["BG", "BN", "BR", "GROUP"])
-@triton.jit(do_not_specialize=["Smax", "rank"])
+@triton.jit(do_not_specialize=["Smax", "rank", "n_blocks"])
 def _loki_score_kernel(
-    q_rot, k, cache_seqlens, scores, Smax, rank,
+    q_rot, k, cache_seqlens, scores, Smax, rank, n_blocks,
     s_kb, s_kh, s_kt, s_kd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # program = (block of BN positions, batch row x KV head); the G query heads share each key load
-    i_n, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # program = (batch row x KV head, block of BN positions) folded on axis 0; the G query heads
+    # share each key load
+    pid = tl.program_id(0).to(tl.int64)
+    i_n, i_bh = pid % n_blocks, pid // n_blocks
     i_b, i_hk = i_bh // HK, i_bh % HK
     seq_len = tl.load(cache_seqlens + i_b).to(tl.int64)
     cols = i_n * BN + tl.arange(0, BN)
@@ -172,6 +185,70 @@ def _loki_score_kernel(
 
 
 @triton.jit
+def _score_key(x):
+    """float32 -> uint32 keys in the same order (larger score, larger key; NaN above +inf, as
+    torch.topk ranks it)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    flip = tl.where((bits >> 31) == 1, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    return bits ^ flip
+
+
+@triton.jit(do_not_specialize=["Smax", "top_k"])
+def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.constexpr, BLK: tl.constexpr):
+    # program = one (batch row, selecting head): the positions of its top_k scores, exactly, in
+    # increasing position order, without sorting. Radix select on the order-preserving uint32 key:
+    # four passes build a 256-bin histogram of the next 8 key bits among the scores that share the
+    # digits chosen so far, and pick the digit where the count from the top reaches the remaining
+    # k. That gives the k-th largest key `tau` and how many of the scores equal to it are needed
+    # (`need`). A last pass writes every position with key > tau and the first `need` positions
+    # with key == tau (ties: lowest positions first), compacted by a running prefix sum.
+    pid = tl.program_id(0).to(tl.int64)
+    i_b = pid // HSEL
+    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
+    k = tl.minimum(top_k, seq_len)
+    base = scores + pid * Smax
+    out = idx + pid * top_k
+    o = tl.arange(0, BLK)
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([1], dtype=tl.uint32)
+    k_rem = tl.zeros([1], dtype=tl.int32) + k
+    for r in tl.static_range(4):
+        shift = 24 - 8 * r
+        hist = tl.zeros([256], dtype=tl.int32)
+        for n0 in range(0, seq_len, BLK):
+            cols = n0 + o
+            m = cols < seq_len
+            key = _score_key(tl.load(base + cols, mask=m, other=0.))
+            if r > 0:
+                m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
+        # ge[d]: scores (sharing the prefix) whose digit is >= d; the digit of the k-th largest is
+        # the largest d with ge[d] >= k_rem
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        d = tl.max(tl.where(ge[None, :] >= k_rem[:, None], bins[None, :], 0), 1)  # [1]
+        above = tl.sum(tl.where(bins[None, :] > d[:, None], hist[None, :], 0), 1)
+        k_rem -= above
+        prefix = prefix | (d.to(tl.uint32) << shift)
+    # tau = prefix; k_rem = how many scores equal to tau are taken
+    n_out = tl.zeros([1], dtype=tl.int32)
+    n_tie = tl.zeros([1], dtype=tl.int32)
+    for n0 in range(0, seq_len, BLK):
+        cols = n0 + o
+        m = cols < seq_len
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        gt = m & (key > prefix)
+        eq = (m & (key == prefix)).to(tl.int32)
+        take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
+        t32 = take.to(tl.int32)
+        tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
+        n_out += tl.sum(t32, 0)
+        n_tie += tl.sum(eq, 0)
+    # a row shorter than top_k: the remaining slots point past its length (masked by index later)
+    for j0 in range(k, top_k, BLK):
+        tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
+
+
+@triton.jit
 def _rows_dot(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """`a [BM, K] · b [BN, K]ᵀ -> [BM, BN]` float32: `tl.dot` for tiles of >= 16 rows, else an
     exact float32 broadcast sum (one row: no padding to the 16 rows `tl.dot` needs)."""
@@ -193,10 +270,9 @@ def _rows_mm(p, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.heuristics({"HAS_INDEX": lambda args: args["idx"] is not None})
-@triton.autotune(configs=_configs(), key=["BD", "BDV", "BM", "BN", "SHARED"])
-@triton.jit(do_not_specialize=["n_sel", "chunk"])
+@triton.jit(do_not_specialize=["n_sel", "chunk", "n_splits"])
 def _loki_sparse_attn_fwd_kernel(
-    q_rot, k, v, cache_seqlens, idx, o, o_part, lse_part, scale, n_sel, chunk,
+    q_rot, k, v, cache_seqlens, idx, o, o_part, lse_part, scale, n_sel, chunk, n_splits,
     s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_ib, s_ih, s_ij,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
@@ -205,7 +281,9 @@ def _loki_sparse_attn_fwd_kernel(
     # program = (split of `chunk` selected slots, batch row x selecting head).
     # SHARED: the selecting head is KV head i_sel; the BM rows are its G query heads (one gather each).
     # else:   the selecting head is query head i_sel, alone in its (single-row) tile.
-    i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # (folded on grid axis 0: B * H may exceed the 65,535 programs of axes 1 and 2)
+    pid = tl.program_id(0).to(tl.int64)
+    i_s, i_bh = pid % n_splits, pid // n_splits
     o_m = tl.arange(0, BM)
     if SHARED:
         i_b, i_sel = i_bh // HK, i_bh % HK
@@ -265,7 +343,7 @@ def _loki_sparse_attn_fwd_kernel(
     m_o = m_row[:, None] & m_dv[None, :]
     if SPLIT:
         b_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1., l_i)))  # log2 units
-        p_part = (i_b * H + heads) * tl.num_programs(0) + i_s
+        p_part = (i_b * H + heads) * n_splits + i_s
         tl.store(o_part + p_part[:, None] * DV + o_dv[None, :], acc, mask=m_o)
         tl.store(lse_part + p_part, b_lse, mask=m_row)
     else:
@@ -308,19 +386,20 @@ def _rotate_launch(x_view: tuple, y_view: tuple, components: torch.Tensor, T: in
     """Launch `_loki_rotate_kernel`; views are `(tensor, s_b, s_t, s_h, s_d)` (low: `s_b, s_h,
     s_t, s_d`), so one kernel serves queries (`T` = query heads of a group) and appended keys."""
     D = components.shape[-1]
-    BD = _pow2(D, 16)
-    BE = min(BD, 64)
-    BT = 16 if T <= 16 else (32 if T <= 32 or interpreted() else 64)
+    BK = 16
+    BE = min(_pow2(D, 16), 64)
+    BT = 16 if T <= 16 else 32
     n_e = triton.cdiv(max(D, DV), BE)
+    n_t = triton.cdiv(T, BT)
     none4 = (0, 0, 0, 0)
     x, *s_x = x_view
     y, *s_y = y_view
     y_low, *s_l = low_view if low_view is not None else (None, *none4)
     (v_new, *s_nv), (v_cache, *s_v) = v_views if v_views is not None else ((None, *none4), (None, *none4))
-    _loki_rotate_kernel[(triton.cdiv(T, BT), B * HK, n_e)](
-        x, components, y, y_low, v_new, v_cache, cache_seqlens, T, Smax,
+    _loki_rotate_kernel[(B * HK * n_t * n_e,)](
+        x, components, y, y_low, v_new, v_cache, cache_seqlens, T, Smax, n_t, n_e,
         *s_x, *s_y, *s_l, *s_nv, *s_v,
-        HK=HK, D=D, DV=DV, R=R, BT=BT, BD=BD, BE=BE)
+        HK=HK, D=D, DV=DV, R=R, BT=BT, BK=BK, BE=BE, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def rotate_queries(q: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
@@ -368,10 +447,26 @@ def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torc
     G = H // HK
     scores = torch.empty(B, HK if group else H, Smax, device=q_rot.device, dtype=torch.float32)
     BG, BN, BR = _score_blocks(G, rank)
-    _loki_score_kernel[(triton.cdiv(Smax, BN), B * HK)](
-        q_rot, keys, cache_seqlens, scores, Smax, rank, *keys.stride(),
-        H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group)
+    n_blocks = triton.cdiv(Smax, BN)
+    _loki_score_kernel[(n_blocks * B * HK,)](
+        q_rot, keys, cache_seqlens, scores, Smax, rank, n_blocks, *keys.stride(),
+        H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return scores
+
+
+def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Positions of the `min(top_k, cache_seqlens[b])` largest valid scores of each `[B, Hsel,
+    Smax]` row, int32 `[B, Hsel, top_k]` in increasing position order (ties at the threshold: the
+    lowest positions); slots past a short row's count hold `Smax`. One radix-select program per
+    row: no sort, no host synchronisation."""
+    B, HSEL, Smax = scores.shape
+    idx = torch.empty(B, HSEL, top_k, device=scores.device, dtype=torch.int32)
+    if idx.numel() == 0:
+        return idx
+    blk = 128 if interpreted() else min(max(1024, triton.next_power_of_2(Smax)), SELECT_BLOCK)
+    _loki_select_kernel[(B * HSEL,)](scores, cache_seqlens, idx, Smax, top_k, HSEL=HSEL, BLK=blk,
+                                    num_warps=max(4, min(16, blk // 512)), num_stages=1)
+    return idx
 
 
 def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
@@ -396,11 +491,11 @@ def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache
     o_part = torch.empty(B * H, n_splits, DV, device=q_rot.device, dtype=torch.float32) if split else None
     lse_part = torch.empty(B * H, n_splits, device=q_rot.device, dtype=torch.float32) if split else None
     s_i = idx.stride() if idx is not None else (0, 0, 0)
-    _loki_sparse_attn_fwd_kernel[(n_splits, n_prog)](
-        q_rot, k_cache_rot, v_cache, cache_seqlens, idx, o, o_part, lse_part, float(scale), n_sel, chunk,
+    _loki_sparse_attn_fwd_kernel[(n_splits * n_prog,)](
+        q_rot, k_cache_rot, v_cache, cache_seqlens, idx, o, o_part, lse_part, float(scale), n_sel, chunk, n_splits,
         *k_cache_rot.stride(), *v_cache.stride(), *s_i,
         H=H, HK=HK, G=G, D=D, DV=DV, BM=BM, BN=BN, BD=BD, BDV=BDV, SHARED=shared, SPLIT=split,
-        DOT_PRECISION=dot_precision(v_cache))
+        DOT_PRECISION=dot_precision(v_cache), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if split:
         BR = 16
         _loki_sparse_attn_reduce_kernel[(triton.cdiv(B * H, BR),)](
@@ -423,7 +518,7 @@ def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.T
         if top_k < Smax:  # else every row is dense: no scoring, no selection
             keys = k_lowrank if k_lowrank is not None else k_cache_rot.transpose(1, 2)
             scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=selection == "group")
-            idx = scores.topk(top_k, dim=-1, sorted=False).indices  # [B, H or Hk, top_k] int64
+            idx = loki_select(scores, cache_seqlens, top_k)  # [B, H or Hk, top_k] int32, position order
         return loki_sparse_attn_fwd(q_rot, k_cache_rot, v_cache, cache_seqlens, idx, scale=scale, out_dtype=q.dtype,
                                     num_splits=num_splits)
 

@@ -14,10 +14,13 @@ import torch
 from ... import dispatch
 from ..._validation import (
     REFERENCE_DTYPES,
+    check_block_table,
     check_cu_seqlens,
     check_float_scale,
     check_index,
     check_scale,
+    check_softcap,
+    check_window,
     dtype_name,
     expect_bool,
     expect_choice,
@@ -99,7 +102,7 @@ def _needs_grad(*xs: Any) -> bool:
 @dispatch.op("attention")
 def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_norm_weight=None,
                        k_norm_weight=None, norm_eps=1e-6, cu_seqlens_q=None, cu_seqlens_k=None,
-                       return_lse=False) -> dispatch.Call:
+                       return_lse=False, window=None, softcap=None) -> dispatch.Call:
     expect_ndim("q", q, 4, "[B, T, H, D]")
     expect_ndim("k", k, 4, "[B, S, Hk, D]")
     expect_ndim("v", v, 4, "[B, S, Hk, Dv]")
@@ -111,6 +114,8 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
     causal = expect_bool("causal", causal)
     return_lse = expect_bool("return_lse", return_lse)
     scale = check_scale(scale, D, q.device)
+    window = check_window(window, causal)
+    softcap = check_softcap(softcap)
 
     _check_mode("qk_norm", qk_norm, (None, *NORM_MODES))
     for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
@@ -142,6 +147,10 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
         features.add(f"qk_norm={qk_norm}")
     if return_lse:
         features.add("return_lse")
+    if window != (-1, -1):
+        features.add("window")
+    if softcap > 0:
+        features.add("softcap")
     if isinstance(scale, torch.Tensor):
         features.add("tensor_scale")
     if _needs_grad(q, k, v, q_norm_weight, k_norm_weight, scale):
@@ -151,12 +160,17 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
                                features=frozenset(features)),
         kwargs=dict(q=q, k=k, v=v, causal=causal, scale=scale, qk_norm=qk_norm,
                     q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
-                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse))
+                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
+                    window=window, softcap=softcap))
 
 
-def attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_norm_weight=None,
-              k_norm_weight=None, norm_eps=1e-6, cu_seqlens_q=None, cu_seqlens_k=None,
-              return_lse=False, backend=None):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | torch.Tensor | None = None, qk_norm: str | None = None,
+              q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+              norm_eps: float = 1e-6, cu_seqlens_q: torch.Tensor | None = None,
+              cu_seqlens_k: torch.Tensor | None = None, return_lse: bool = False,
+              window: tuple[int, int] | None = None, softcap: float | None = None,
+              backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with native GQA/MQA and an optional fused per-head QK-norm.
 
     Query head `h` reads KV head `h // (H // Hk)` (contiguous groups, as in flash-attn); K/V are
@@ -179,7 +193,13 @@ def attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_norm_weight=
         cu_seqlens_q: int32 `[N + 1]` offsets of packed queries (`q` is then `[1, total_q, H, D]`).
         cu_seqlens_k: int32 `[N + 1]` offsets of packed keys/values; given together with
             `cu_seqlens_q`. Each sequence attends only within itself.
-        return_lse: also return the natural-log log-sum-exp of the scaled scores.
+        return_lse: also return the natural-log log-sum-exp of the scaled (and capped) scores.
+        window: `(left, right)` sliding window (flash-attn's `window_size`): with
+            `p = t + S - T`, query `t` sees keys `p - left <= s <= p + right` (and `s <= p` when
+            causal); `-1` leaves a side unbounded. None = `(-1, -1)`. Mistral/Gemma's sliding
+            window `W` is `(W - 1, 0)`.
+        softcap: `c > 0` caps the logits to `c * tanh(scale * q.k / c)` before the softmax
+            (Gemma 2). None or 0 = off.
         backend: None (automatic), `"reference"`, `"triton"` or `"cuda"`.
 
     Returns:
@@ -194,7 +214,7 @@ def attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_norm_weight=
     call = _prepare_attention(q, k, v, causal=causal, scale=scale, qk_norm=qk_norm,
                               q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
                               norm_eps=norm_eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                              return_lse=return_lse)
+                              return_lse=return_lse, window=window, softcap=softcap)
     return dispatch.run("attention", call, backend)
 
 
@@ -203,20 +223,42 @@ def attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_norm_weight=
 
 @dispatch.op("attention_decode")
 def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
-                              scale=None) -> dispatch.Call:
+                              scale=None, window=None, softcap=None, block_table=None) -> dispatch.Call:
+    paged = block_table is not None
+    k_layout = "[num_blocks, block_size, Hk, D]" if paged else "[B, Smax, Hk, D]"
+    v_layout = "[num_blocks, block_size, Hk, Dv]" if paged else "[B, Smax, Hk, Dv]"
     expect_ndim("q", q, 4, "[B, Tq, H, D]")
-    expect_ndim("k_cache", k_cache, 4, "[B, Smax, Hk, D]")
-    expect_ndim("v_cache", v_cache, 4, "[B, Smax, Hk, Dv]")
+    expect_ndim("k_cache", k_cache, 4, k_layout)
+    expect_ndim("v_cache", v_cache, 4, v_layout)
     expect_float("q", q, REFERENCE_DTYPES)
     expect_same_dtype(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
     expect_tensor("cache_seqlens", cache_seqlens)
     for name, x, layout in (("k_new", k_new, "[B, Tq, Hk, D]"), ("v_new", v_new, "[B, Tq, Hk, Dv]")):
         if x is not None:
             expect_ndim(name, x, 4, layout)
-    expect_same_device(("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new"),
-                       (q, k_cache, v_cache, cache_seqlens, k_new, v_new))
+    expect_same_device(("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "block_table"),
+                       (q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                        block_table if isinstance(block_table, torch.Tensor) else None))
     B, Tq, H, D = q.shape
-    Smax, Hk, Dv = _check_kv_against_q(q, "k_cache", k_cache, "v_cache", v_cache, "the capacity of k_cache (Smax)")
+    if paged:
+        # Pages: the batch dim of the caches is the block pool, dim 1 the tokens of one block.
+        num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+        Hk, Dv = k_cache.shape[2], v_cache.shape[3]
+        if D < 1:
+            raise ValueError(f"q must have a head dim D >= 1, got shape {shape_str(q)}")
+        _expect_size("k_cache", k_cache, 3, D, "the head dim of q (D)")
+        _expect_size("v_cache", v_cache, 0, num_blocks, "the number of blocks of k_cache (num_blocks)")
+        _expect_size("v_cache", v_cache, 1, block_size, "the block size of k_cache (block_size)")
+        _expect_size("v_cache", v_cache, 2, Hk, "the number of heads of k_cache (Hk)")
+        expect_heads("q", H, "k_cache", Hk)
+        if block_size < 1:
+            raise ValueError(f"k_cache must have a block size >= 1 in dim 1 when paged, got shape "
+                             f"{shape_str(k_cache)}")
+        check_block_table(block_table, B, num_blocks, block_size, None, 0)  # shape and dtype
+        Smax = block_table.shape[1] * block_size
+    else:
+        Smax, Hk, Dv = _check_kv_against_q(q, "k_cache", k_cache, "v_cache", v_cache,
+                                           "the capacity of k_cache (Smax)")
 
     if (k_new is None) != (v_new is None):
         given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
@@ -228,26 +270,44 @@ def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None,
         expect_same_dtype(("k_cache", "k_new", "v_new"), (k_cache, k_new, v_new))
 
     scale = check_float_scale(scale, D)
+    window = check_window(window, causal=True)  # decode queries are causal: only `left` matters
+    softcap = check_softcap(softcap)
 
-    # cache_seqlens may equal Smax (a full cache) when nothing is appended.
-    check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "Smax")
-    if k_new is not None and Tq > 0 and B > 0 and value_checks_enabled(cache_seqlens):
-        room = int(cache_seqlens.max())
-        if room + Tq > Smax:
-            b = int(cache_seqlens.argmax())
-            raise ValueError(f"cache_seqlens[b] + Tq must be <= Smax = {Smax} to append k_new/v_new, "
-                             f"got cache_seqlens[{b}] = {room} and Tq = {Tq}: the cache is too small")
+    new_tokens = Tq if k_new is not None else 0
+    if paged:
+        check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "max_blocks * block_size")
+        block_table = check_block_table(block_table, B, num_blocks, block_size, cache_seqlens, new_tokens)
+    else:
+        # cache_seqlens may equal Smax (a full cache) when nothing is appended.
+        check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "Smax")
+        if k_new is not None and Tq > 0 and B > 0 and value_checks_enabled(cache_seqlens):
+            room = int(cache_seqlens.max())
+            if room + Tq > Smax:
+                b = int(cache_seqlens.argmax())
+                raise ValueError(f"cache_seqlens[b] + Tq must be <= Smax = {Smax} to append k_new/v_new, "
+                                 f"got cache_seqlens[{b}] = {room} and Tq = {Tq}: the cache is too small")
 
     features = {"append"} if k_new is not None else set()
+    if window != (-1, -1):
+        features.add("window")
+    if softcap > 0:
+        features.add("softcap")
+    if paged:
+        features.update(("paged", f"block_size={block_size}"))
     return dispatch.Call(
         inputs=dispatch.Inputs("attention_decode", q.device, q.dtype, head_dims=(D, Dv),
                                features=frozenset(features)),
         kwargs=dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
-                    k_new=k_new, v_new=v_new, scale=scale))
+                    k_new=k_new, v_new=v_new, scale=scale, window=window, softcap=softcap,
+                    block_table=block_table))
 
 
-def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, scale=None,
-                     backend=None):
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor, *, k_new: torch.Tensor | None = None,
+                     v_new: torch.Tensor | None = None, scale: float | None = None,
+                     window: tuple[int, int] | None = None, softcap: float | None = None,
+                     block_table: torch.Tensor | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """Decoding attention over a padded KV cache, optionally appending new tokens in place.
 
     Inference only (no gradients). Row `b` holds `cache_seqlens[b]` valid tokens. If `k_new`/
@@ -266,6 +326,15 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         k_new: `[B, Tq, Hk, D]` keys to append (requires `cache_seqlens[b] + Tq <= Smax`).
         v_new: `[B, Tq, Hk, Dv]` values to append, given together with `k_new`.
         scale: softmax scale (float). Default `D ** -0.5`.
+        window: `(left, right)` sliding window as in `attention`: query `t` at position `p` sees
+            keys `p - left <= s <= p` (queries are causal, so `right` changes nothing). None =
+            unbounded.
+        softcap: `c > 0` caps the logits to `c * tanh(scale * q.k / c)`. None or 0 = off.
+        block_table: int32 `[B, max_blocks]` for a paged cache: `k_cache` is then
+            `[num_blocks, block_size, Hk, D]` (`v_cache` likewise) and token `s` of row `b` lives
+            in block `block_table[b, s // block_size]` at offset `s % block_size`; appends go
+            through the table. Blocks (and table entries) a row does not use are never read or
+            written. Capacity per row: `max_blocks * block_size`.
         backend: None (automatic), `"reference"`, `"triton"` or `"cuda"`.
 
     Returns:
@@ -279,7 +348,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
         >>> lens += 1  # the caller advances the lengths
     """
     call = _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
-                                     scale=scale)
+                                     scale=scale, window=window, softcap=softcap,
+                                     block_table=block_table)
     return dispatch.run("attention_decode", call, backend)
 
 
@@ -304,7 +374,8 @@ def _prepare_qk_norm(x, weight=None, *, mode="rms", eps=1e-6) -> dispatch.Call:
         kwargs=dict(x=x, weight=weight, mode=mode, eps=eps))
 
 
-def qk_norm(x, weight=None, *, mode="rms", eps=1e-6, backend=None):
+def qk_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, mode: str = "rms", eps: float = 1e-6,
+            backend: str | None = None) -> torch.Tensor:
     """Per-head RMS or L2 norm over the last dim (the norm `attention(qk_norm=...)` fuses).
 
     `"rms"`: `y = x * rsqrt(mean(x², -1) + eps) * weight` (Qwen3 / OLMo2 q_norm, k_norm);

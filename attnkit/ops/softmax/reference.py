@@ -48,14 +48,16 @@ def _block_sizes(B: int, H: int, T: int, S: int) -> tuple[int, int]:
     return max(B, 1), max(1, min(T, MAX_SCORE_ELEMENTS // (max(B, 1) * row)))
 
 
-def _softmax_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   limit: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _softmax_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor | None,
+                   hi: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of attention.
 
     Args:
         q: `[b, Hk, G, t, D]` (already normalised and scaled).
         k: `[b, Hk, S, D]`; v: `[b, Hk, S, Dv]`.
-        limit: `[b or 1, t]` int64; query row `i` sees keys `s <= limit[., i]`. None: all keys.
+        lo, hi: `[b or 1, t]` int64; query row `i` sees keys `lo[., i] <= s <= hi[., i]`.
+            None: no bound on that side.
+        softcap: `c > 0` caps the (scaled) logits to `c * tanh(x / c)`; 0 = off.
 
     Returns:
         `o [b, Hk, G, t, Dv]` and `lse [b, Hk, G, t]`; rows that see no key give 0 and -inf.
@@ -64,8 +66,16 @@ def _softmax_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s, dv = k.shape[2], v.shape[3]
     # [b, Hk, G*t, D] @ [b, Hk, D, S] -> [b, Hk, G*t, S]: the G query heads of a group share K.
     scores = (q.reshape(b, hk, g * t, d) @ k.transpose(-1, -2)).view(b, hk, g, t, s)
-    if limit is not None:
-        visible = torch.arange(s, device=q.device) <= limit[..., None]  # [b|1, t, S]
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if lo is not None or hi is not None:
+        pos = torch.arange(s, device=q.device)
+        visible = None
+        if hi is not None:
+            visible = pos <= hi[..., None]  # [b|1, t, S]
+        if lo is not None:
+            above = pos >= lo[..., None]
+            visible = above if visible is None else visible & above
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     # Softmax is shift invariant, so the max is a constant (no gradient); a row that sees no key
     # (max -inf) is shifted by 0 so that its exps are exact zeros instead of NaN.
@@ -84,14 +94,16 @@ def _softmax_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o, lse
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           limit: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor | None,
+           hi: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocked softmax attention on tensors already in the compute dtype.
 
     Args:
         q: `[B, T, H, D]`, normalised and multiplied by the scale.
         k: `[B, S, Hk, D]`; v: `[B, S, Hk, Dv]`.
-        limit: `[B or 1, T]` int64, the last key index each query row sees; None: every key.
+        lo, hi: `[B or 1, T]` int64, the first and last key index each query row sees; None: no
+            bound on that side.
+        softcap: logit cap (0 = off).
 
     Returns:
         `o [B, T, H, Dv]` and `lse [B, H, T]`.
@@ -108,16 +120,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     starts_t = range(0, max(T, 1), cols)
     recompute = (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
                  and len(starts_b) * len(starts_t) > 1)
+
+    def cut(lim, bs, ts):
+        if lim is None:
+            return None
+        return lim[:, ts] if lim.shape[0] == 1 else lim[bs, ts]
+
     o_rows, lse_rows = [], []
     for b0 in starts_b:
         bs = slice(b0, b0 + rows)
         o_blocks, lse_blocks = [], []
         for t0 in starts_t:
             ts = slice(t0, t0 + cols)
-            lim = None
-            if limit is not None:
-                lim = limit[:, ts] if limit.shape[0] == 1 else limit[bs, ts]
-            args = (qh[bs, :, :, ts], kh[bs], vh[bs], lim)
+            args = (qh[bs, :, :, ts], kh[bs], vh[bs], cut(lo, bs, ts), cut(hi, bs, ts), softcap)
             if recompute:
                 o_blk, lse_blk = checkpoint(_softmax_block, *args, use_reentrant=False)
             else:
@@ -131,13 +146,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o.permute(0, 3, 1, 2, 4).reshape(B, T, H, Dv), lse.reshape(B, H, T)
 
 
-def causal_limit(T: int, S: int, device: torch.device) -> torch.Tensor:
-    """Bottom-right causal rule: query `t` sees keys `s <= t + S - T`. Returns `[1, T]` int64."""
-    return (torch.arange(T, device=device) + (S - T))[None]
+def window_limits(T: int, S: int, causal: bool, window: tuple[int, int],
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Key bounds of a `[T, S]` attention: with `p = t + S - T` (bottom-right aligned), query `t`
+    sees keys `p - left <= s <= p + right` (`-1`: unbounded side) and `s <= p` when causal.
+
+    Returns `(lo, hi)`, each `[1, T]` int64 or None (no bound on that side).
+    """
+    left, right = window
+    p = (torch.arange(T, device=device) + (S - T))[None]
+    lo = p - left if left >= 0 else None
+    if causal:
+        hi = p + min(right, 0) if right >= 0 else p
+    else:
+        hi = p + right if right >= 0 else None
+    return lo, hi
 
 
 def attention(q, k, v, causal, scale, qk_norm, q_norm_weight, k_norm_weight, norm_eps,
-              cu_seqlens_q, cu_seqlens_k, return_lse):
+              cu_seqlens_q, cu_seqlens_k, return_lse, window=(-1, -1), softcap=0.0):
     """Softmax attention (see `attnkit.attention`); differentiable by autograd."""
     cdt = compute_dtype(q.dtype)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
@@ -147,15 +174,15 @@ def attention(q, k, v, causal, scale, qk_norm, q_norm_weight, k_norm_weight, nor
     qc = qc * (scale.to(cdt) if isinstance(scale, torch.Tensor) else scale)
 
     if cu_seqlens_q is None:
-        limit = causal_limit(q.shape[1], k.shape[1], q.device) if causal else None
-        o, lse = attend(qc, kc, vc, limit)
+        lo, hi = window_limits(q.shape[1], k.shape[1], causal, window, q.device)
+        o, lse = attend(qc, kc, vc, lo, hi, softcap)
     else:
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         outs, lses = [], []
         for i in range(len(cq) - 1):
             qi, ki, vi = qc[:, cq[i]:cq[i + 1]], kc[:, ck[i]:ck[i + 1]], vc[:, ck[i]:ck[i + 1]]
-            limit = causal_limit(qi.shape[1], ki.shape[1], q.device) if causal else None
-            o_i, lse_i = attend(qi, ki, vi, limit)
+            lo, hi = window_limits(qi.shape[1], ki.shape[1], causal, window, q.device)
+            o_i, lse_i = attend(qi, ki, vi, lo, hi, softcap)
             outs.append(o_i)
             lses.append(lse_i)
         o, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=2)
@@ -163,23 +190,53 @@ def attention(q, k, v, causal, scale, qk_norm, q_norm_weight, k_norm_weight, nor
     return (o, lse) if return_lse else o
 
 
+def _cache_slots(block_table: torch.Tensor | None, block_size: int, rows: torch.Tensor,
+                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) index into a cache for token `pos` of row `rows` (same shapes): `(row, pos)`
+    for a contiguous cache, `(block_table[row, pos // bs], pos % bs)` for a paged one."""
+    if block_table is None:
+        return rows, pos
+    return block_table[rows, pos // block_size].long(), pos % block_size
+
+
 @torch.no_grad()
-def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
-    """Decoding attention over a KV cache (see `attnkit.attention_decode`); appends in place."""
+def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window=(-1, -1),
+                     softcap=0.0, block_table=None):
+    """Decoding attention over a KV cache (see `attnkit.attention_decode`); appends in place.
+
+    Only positions `< L_b` of row `b` are read (through `block_table` when paged): they are
+    gathered into a zero-padded `[B, max L_b, Hk, D]` copy, so nothing past a row's length
+    (stale, NaN, another row's block) can reach the result, not even as `0 * NaN`.
+    """
     B, Tq = q.shape[:2]
+    block_size = k_cache.shape[1]  # tokens per block when paged
     lens = cache_seqlens.to(torch.long)  # [B]
     steps = torch.arange(Tq, device=q.device)
-    if k_new is not None:
+    if k_new is not None and B > 0 and Tq > 0:
         pos = lens[:, None] + steps  # [B, Tq]: where row b's new tokens go
         rows = torch.arange(B, device=q.device)[:, None].expand(B, Tq)
-        k_cache[rows, pos] = k_new
-        v_cache[rows, pos] = v_new
+        i0, i1 = _cache_slots(block_table, block_size, rows, pos)
+        k_cache[i0, i1] = k_new
+        v_cache[i0, i1] = v_new
+    if k_new is not None:
         lens = lens + Tq
     cdt = compute_dtype(q.dtype)
-    # The queries are the last Tq of the lens[b] valid positions: query t sits at lens[b] - Tq + t
-    # and sees every key up to its own position (bottom-right causal); nothing past lens[b].
-    limit = lens[:, None] - Tq + steps  # [B, Tq]
-    o, _ = attend(q.to(cdt) * scale, k_cache.to(cdt), v_cache.to(cdt), limit)
+    Hk, D, Dv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
+    L = int(lens.max()) if B > 0 else 0
+    pos = torch.arange(L, device=q.device)
+    valid = pos[None] < lens[:, None]  # [B, L]
+    rows = torch.arange(B, device=q.device)[:, None].expand(B, L)
+    i0, i1 = _cache_slots(block_table, block_size, rows[valid], pos[None].expand(B, L)[valid])
+    k = torch.zeros(B, L, Hk, D, dtype=cdt, device=q.device)
+    v = torch.zeros(B, L, Hk, Dv, dtype=cdt, device=q.device)
+    k[valid] = k_cache[i0, i1].to(cdt)
+    v[valid] = v_cache[i0, i1].to(cdt)
+    # The queries are the last Tq of the lens[b] valid positions: query t sits at
+    # p = lens[b] - Tq + t and sees the keys p - left <= s <= p (bottom-right causal; the window's
+    # right side cannot reach past p), never anything at or past lens[b].
+    p = lens[:, None] - Tq + steps  # [B, Tq]
+    lo = p - window[0] if window[0] >= 0 else None
+    o, _ = attend(q.to(cdt) * scale, k, v, lo, p, softcap)
     return o.to(q.dtype)
 
 

@@ -1,24 +1,32 @@
-"""Triton softmax attention (prefill / training): FlashAttention-2 forward and backward with native
-GQA, bottom-right causal masking, variable lengths and a fused per-head QK-norm.
+"""Triton softmax attention (prefill / training): FlashAttention-2 style forward and backward with
+native GQA, bottom-right aligned causal masking and sliding windows, logit softcapping, variable
+lengths and a fused per-head QK-norm.
 
 GQA by packing: a program owns one KV head and a block of `BM` *packed query rows*; packed row
 `r` of a sequence is query position `t = r // G` of query head `hk * G + r % G` (`G = H // Hk`).
-Every K/V tile a program loads is therefore used by all the query heads of its group (for MQA a
-block may hold a single position of all `H` heads; for MHA it is the usual row block). In the
-backward, a program owns a block of keys of one KV head and loops over every packed query row
-of its group, so `dk`/`dv` are summed over the group's query heads inside the kernel: K/V are
-never repeated and no per-query-head `dk`/`dv` is written.
+Every K/V tile a program loads is therefore used by all the query heads of its group. In the
+backward, a dk/dv program owns a block of keys of one KV head and loops over every packed query
+row of its group, so `dk`/`dv` are summed over the group's query heads inside the kernel.
 
-QK-norm is fused without normalising the tiles: with `x̂ = r · x ⊙ w`, `q̂·k̂ = r_q r_k ((x_q ⊙ u)
-· x_k)` (`u = w_q ⊙ w_k`), so the dots take the raw input tiles and the per-row scales `r` multiply
-the float32 products. The logits keep float32 accuracy in 16-bit dtypes (only `x_q ⊙ u` is a new
-operand, split in two when a weight exists); no normalised copy of Q or K is ever written. The
-backward folds `r` into `ds` the same way and runs the norm's backward at the end of the programs
-that own the finished `dq̂` (dq kernel) and `dk̂` (dk/dv kernel) rows. Weight and tensor-scale
-gradients are written as per-program partials and summed in the launcher (deterministic: no
-atomics). Derivations are in `docs/softmax_kernels.md`.
+Masking: causal masking is the window `(left, 0)`; a window is `(left, right)` with `-1` unbounded
+(flash-attn semantics, positions bottom-right aligned). A block of rows sees a contiguous range of
+key tiles; the loops run over that range only (tiles outside every row's window are never
+loaded), and split it into tiles every row sees whole (no mask at all) and the boundary tiles at
+both ends (masked). The backward does the same over query tiles for a block of keys.
 
-Variable lengths run in one launch without a host sync: sequence `i` owns the program ids
+Tiles: the forward tunes `BM`/`BN` (up to 128 x 128); the backward programs own 128-row outer
+tiles (keys for dk/dv, packed query rows for dq) with tuned 32/64-row inner tiles, and every
+product keeps the outer tile as its M dimension (the dk/dv kernel works on transposed tiles), so
+that sm_90 can run them on `wgmma`. The backward is deterministic (no atomics): dq and dk/dv are
+separate kernels, and weight/scale gradients are per-program partials summed by the launcher.
+
+QK-norm: with `q̂ = r_q x_q ⊙ w_q`, `k̂ = r_k x_k ⊙ w_k`, `q̂·k̂ = ((r_q x_q ⊙ w_q ⊙ w_k) · x_k) r_k`.
+The forward normalises its resident Q tile once (weights of both sides folded in), a pre-pass
+computes `r_k` once per key, and `r_k` multiplies the logit scale per key column: the loop has the
+same products as plain attention. The backward materialises the normalised queries once for the
+dk/dv kernel; the norms' own backward runs in the epilogues. Derivations: docs/softmax_kernels.md.
+
+Variable lengths run in one launch without a host sync: sequence `i` owns the row blocks
 `[cu[i]·G // BM + i, cu[i+1]·G // BM + i + 1)` (at least `cdiv(len_i·G, BM)` of them) and a
 program finds its sequence by a binary search over `cu_seqlens`.
 """
@@ -34,6 +42,7 @@ import triton.language as tl
 from ..common.triton_utils import device_guard, dot_precision, interpreted
 
 NORMS = {None: 0, "rms": 1, "l2": 2}
+LOG2E = 1.4426950408889634
 
 
 @functools.cache
@@ -59,51 +68,102 @@ def strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 # ------------------------------------------------------------------------------------- configs
 
+# Largest dynamic shared memory one block may use (opt-in), per compute capability major.minor.
+_SMEM_LIMITS = {(8, 0): 166_912, (8, 7): 166_912, (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448}
+_SMEM_DEFAULT = 101_376  # sm_86 / sm_89 / sm_120 (99 KB)
 
-def _fwd_configs() -> list[triton.Config]:
+
+def smem_limit(capability: tuple[int, int] | None) -> int:
+    """Shared memory budget of a device (`None`: the CPU interpreter, no limit that matters)."""
+    if capability is None:
+        return 1 << 30
+    return _SMEM_LIMITS.get(tuple(capability), _SMEM_DEFAULT)
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int] | None:
+    if t.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(t.device)
+
+
+def len_bucket(n: int) -> int:
+    """Coarse length class for the autotune keys (<= 2k, <= 16k, longer): tuning reruns only
+    when a length crosses a class, and lengths inside a class share one compiled kernel."""
+    return 0 if n <= 2048 else (1 if n <= 16384 else 2)
+
+
+def fwd_configs() -> list[triton.Config]:
+    """`BM x BN` tiles up to 128 x 128 (the shared-memory prune drops what a device cannot hold)."""
     if interpreted():
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w in ((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4))
-            for s in (2, 3)]
+            for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3),
+                                 (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2))]
 
 
-def _smem_bytes(cfg: triton.Config, named_args: dict, kwargs: dict, q_rows: str, kv_rows: str) -> int:
-    """Rough shared memory of a config: one resident `[q_rows, BD]` tile plus `num_stages`
-    pipelined `[kv_rows, BD + BDV]` tiles."""
-    args = {**named_args, **kwargs, **cfg.kwargs}
-    size = args["q"].element_size()
-    return size * (args[q_rows] * args["BD"] + max(cfg.num_stages, 1) * args[kv_rows] * (args["BD"] + args["BDV"]))
+def fwd_smem_bytes(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> int:
+    """Upper estimate of a forward config's shared memory: the resident `[BM, BD]` query tile,
+    `num_stages` pipelined K and V tiles, and a `[BM, BN]` staging tile for `P`."""
+    bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
+    return elsize * (bm * BD + max(cfg.num_stages, 1) * bn * (BD + BDV) + bm * bn)
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    """Drop configs whose tiles would not fit in shared memory (head dims 256, float32)."""
-    kept = [c for c in configs if _smem_bytes(c, named_args, kwargs, "BM", "BN") <= 200 * 1024]
+def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
+    limit = smem_limit(capability)
+    kept = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
     return kept or [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
 
 
-def _bwd_configs(inner: str) -> list[triton.Config]:
-    """A backward program owns a fixed tile (`_bwd_tile`: the grid and the partial buffers depend
-    on it) and loops over the other side in tiles of `inner` rows, which are tuned with warps and
-    stages (register pressure: the fused norm keeps more tiles alive)."""
-    if interpreted():
-        return [triton.Config({inner: 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({inner: n}, num_warps=w, num_stages=2) for n in (16, 32, 64) for w in (4, 8)]
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    """64-row inner tiles only for head dims <= 64 (they spill above)."""
+def _prune_fwd(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    if max(args["BD"], args["BDV"]) <= 64:
-        return configs
-    return [c for c in configs if max(c.kwargs.values()) <= 32]
+    return prune_fwd(configs, args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]))
 
 
-def _bwd_tile(bd: int, bdv: int) -> int:
-    """Keys per dk/dv program and packed query rows per dq program."""
+def bwd_outer_tile(BD: int, BDV: int, elsize: int) -> int:
+    """Keys per dk/dv program and packed query rows per dq program: 128 while the two resident
+    outer tiles (K and V, or Q and dO) fit in 64 KB (16-bit head dims <= 128), else 64 or 32.
+    The grid and the partial buffers depend on it, so it is fixed by shape, not tuned."""
     if interpreted():
         return 32
-    return 64 if max(bd, bdv) <= 64 else 32
+    for tile in (128, 64):
+        if tile * (BD + BDV) * elsize <= 65536:
+            return tile
+    return 32
+
+
+def bwd_configs(inner: str) -> list[triton.Config]:
+    """The inner tile (the side a backward program loops over) is tuned with warps and stages."""
+    if interpreted():
+        return [triton.Config({inner: 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({inner: n}, num_warps=w, num_stages=s)
+            for n in (64, 32) for w in (8, 4) for s in (2, 3)]
+
+
+def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int) -> int:
+    """Resident outer tiles plus `num_stages` pipelined inner tiles (both sides carry a head-dim
+    `BD` and a `BDV` tile), plus a transposed staging copy of one inner tile."""
+    inner = next(iter(cfg.kwargs.values()))
+    return elsize * (outer * (BD + BDV) + (max(cfg.num_stages, 1) + 1) * inner * (BD + BDV))
+
+
+def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
+    limit = smem_limit(capability)
+    kept = [c for c in configs if next(iter(c.kwargs.values())) <= outer
+            and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit]
+    if kept:
+        return kept
+    name = next(iter(configs[0].kwargs))
+    return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
+
+
+def _prune_bwd_dkdv(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return prune_bwd(configs, args["BN"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]))
+
+
+def _prune_bwd_dq(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]))
 
 
 # ----------------------------------------------------------------------------------- jit helpers
@@ -138,6 +198,53 @@ def seq_bounds(cu_seqlens_q, cu_seqlens_k, i_n, T, S, IS_VARLEN: tl.constexpr):
         bos_k = bos
         s_len = bos + S
     return bos, t_len, bos_k, s_len
+
+
+@triton.jit
+def program_block(T, N, G: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+                  IS_VARLEN: tl.constexpr):
+    """1-D grid of `blocks · B · Hk` programs: returns `(i_bh, i_blk)` with the blocks of one (batch
+    row, KV head) consecutive, so programs in flight share K/V in L2, and, with REVERSE, the
+    longest blocks (the last rows under causal masking) first, the short ones filling the tail."""
+    pid = tl.program_id(0).to(tl.int64)
+    if IS_VARLEN:
+        n_blk = T.to(tl.int64) * G // BLOCK + N
+    else:
+        n_blk = tl.cdiv(T.to(tl.int64) * G, BLOCK)
+    i_bh = pid // n_blk
+    i_blk = pid % n_blk
+    if REVERSE:
+        i_blk = n_blk - 1 - i_blk
+    return i_bh, i_blk
+
+
+@triton.jit
+def tile_split(lo, lo_full, hi, hi_full, BLOCK: tl.constexpr):
+    """Tiles of the index range `[lo, hi)` that a block touches, `[lo_full, hi_full)` being the
+    part every member of the block sees. Returns `(a, u0, u1, b)`: loop `[a, u0)` and `[u1, b)`
+    with masks, `[u0, u1)` without (whole tiles only); `a`, `u0`, `u1` are multiples of BLOCK
+    (or equal to `b`), and `a == b` when the block sees nothing."""
+    lo = tl.maximum(lo, 0)
+    a = (lo // BLOCK) * BLOCK
+    b = tl.maximum(hi, a)
+    u0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(lo_full, 0), BLOCK) * BLOCK, a), b)
+    u1 = tl.maximum(tl.minimum((tl.maximum(hi_full, 0) // BLOCK) * BLOCK, b), u0)
+    return a, u0, u1, b
+
+
+@triton.jit
+def tanh(x):
+    """float32 tanh accurate to a few ulp (the interpreter has no libdevice): an odd Taylor
+    polynomial below |x| = 0.25 (no cancellation near 0), `(1 - e) / (1 + e)`, `e = exp(-2|x|)`,
+    above."""
+    a = tl.abs(x)
+    e = tl.exp2(a * -2.8853900817779268)
+    big = (1. - e) / (1. + e)
+    x2 = a * a
+    small = a * (1. + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    r = tl.where(a < 0.25, small, big)
+    return tl.where(x < 0, -r, r)
 
 
 @triton.jit
@@ -193,6 +300,24 @@ def load_rows(base, rows, heads, o_d, m_row, m_d, s_t, s_h, s_d):
 
 
 @triton.jit
+def load_tile(base, rows, o_d, m_row, m_d, s_t, s_d, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A `[R, BD]` tile at `base + rows·s_t + d·s_d`, masked only where needed: rows when
+    MASK_ROWS, the head-dim padding unless EVEN_D (the head dim is a power of two >= 16)."""
+    p = base + rows[:, None] * s_t + o_d[None, :] * s_d
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(p, mask=m_row[:, None], other=0.)
+        else:
+            x = tl.load(p, mask=m_row[:, None] & m_d[None, :], other=0.)
+    else:
+        if EVEN_D:
+            x = tl.load(p)
+        else:
+            x = tl.load(p, mask=m_d[None, :], other=0.)
+    return x
+
+
+@triton.jit
 def load_scale(scale, scale_ptr, HAS_SCALE_TENSOR: tl.constexpr):
     if HAS_SCALE_TENSOR:
         return tl.load(scale_ptr).to(tl.float32)
@@ -208,69 +333,186 @@ def load_weight(w, o_d, m_d, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def logit_operand(b_x, b_u, NORM: tl.constexpr, HAS_U: tl.constexpr, SPLIT: tl.constexpr):
-    """The query side of the logits. With a norm, `q̂·k̂ = r_q r_k ((x_q ⊙ w_q ⊙ w_k) · x_k)`: the
-    row scales are applied to the float32 products, so only `x_q ⊙ u` (u = w_q ⊙ w_k) is a new
-    operand. In 16-bit dtypes it is split into `hi + lo` (two input-dtype tiles, ~2x the mantissa)
-    so that the logits keep float32 accuracy. Returns `(hi, lo)`; `lo` is used only with SPLIT."""
-    b_hi = b_x
-    b_lo = b_x
-    if NORM != 0:
-        if HAS_U:
-            b_a = b_x.to(tl.float32) * b_u[None, :]
-            b_hi = b_a.to(b_x.dtype)
-            if SPLIT:
-                b_lo = (b_a - b_hi.to(tl.float32)).to(b_x.dtype)
-    return b_hi, b_lo
+def logit_scales(scale, softcap, SOFTCAP: tl.constexpr):
+    """`(sc1, sc2)`: the logits in log2 units are `raw·sc1` (no softcap) or `tanh(raw·sc1)·sc2`
+    (softcap `c`: `sc1 = scale / c`, `sc2 = c·log2 e`), `raw = q̂·k̂`."""
+    if SOFTCAP:
+        sc1 = scale / softcap
+        sc2 = softcap * 1.4426950408889634
+    else:
+        sc1 = scale * 1.4426950408889634
+        sc2 = sc1 * 0. + 1.4426950408889634
+    return sc1, sc2
 
 
 @triton.jit
-def raw_logits(b_hi, b_lo, b_xk, r_q, r_k, NORM: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """`q̂·k̂` (before the scale) of a `[BM, BN]` tile from `logit_operand` and the raw keys."""
-    # [BM, BD] @ [BD, BN] -> [BM, BN]
-    b_raw = tl.dot(b_hi, tl.trans(b_xk), input_precision=DOT_PRECISION)
-    if SPLIT:
-        b_raw += tl.dot(b_lo, tl.trans(b_xk), input_precision=DOT_PRECISION)
-    if NORM != 0:
-        b_raw = b_raw * r_q[:, None] * r_k[None, :]
-    return b_raw
+def window_visible(vis, q_pos, k_pos, WL, WR, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """`vis & (p - WL <= s <= p + WR)` for broadcastable query positions `p` (already shifted
+    by `S - T`) and key positions `s`; an unbounded side is not tested."""
+    if HAS_WL:
+        vis = vis & (k_pos >= q_pos - WL)
+    if HAS_WR:
+        vis = vis & (k_pos <= q_pos + WR)
+    return vis
+
+
+@triton.jit
+def key_range(t0, t1, shift, s_len, WL, WR, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Keys seen by query positions `[t0, t1]`: `(lo, lo_full, hi, hi_full)` (see `tile_split`)."""
+    lo = t0 * 0
+    lo_full = lo
+    hi = lo + s_len
+    hi_full = hi
+    if HAS_WL:
+        lo = t0 + shift - WL
+        lo_full = t1 + shift - WL
+    if HAS_WR:
+        hi = tl.minimum(t1 + shift + WR + 1, s_len)
+        hi_full = tl.minimum(t0 + shift + WR + 1, s_len)
+    return lo, lo_full, hi, hi_full
+
+
+@triton.jit
+def query_range(c0, c1, shift, t_len, WL, WR, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Query positions that see keys `[c0, c1]`: `(lo, lo_full, hi, hi_full)` (see `tile_split`);
+    key `s` is seen by positions `t` with `s - shift - WR <= t <= s - shift + WL`."""
+    lo = c0 * 0
+    lo_full = lo
+    hi = lo + t_len
+    hi_full = hi
+    if HAS_WR:
+        lo = c0 - shift - WR
+        lo_full = c1 - shift - WR
+    if HAS_WL:
+        hi = tl.minimum(c1 - shift + WL + 1, t_len)
+        hi_full = tl.minimum(c0 - shift + WL + 1, t_len)
+    return lo, lo_full, hi, hi_full
+
+
+# ---------------------------------------------------------------------------------- norm pre-pass
+
+
+@triton.heuristics({"HAS_Y": lambda args: args["y"] is not None,
+                    "HAS_WA": lambda args: args["w_a"] is not None,
+                    "HAS_WB": lambda args: args["w_b"] is not None})
+@triton.jit(do_not_specialize=["R", "L"])
+def _norm_prep_kernel(
+    x, r, y, w_a, w_b, eps, R, L, s_xb, s_xt, s_xh, s_xd,
+    HX: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, NORM: tl.constexpr,
+    HAS_Y: tl.constexpr, HAS_WA: tl.constexpr, HAS_WB: tl.constexpr,
+):
+    # program = BR rows of x [B, L, HX, D] (any strides); r [B, L, HX] float32 and, with y,
+    # y = x ⊙ w_a ⊙ w_b in x's dtype, contiguous [B, L, HX, D] (the query operand of the kernels)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_row = rows < R
+    i_b = rows // (L * HX)
+    i_t = (rows // HX) % L
+    i_h = rows % HX
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    p = x + i_b[:, None] * s_xb + i_t[:, None] * s_xt + i_h[:, None] * s_xh + o_d[None, :] * s_xd
+    b_x = tl.load(p, mask=m_row[:, None] & m_d[None, :], other=0.)
+    b_r = row_rstd(b_x.to(tl.float32), m_row, eps, D, NORM)
+    tl.store(r + rows, b_r, mask=m_row)
+    if HAS_Y:
+        b_u = load_weight(w_a, o_d, m_d, HAS_WA) * load_weight(w_b, o_d, m_d, HAS_WB)
+        b_y = b_x.to(tl.float32) * b_u[None, :]
+        tl.store(y + rows[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty),
+                 mask=m_row[:, None] & m_d[None, :])
+
+
+def norm_prep(x: torch.Tensor, norm: str, eps: float, w_a=None, w_b=None, write_y: bool = False):
+    """`r [B, L, Hx]` float32 (the norm's rstd per row of `x [B, L, Hx, D]`) and, with `write_y`,
+    `y = x ⊙ w_a ⊙ w_b` in x's dtype (contiguous), else None."""
+    B, L, HX, D = x.shape
+    r = torch.empty(B, L, HX, device=x.device, dtype=torch.float32)
+    y = torch.empty(B, L, HX, D, device=x.device, dtype=x.dtype) if write_y else None
+    R = B * L * HX
+    if R > 0:
+        BD = head_block(D)
+        BR = max(1, 4096 // BD)
+        with device_guard(x):
+            _norm_prep_kernel[(triton.cdiv(R, BR),)](
+                x, r, y, w_a, w_b, float(eps), R, L, *strides4(x), HX=HX, D=D, BD=BD, BR=BR,
+                NORM=NORMS[norm], num_warps=1 if interpreted() else 4)
+    return r, y
 
 
 # --------------------------------------------------------------------------------------- forward
-
-
-def _split_logits(args) -> bool:
-    """16-bit inputs with a norm weight: the logit operand is split in two (see `logit_operand`)."""
-    return (args["NORM"] != 0 and (args["q_w"] is not None or args["k_w"] is not None)
-            and args["q"].dtype != torch.float32)
 
 
 _HEURISTICS = {
     "HAS_SCALE_TENSOR": lambda args: args["scale_ptr"] is not None,
     "HAS_QW": lambda args: args["q_w"] is not None,
     "HAS_KW": lambda args: args["k_w"] is not None,
-    "HAS_U": lambda args: args["q_w"] is not None or args["k_w"] is not None,
-    "SPLIT": _split_logits,
     "IS_VARLEN": lambda args: args["cu_seqlens_q"] is not None,
+    "EVEN_D": lambda args: args["D"] == args["BD"],
+    "EVEN_DV": lambda args: args["DV"] == args["BDV"],
 }
 
 
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
+              o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
+              BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+              NORM: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax. MASK: a boundary tile (key bounds and window tested);
+    otherwise every row of the block sees every key of the tile and nothing is tested. With a
+    norm, `b_rs = sc1·r_q` per row and `r_k` per key scale the product."""
+    o_n = tl.arange(0, BN)
+    cols = n0 + o_n
+    m_col = cols < s_len
+    # [BN, BD], [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
+    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
+    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
+    # [BM, BD] @ [BD, BN] -> [BM, BN]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    if NORM != 0:
+        if MASK:
+            r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
+        else:
+            r_k = tl.load(rk_base + cols * HK)
+        b_s = b_s * b_rs[:, None] * r_k[None, :]
+    else:
+        b_s = b_s * sc1
+    if SOFTCAP:
+        b_s = tanh(b_s) * sc2
+    if MASK:
+        visible = window_visible(m_col[None, :] & m_row[:, None], q_pos[:, None], cols[None, :], WL, WR,
+                                 HAS_WL, HAS_WR)
+        b_s = tl.where(visible, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # rows that have seen no key yet keep m = -inf: shift them by 0 (exp2(-inf) = 0, no NaN)
+        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = m_new
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    # [BM, BN] @ [BN, BDV] -> [BM, BDV]
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=_fwd_configs(), key=["BD", "BDV", "G", "IS_CAUSAL", "NORM"],
+@triton.autotune(configs=fwd_configs(), key=["BD", "BDV", "G", "HAS_WL", "HAS_WR", "NORM", "SOFTCAP", "LEN_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
-@triton.jit(do_not_specialize=["T", "S", "N"])
+@triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_fwd_kernel(
-    q, k, v, o, lse, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k, scale, eps, T, S, N,
+    q, k, v, o, lse, rk, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
+    T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_U: tl.constexpr,
-    SPLIT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
 ):
-    # program = (block of BM packed query rows of one sequence, batch row x KV head)
-    i_m, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # program = (batch row x KV head, block of BM packed query rows of one sequence); longest
+    # blocks first when the window is bounded on the right (causal)
+    i_bh, i_m = program_block(T, N, G, BM, HAS_WR, IS_VARLEN)
     i_b, i_hk = i_bh // HK, i_bh % HK
     if IS_VARLEN:
         i_n, i_m = find_block(cu_seqlens_q, i_m, N, G, BM)
@@ -279,57 +521,58 @@ def _attention_fwd_kernel(
     bos, t_len, bos_k, s_len = seq_bounds(cu_seqlens_q, cu_seqlens_k, i_n, T, S, IS_VARLEN)
     if i_m * BM >= t_len * G:
         return
-    qk_scale = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR) * 1.4426950408889634  # log2(e)
-
-    rows = i_m * BM + tl.arange(0, BM)
+    sc1, sc2 = logit_scales(load_scale(scale, scale_ptr, HAS_SCALE_TENSOR), softcap, SOFTCAP)
+    # positions inside one sequence in 32 bits (the mask and tile arithmetic); bases in 64
+    t_len = t_len.to(tl.int32)
+    s_len = s_len.to(tl.int32)
+    rows_start = (i_m * BM).to(tl.int32)
+    rows = rows_start + tl.arange(0, BM)
     t = rows // G  # query position of each packed row
-    h = i_hk * G + rows % G  # query head of each packed row
+    h = (i_hk * G).to(tl.int32) + rows % G  # query head of each packed row
     m_row = t < t_len
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
     q_base = q + i_b * s_qb + bos * s_qt
     k_base = k + i_b * s_kb + bos_k * s_kt + i_hk * s_kh
     v_base = v + i_b * s_vb + bos_k * s_vt + i_hk * s_vh
-    zero_h = tl.zeros([BN], dtype=tl.int64)
+    rk_base = k_base  # unused without a norm
+    if NORM != 0:
+        rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] raw queries; the norm enters as row scales r_q and the weight product u
-    b_xq = load_rows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
-    b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
-    r_q = row_rstd(b_xq.to(tl.float32), m_row, eps, D, NORM)
-    b_hi, b_lo = logit_operand(b_xq, b_u, NORM, HAS_U, SPLIT)
+    # [BM, BD] queries; the norm once here: r_q per row (float32, into the row scale) and the
+    # weights of both sides folded into the operand (x_q ⊙ w_q ⊙ w_k)
+    b_q = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
+    b_rs = sc1
+    if NORM != 0:
+        b_xq = b_q.to(tl.float32)
+        b_rs = row_rstd(b_xq, m_row, eps, D, NORM) * sc1
+        if HAS_QW or HAS_KW:
+            b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
+            b_q = (b_xq * b_u[None, :]).to(b_q.dtype)
 
-    # bottom-right causal: row t sees keys s <= t + s_len - t_len
+    # keys of the block's positions [t0, t1]; row p = t + s_len - t_len sees p - WL <= s <= p + WR
     shift = s_len - t_len
-    n_end = s_len
-    if IS_CAUSAL:
-        t_last = tl.minimum(t_len - 1, (i_m * BM + BM - 1) // G)
-        n_end = tl.maximum(tl.minimum(s_len, t_last + shift + 1), 0)
+    t0 = rows_start // G
+    t1 = tl.minimum(t_len - 1, (rows_start + BM - 1) // G)
+    lo, lo_full, hi, hi_full = key_range(t0, t1, shift, s_len, WL, WR, HAS_WL, HAS_WR)
+    a, u0, u1, b = tile_split(lo, lo_full, hi, hi_full, BN)
+    q_pos = t + shift
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
-    for n0 in range(0, n_end, BN):
-        cols = n0 + tl.arange(0, BN)
-        m_col = cols < s_len
-        # [BN, BD], [BN, BDV]
-        b_xk = load_rows(k_base, cols, zero_h, o_d, m_col, m_d, s_kt, s_kh, s_kd)
-        b_v = load_rows(v_base, cols, zero_h, o_dv, m_col, m_dv, s_vt, s_vh, s_vd)
-        r_k = row_rstd(b_xk.to(tl.float32), m_col, eps, D, NORM)
-        # [BM, BN] logits in log2 units
-        b_s = raw_logits(b_hi, b_lo, b_xk, r_q, r_k, NORM, SPLIT, DOT_PRECISION) * qk_scale
-        visible = m_col[None, :]
-        if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= (t + shift)[:, None])
-        b_s = tl.where(visible, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        # rows that have seen no key yet keep m = -inf: shift them by 0 (exp2(-inf) = 0, no NaN)
-        m_safe = tl.where(m_new == float("-inf"), 0., m_new)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        # [BM, BN] @ [BN, BDV] -> [BM, BDV]
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for n0 in range(a, u0, BN):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+                                  WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+    for n0 in range(u0, u1, BN):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+                                  WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, False,
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+    for n0 in range(u1, b, BN):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+                                  WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     # a row that sees no key: o = 0, lse = -inf
     empty = l_i == 0.
@@ -366,129 +609,238 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _softmax_grad_tile(b_raw, b_do, b_v, b_lse2, b_delta, visible, qk_scale, DOT_PRECISION: tl.constexpr):
-    """From the raw logits `[BM, BN]`: returns `(p, ds = dL/ds)`, `s` the scaled natural logits."""
-    b_p = tl.where(visible, tl.exp2(b_raw * qk_scale - b_lse2[:, None]), 0.)
-    # [BM, BDV] @ [BDV, BN] -> [BM, BN]
-    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-    return b_p, b_p * (b_dp - b_delta[:, None])
+def load_qrows(base, t, h, o_d, m_row, m_d, s_t, s_h, s_d, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """`[R, BD]` tile of packed query rows (position `t`, head `h`), masked only where needed."""
+    p = base + t[:, None] * s_t + h[:, None] * s_h + o_d[None, :] * s_d
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(p, mask=m_row[:, None], other=0.)
+        else:
+            x = tl.load(p, mask=m_row[:, None] & m_d[None, :], other=0.)
+    else:
+        if EVEN_D:
+            x = tl.load(p)
+        else:
+            x = tl.load(p, mask=m_d[None, :], other=0.)
+    return x
 
 
-@triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=_bwd_configs("BM"), key=["BD", "BDV", "G", "IS_CAUSAL", "NORM"],
-                 prune_configs_by={"early_config_prune": _prune_bwd})
-@triton.jit(do_not_specialize=["T", "S", "N"])
+@triton.jit
+def _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col, shift,
+               t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T,
+               H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, NORM: tl.constexpr, SOFTCAP: tl.constexpr,
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of BM packed query rows for the resident keys, on transposed `[BN, BM]` tiles
+    (keys are the M dimension of every product). With a norm, the query operand is
+    `x_q ⊙ w_q ⊙ w_k` and `r_q` (rows) and `b_rs = sc1·r_k` (keys) scale the product."""
+    rows = r0 + tl.arange(0, BM)
+    t = rows // G
+    h = (i_hk * G).to(tl.int32) + rows % G
+    m_row = t < t_len
+    # [BM, BD] query operand, [BM, BDV]: 64-bit tile base, 32-bit offsets inside the tile
+    t_base = r0 // G
+    t_loc = t - t_base
+    b_q = load_qrows(q_base + tl.cast(t_base, tl.int64) * s_qt, t_loc, h, o_d, m_row, m_d, s_qt, s_qh, s_qd, MASK, EVEN_D)
+    b_do = load_qrows(do_base + tl.cast(t_base, tl.int64) * (H * DV), t_loc, h, o_dv, m_row, m_dv, H * DV, DV, 1, MASK,
+                      EVEN_DV)
+    p_lse = h * T + t
+    if MASK:
+        b_lse2 = tl.load(lse_base + p_lse, mask=m_row, other=0.) * 1.4426950408889634
+        b_delta = tl.load(delta_base + p_lse, mask=m_row, other=0.)
+    else:
+        b_lse2 = tl.load(lse_base + p_lse) * 1.4426950408889634
+        b_delta = tl.load(delta_base + p_lse)
+    # [BN, BD] @ [BD, BM] -> [BN, BM], logits in log2 units (b_rs: per-key scale)
+    b_s = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_rs
+    if NORM != 0:
+        if MASK:
+            r_q = tl.load(rq_base + t * H + h, mask=m_row, other=0.)
+        else:
+            r_q = tl.load(rq_base + t * H + h)
+        b_s = b_s * r_q[None, :]
+    if SOFTCAP:
+        b_th = tanh(b_s)
+        b_s = b_th * sc2
+    b_p = tl.exp2(b_s - b_lse2[None, :])
+    if MASK:
+        visible = window_visible(m_col[:, None] & m_row[None, :], (t + shift)[None, :], cols[:, None], WL, WR,
+                                 HAS_WL, HAS_WR)
+        b_p = tl.where(visible, b_p, 0.)
+    # [BN, BDV] @ [BDV, BM] -> [BN, BM]
+    b_dp = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+    b_ds = b_p * (b_dp - b_delta[None, :])
+    if SOFTCAP:
+        b_ds = b_ds * (1. - b_th * b_th)
+    # [BN, BM] @ [BM, BDV] -> [BN, BDV]; [BN, BM] @ [BM, BD] -> [BN, BD]
+    b_dv += tl.dot(b_p.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    if NORM != 0:
+        b_ds = b_ds * r_q[None, :]
+    b_dk += tl.dot(b_ds.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    return b_dk, b_dv
+
+
+@triton.heuristics({name: _HEURISTICS[name] for name in ("HAS_SCALE_TENSOR", "IS_VARLEN", "EVEN_D", "EVEN_DV")})
+@triton.autotune(configs=bwd_configs("BM"),
+                 key=["BD", "BDV", "G", "HAS_WL", "HAS_WR", "NORM", "SOFTCAP", "BN", "LEN_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_bwd_dkdv})
+@triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv, dkw_part, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k,
-    scale, eps, T, S, N,
+    q, k, v, do, lse, delta, dk, dv, rq, rk, scale_ptr, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
+    T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_U: tl.constexpr,
-    SPLIT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
 ):
-    # program = (block of BN keys of one sequence, batch row x KV head); loops over every packed
-    # query row of the group, so dk/dv are summed over the group's G query heads here.
-    i_n_blk, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # program = (batch row x KV head, block of BN keys); loops over the packed query rows that
+    # see them, so dk/dv are summed over the group's G query heads here. With a norm and weights,
+    # `q` is x_q ⊙ w_q ⊙ w_k (from `norm_prep`), `rq` the queries' rstd, and dk is dL/d(x_k·r_k).
+    i_bh, i_nb = program_block(S, N, 1, BN, False, IS_VARLEN)
     i_b, i_hk = i_bh // HK, i_bh % HK
     if IS_VARLEN:
-        i_n, i_n_blk = find_block(cu_seqlens_k, i_n_blk, N, 1, BN)
+        i_n, i_nb = find_block(cu_seqlens_k, i_nb, N, 1, BN)
     else:
         i_n = i_b
     bos, t_len, bos_k, s_len = seq_bounds(cu_seqlens_q, cu_seqlens_k, i_n, T, S, IS_VARLEN)
-    if i_n_blk * BN >= s_len:
+    if i_nb * BN >= s_len:
         return
     scale = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
-    qk_scale = scale * 1.4426950408889634
-
-    cols = i_n_blk * BN + tl.arange(0, BN)
+    sc1, sc2 = logit_scales(scale, softcap, SOFTCAP)
+    t_len = t_len.to(tl.int32)
+    s_len = s_len.to(tl.int32)
+    c0 = (i_nb * BN).to(tl.int32)
+    cols = c0 + tl.arange(0, BN)
     m_col = cols < s_len
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
-    zero_h = tl.zeros([BN], dtype=tl.int64)
     q_base = q + i_b * s_qb + bos * s_qt
     k_base = k + i_b * s_kb + bos_k * s_kt + i_hk * s_kh
     v_base = v + i_b * s_vb + bos_k * s_vt + i_hk * s_vh
+    do_base = do + (i_b * T + bos) * H * DV
+    lse_base = lse + i_b * H * T + bos
+    delta_base = delta + i_b * H * T + bos
+    rq_base = lse_base  # unused without a norm
+    if NORM != 0:
+        rq_base = rq + (i_b * T + bos) * H
 
-    # [BN, BD] raw keys, [BN, BDV]
-    b_xk = load_rows(k_base, cols, zero_h, o_d, m_col, m_d, s_kt, s_kh, s_kd)
-    b_v = load_rows(v_base, cols, zero_h, o_dv, m_col, m_dv, s_vt, s_vh, s_vd)
-    r_k = row_rstd(b_xk.to(tl.float32), m_col, eps, D, NORM)
-    b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
+    # [BN, BD] raw keys, [BN, BDV]; the per-key logit scale [BN, 1]
+    o_n = tl.arange(0, BN)
+    b_k = load_tile(k_base + tl.cast(c0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, True, EVEN_D)
+    b_v = load_tile(v_base + tl.cast(c0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, True, EVEN_DV)
+    if NORM != 0:
+        r_k = tl.load(rk + ((i_b * S + bos_k + cols) * HK + i_hk), mask=m_col, other=0.)
+        b_rs = (sc1 * r_k)[:, None]
+    else:
+        r_k = m_col.to(tl.float32)
+        b_rs = sc1
 
+    # packed query rows that see keys [c0, c1]
     shift = s_len - t_len
-    r_start = 0
-    if IS_CAUSAL:
-        # the first query position that sees key i_n_blk * BN, as a packed row, rounded to BM
-        t_first = tl.maximum(i_n_blk * BN - shift, 0)
-        r_start = (t_first * G // BM) * BM
+    c1 = tl.minimum(s_len - 1, c0 + BN - 1)
+    lo, lo_full, hi, hi_full = query_range(c0, c1, shift, t_len, WL, WR, HAS_WL, HAS_WR)
+    a, u0, u1, b = tile_split(lo * G, lo_full * G, hi * G, hi_full * G, BM)
+
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
-    for r0 in range(r_start, t_len * G, BM):
-        rows = r0 + tl.arange(0, BM)
-        t = rows // G
-        h = i_hk * G + rows % G
-        m_row = t < t_len
-        # [BM, BD] raw queries, [BM, BDV]
-        b_xq = load_rows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
-        r_q = row_rstd(b_xq.to(tl.float32), m_row, eps, D, NORM)
-        b_hi, b_lo = logit_operand(b_xq, b_u, NORM, HAS_U, SPLIT)
-        p_row = (i_b * T + bos + t) * H + h
-        b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_row[:, None] & m_dv[None, :], other=0.)
-        p_lse = (i_b * H + h) * T + bos + t
-        b_lse2 = tl.load(lse + p_lse, mask=m_row, other=0.) * 1.4426950408889634
-        b_delta = tl.load(delta + p_lse, mask=m_row, other=0.)
-        visible = m_row[:, None] & m_col[None, :]
-        if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= (t + shift)[:, None])
-        b_raw = raw_logits(b_hi, b_lo, b_xk, r_q, r_k, NORM, SPLIT, DOT_PRECISION)
-        b_p, b_ds = _softmax_grad_tile(b_raw, b_do, b_v, b_lse2, b_delta, visible, qk_scale, DOT_PRECISION)
-        # [BN, BM] @ [BM, BDV] -> [BN, BDV]
-        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)
-        # dk̂ = Σ_i ds_i q̂_i = w_q ⊙ Σ_i (ds_i r_i) x_i: [BN, BM] @ [BM, BD] -> [BN, BD]
-        if NORM != 0:
-            b_ds = b_ds * r_q[:, None]
-        b_dk += tl.dot(tl.trans(b_ds.to(b_xq.dtype)), b_xq, input_precision=DOT_PRECISION)
+    for r0 in range(a, u0, BM):
+        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col,
+                                shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
+                                BM, True, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+    for r0 in range(u0, u1, BM):
+        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col,
+                                shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
+                                BM, False, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+    for r0 in range(u1, b, BM):
+        b_dk, b_dv = _dkdv_tile(b_dk, b_dv, b_k, b_v, b_rs, q_base, rq_base, do_base, lse_base, delta_base, r0, cols, m_col,
+                                shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
+                                BM, True, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
 
-    b_dk = b_dk * scale  # dL/dk̂
-    m_k = m_col[:, None] & m_d[None, :]
+    b_dk = b_dk * scale
     if NORM != 0:
-        if HAS_QW:
-            b_dk = b_dk * load_weight(q_w, o_d, m_d, HAS_QW)[None, :]
-        # through the norm: y = x·r
-        b_dk, b_dkw = row_norm_bwd(b_dk, b_xk.to(tl.float32) * r_k[:, None], r_k, k_w, o_d, m_d, D, NORM, HAS_KW)
-        if HAS_KW:
-            i_prog = i_bh * tl.num_programs(0) + tl.program_id(0)
-            tl.store(dkw_part + i_prog * D + o_d, b_dkw, mask=m_d)
+        # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward
+        b_dk, _ = row_norm_bwd(b_dk, b_k.to(tl.float32) * r_k[:, None], r_k, k_base, o_d, m_d, D, NORM, False)
     p_kv = (i_b * S + bos_k + cols) * HK + i_hk
-    tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_k)
+    tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_col[:, None] & m_d[None, :])
     tl.store(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_col[:, None] & m_dv[None, :])
 
 
+@triton.jit
+def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+             s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
+             BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+             NORM: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr,
+             EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile for the resident query rows: accumulates Σ_j dz_j·(r_j x_j) (dz = dL/dz,
+    z = scale·q̂·k̂ the logits before the cap) and the three tensor-scale row sums."""
+    o_n = tl.arange(0, BN)
+    cols = n0 + o_n
+    m_col = cols < s_len
+    # [BN, BD] raw keys, [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
+    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
+    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
+    # [BM, BD] @ [BD, BN] -> [BM, BN]
+    b_raw = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    if NORM != 0:
+        if MASK:
+            r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
+        else:
+            r_k = tl.load(rk_base + cols * HK)
+        b_raw = b_raw * r_q[:, None] * r_k[None, :]  # q̂·k̂
+    b_s = b_raw * sc1
+    if SOFTCAP:
+        b_th = tanh(b_s)
+        b_s = b_th * sc2
+    b_p = tl.exp2(b_s - b_lse2[:, None])
+    if MASK:
+        visible = window_visible(m_col[None, :] & m_row[:, None], q_pos[:, None], cols[None, :], WL, WR,
+                                 HAS_WL, HAS_WR)
+        b_p = tl.where(visible, b_p, 0.)
+    # [BM, BDV] @ [BDV, BN] -> [BM, BN]
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dz = b_ds
+    if SOFTCAP:
+        b_dz = b_ds * (1. - b_th * b_th)
+    if HAS_SCALE_TENSOR:
+        if MASK:
+            b_raw = tl.where(visible, b_raw, 0.)
+        b_dsr += tl.sum(b_dz * b_raw, 1)
+        b_dss += tl.sum(b_ds, 1)
+        if SOFTCAP:
+            b_pr += tl.sum(b_p * (1. - b_th * b_th) * b_raw, 1)
+        else:
+            b_pr += tl.sum(b_p * b_raw, 1)
+    if NORM != 0:
+        b_dz = b_dz * r_k[None, :]
+    # [BM, BN] @ [BN, BD] -> [BM, BD]
+    b_acc += tl.dot(b_dz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+    return b_acc, b_dsr, b_dss, b_pr
+
+
 @triton.heuristics({**_HEURISTICS, "HAS_DLSE": lambda args: args["dlse"] is not None})
-@triton.autotune(configs=_bwd_configs("BN"), key=["BD", "BDV", "G", "IS_CAUSAL", "NORM"],
-                 prune_configs_by={"early_config_prune": _prune_bwd})
-@triton.jit(do_not_specialize=["T", "S", "N"])
+@triton.autotune(configs=bwd_configs("BN"),
+                 key=["BD", "BDV", "G", "HAS_WL", "HAS_WR", "NORM", "SOFTCAP", "BM", "LEN_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_bwd_dq})
+@triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dlse, dq, dqw_part, dscale_part, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k,
-    scale, eps, T, S, N,
+    q, k, v, do, lse, delta, dlse, dq, rk, dqw_part, dkw_part, dscale_part, scale_ptr, q_w, k_w,
+    cu_seqlens_q, cu_seqlens_k, scale, softcap, eps, T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_U: tl.constexpr,
-    SPLIT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    # program = (block of BM packed query rows, batch row x KV head), as in the forward; also the
-    # tensor-scale gradient, each (row, key) pair being visited by one program only. Per row,
-    # dscale = Σ_j ds_j raw_j + (dlse - Σ_j ds_j) · Σ_j p_j raw_j: the second term removes the
-    # error of `delta`, whose rowsum(dO ⊙ O) uses the rounded output (exact arithmetic gives
-    # Σ_j ds_j = dlse). Without it dscale would sum that error times Σ_j p_j raw_j over all rows.
-    i_m, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # program = (batch row x KV head, block of BM packed query rows), as in the forward. It also
+    # writes the partials of both norm weights' gradients and of the tensor scale's: per row,
+    # dscale = Σ_j dz_j raw_j + (dlse - Σ_j ds_j) · Σ_j p_j z'_j raw_j (raw = q̂·k̂, z' = dcap/dz):
+    # the second term removes the error of `delta`, whose rowsum(dO ⊙ O) uses the rounded output
+    # (exact arithmetic gives Σ_j ds_j = dlse).
+    i_bh, i_m = program_block(T, N, G, BM, HAS_WR, IS_VARLEN)
     i_b, i_hk = i_bh // HK, i_bh % HK
     if IS_VARLEN:
         i_n, i_m = find_block(cu_seqlens_q, i_m, N, G, BM)
@@ -498,24 +850,34 @@ def _attention_bwd_dq_kernel(
     if i_m * BM >= t_len * G:
         return
     scale = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
-    qk_scale = scale * 1.4426950408889634
-
-    rows = i_m * BM + tl.arange(0, BM)
+    sc1, sc2 = logit_scales(scale, softcap, SOFTCAP)
+    t_len = t_len.to(tl.int32)
+    s_len = s_len.to(tl.int32)
+    rows_start = (i_m * BM).to(tl.int32)
+    rows = rows_start + tl.arange(0, BM)
     t = rows // G
-    h = i_hk * G + rows % G
+    h = (i_hk * G).to(tl.int32) + rows % G
     m_row = t < t_len
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
-    zero_h = tl.zeros([BN], dtype=tl.int64)
     q_base = q + i_b * s_qb + bos * s_qt
     k_base = k + i_b * s_kb + bos_k * s_kt + i_hk * s_kh
     v_base = v + i_b * s_vb + bos_k * s_vt + i_hk * s_vh
+    rk_base = k_base  # unused without a norm
+    if NORM != 0:
+        rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] raw queries, [BM, BDV], [BM]
-    b_xq = load_rows(q_base, t, h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
-    b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
-    r_q = row_rstd(b_xq.to(tl.float32), m_row, eps, D, NORM)
-    b_hi, b_lo = logit_operand(b_xq, b_u, NORM, HAS_U, SPLIT)
+    # [BM, BD] query operand and r_q as in the forward, [BM, BDV], [BM]
+    b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
+    b_q = b_xq
+    r_q = sc1  # unused without a norm
+    if NORM != 0:
+        b_xqf = b_xq.to(tl.float32)
+        r_q = row_rstd(b_xqf, m_row, eps, D, NORM)
+        b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
+        b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
+        if HAS_QW or HAS_KW:
+            b_q = (b_xqf * (b_wq * b_wk)[None, :]).to(b_xq.dtype)
     p_row = (i_b * T + bos + t) * H + h
     b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_row[:, None] & m_dv[None, :], other=0.)
     p_lse = (i_b * H + h) * T + bos + t
@@ -523,50 +885,48 @@ def _attention_bwd_dq_kernel(
     b_delta = tl.load(delta + p_lse, mask=m_row, other=0.)
 
     shift = s_len - t_len
-    n_end = s_len
-    if IS_CAUSAL:
-        t_last = tl.minimum(t_len - 1, (i_m * BM + BM - 1) // G)
-        n_end = tl.maximum(tl.minimum(s_len, t_last + shift + 1), 0)
-    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    b_dsr = tl.zeros([BM], dtype=tl.float32)  # Σ_j ds_j raw_j
-    b_dss = tl.zeros([BM], dtype=tl.float32)  # Σ_j ds_j
-    b_pr = tl.zeros([BM], dtype=tl.float32)  # Σ_j p_j raw_j
-    for n0 in range(0, n_end, BN):
-        cols = n0 + tl.arange(0, BN)
-        m_col = cols < s_len
-        # [BN, BD] raw keys, [BN, BDV]
-        b_xk = load_rows(k_base, cols, zero_h, o_d, m_col, m_d, s_kt, s_kh, s_kd)
-        b_v = load_rows(v_base, cols, zero_h, o_dv, m_col, m_dv, s_vt, s_vh, s_vd)
-        r_k = row_rstd(b_xk.to(tl.float32), m_col, eps, D, NORM)
-        visible = m_row[:, None] & m_col[None, :]
-        if IS_CAUSAL:
-            visible = visible & (cols[None, :] <= (t + shift)[:, None])
-        b_raw = raw_logits(b_hi, b_lo, b_xk, r_q, r_k, NORM, SPLIT, DOT_PRECISION)
-        b_p, b_ds = _softmax_grad_tile(b_raw, b_do, b_v, b_lse2, b_delta, visible, qk_scale, DOT_PRECISION)
-        if HAS_SCALE_TENSOR:
-            b_raw = tl.where(visible, b_raw, 0.)
-            b_dsr += tl.sum(b_ds * b_raw, 1)
-            b_dss += tl.sum(b_ds, 1)
-            b_pr += tl.sum(b_p * b_raw, 1)
-        # dq̂ = Σ_j ds_j k̂_j = w_k ⊙ Σ_j (ds_j r_j) x_j: [BM, BN] @ [BN, BD] -> [BM, BD]
-        if NORM != 0:
-            b_ds = b_ds * r_k[None, :]
-        b_dq += tl.dot(b_ds.to(b_xk.dtype), b_xk, input_precision=DOT_PRECISION)
+    t0 = rows_start // G
+    t1 = tl.minimum(t_len - 1, (rows_start + BM - 1) // G)
+    lo, lo_full, hi, hi_full = key_range(t0, t1, shift, s_len, WL, WR, HAS_WL, HAS_WR)
+    a, u0, u1, b = tile_split(lo, lo_full, hi, hi_full, BN)
+    q_pos = t + shift
 
-    i_prog = i_bh * tl.num_programs(0) + tl.program_id(0)
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    b_dsr = tl.zeros([BM], dtype=tl.float32)  # Σ_j dz_j raw_j
+    b_dss = tl.zeros([BM], dtype=tl.float32)  # Σ_j ds_j
+    b_pr = tl.zeros([BM], dtype=tl.float32)  # Σ_j p_j z'_j raw_j
+    for n0 in range(a, u0, BN):
+        b_acc, b_dsr, b_dss, b_pr = _dq_tile(
+            b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+            s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True, HAS_WL, HAS_WR,
+            NORM, SOFTCAP, HAS_SCALE_TENSOR, EVEN_D, EVEN_DV, DOT_PRECISION)
+    for n0 in range(u0, u1, BN):
+        b_acc, b_dsr, b_dss, b_pr = _dq_tile(
+            b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+            s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, False, HAS_WL, HAS_WR,
+            NORM, SOFTCAP, HAS_SCALE_TENSOR, EVEN_D, EVEN_DV, DOT_PRECISION)
+    for n0 in range(u1, b, BN):
+        b_acc, b_dsr, b_dss, b_pr = _dq_tile(
+            b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base, v_base, rk_base, n0, q_pos, m_row,
+            s_len, sc1, sc2, WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True, HAS_WL, HAS_WR,
+            NORM, SOFTCAP, HAS_SCALE_TENSOR, EVEN_D, EVEN_DV, DOT_PRECISION)
+
+    i_prog = tl.program_id(0).to(tl.int64)
     if HAS_SCALE_TENSOR:
         b_fix = -b_dss
         if HAS_DLSE:
             b_fix += tl.load(dlse + p_lse, mask=m_row, other=0.)
         tl.store(dscale_part + i_prog, tl.sum(b_dsr + b_fix * b_pr, 0))
-    b_dq = b_dq * scale  # dL/dq̂
     if NORM != 0:
+        # dL/dq̂ = scale · w_k ⊙ acc; dL/dw_k = scale · Σ_rows acc ⊙ q̂ (q̂ = x_q·r_q ⊙ w_q)
+        b_yq = b_xqf * r_q[:, None]
         if HAS_KW:
-            b_dq = b_dq * load_weight(k_w, o_d, m_d, HAS_KW)[None, :]
-        # through the norm: y = x·r
-        b_dq, b_dqw = row_norm_bwd(b_dq, b_xq.to(tl.float32) * r_q[:, None], r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
+            tl.store(dkw_part + i_prog * D + o_d, tl.sum(b_acc * (b_yq * b_wq[None, :]), 0) * scale, mask=m_d)
+        b_dq, b_dqw = row_norm_bwd(b_acc * (b_wk * scale)[None, :], b_yq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
         if HAS_QW:
             tl.store(dqw_part + i_prog * D + o_d, b_dqw, mask=m_d)
+    else:
+        b_dq = b_acc * scale
     tl.store(dq + p_row[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
              mask=m_row[:, None] & m_d[None, :])
 
@@ -574,23 +934,37 @@ def _attention_bwd_dq_kernel(
 # -------------------------------------------------------------------------------- host launchers
 
 
-def _common_args(q, k, v, scale, q_w, k_w, eps, cu_q, cu_k, causal, norm):
+def window_bounds(window: tuple[int, int], causal: bool) -> tuple[int, int]:
+    """`(WL, WR)` with -1 for an unbounded side; causal masking is the right bound 0 (a key past
+    the query's position is never seen, whatever `window[1]` allows)."""
+    left, right = (int(window[0]), int(window[1])) if window is not None else (-1, -1)
+    left = left if left >= 0 else -1
+    right = right if right >= 0 else -1
+    if causal:
+        right = 0
+    return left, right
+
+
+def _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_q, cu_k, window, norm):
     B, T, H, D = q.shape
     S, HK, DV = k.shape[1], k.shape[2], v.shape[3]
     tensor_scale = isinstance(scale, torch.Tensor)
+    wl, wr = window
     return dict(
         q=q, k=k, v=v, scale_ptr=scale if tensor_scale else None, q_w=q_w, k_w=k_w,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=0.0 if tensor_scale else float(scale),
-        eps=float(eps), T=T, S=S, N=q.shape[0] if cu_q is None else cu_q.numel() - 1,
+        softcap=float(softcap), eps=float(eps), T=T, S=S, N=q.shape[0] if cu_q is None else cu_q.numel() - 1,
+        WL=max(wl, 0), WR=max(wr, 0), LEN_BUCKET=len_bucket(max(T, S)),
         **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(q))),
         **dict(zip(("s_kb", "s_kt", "s_kh", "s_kd"), strides4(k))),
         **dict(zip(("s_vb", "s_vt", "s_vh", "s_vd"), strides4(v))),
         H=H, HK=HK, G=H // HK, D=D, DV=DV, BD=head_block(D), BDV=head_block(DV),
-        NORM=NORMS[norm], IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q))
+        NORM=NORMS[norm], HAS_WL=wl >= 0, HAS_WR=wr >= 0, SOFTCAP=softcap > 0,
+        DOT_PRECISION=dot_precision(q))
 
 
 def _row_blocks(n_rows: int, n_seq: int | None, block: int) -> int:
-    """Programs along the rows: `cdiv(rows, block)` per batch row, or the varlen schedule."""
+    """Row blocks per batch row: `cdiv(rows, block)`, or the varlen schedule's count."""
     if n_seq is None:
         return triton.cdiv(n_rows, block)
     return n_rows // block + n_seq
@@ -598,34 +972,41 @@ def _row_blocks(n_rows: int, n_seq: int | None, block: int) -> int:
 
 def attention_fwd(q, k, v, *, causal: bool, scale: float | torch.Tensor, norm: str | None,
                   q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float,
-                  cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None):
+                  cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0):
     """Runs the forward kernel (no autograd). Any strides are accepted.
 
-    Returns `o [B, T, H, DV]` (q's dtype, contiguous) and `lse [B, H, T]` float32 (natural log).
+    Returns `o [B, T, H, DV]` (q's dtype, contiguous), `lse [B, H, T]` float32 (natural log) and
+    the keys' rstd `[B, S, Hk]` float32 (None without a norm), which the backward reuses.
     """
     B, T, H, _ = q.shape
     HK, DV = k.shape[2], v.shape[3]
     G = H // HK
     o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    rk = norm_prep(k, norm, eps)[0] if norm is not None else None
     if o.numel() == 0:
-        return o, lse.fill_(float("-inf"))
+        return o, lse.fill_(float("-inf")), rk
     n_seq = None if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
 
     def grid(meta):
-        return (_row_blocks(T * G, n_seq, meta["BM"]), B * HK)
+        return (_row_blocks(T * G, n_seq, meta["BM"]) * B * HK,)
 
     with device_guard(q):
         _attention_fwd_kernel[grid](
-            o=o, lse=lse, **_common_args(q, k, v, scale, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k, causal, norm))
-    return o, lse
+            o=o, lse=lse, rk=rk,
+            **_common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k,
+                           window_bounds(window, causal), norm))
+    return o, lse, rk
 
 
 def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | torch.Tensor, norm: str | None,
                   q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float,
-                  cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None):
+                  cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, rk: torch.Tensor | None = None):
     """Runs the backward kernels (no autograd). `o`, `do` contiguous `[B, T, H, DV]`; `dlse`
-    (`[B, H, T]` float32 contiguous) may be None.
+    (`[B, H, T]` float32 contiguous) may be None; `rk` is the forward's key rstd (recomputed when
+    None and a norm is on).
 
     Returns `(dq, dk, dv, dq_w, dk_w, dscale)`: dq/dk/dv in the input dtype, the weight gradients
     in float32 (None without weights), `dscale` a float32 0-dim tensor (None for a float scale).
@@ -637,15 +1018,16 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
     dk = torch.empty(B, S, HK, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, S, HK, DV, device=q.device, dtype=v.dtype)
     tensor_scale = isinstance(scale, torch.Tensor)
-    tile = _bwd_tile(head_block(D), head_block(DV))
+    BD, BDV = head_block(D), head_block(DV)
+    tile = bwd_outer_tile(BD, BDV, q.element_size())
     n_seq = None if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
-    grid_q = (_row_blocks(T * G, n_seq, tile), B * HK)
-    grid_k = (_row_blocks(S, n_seq, tile), B * HK)
+    n_q = _row_blocks(T * G, n_seq, tile) * B * HK
+    n_k = _row_blocks(S, n_seq, tile) * B * HK
     # per-program partials, zero where a program writes nothing (varlen padding, early exits)
     f32 = dict(device=q.device, dtype=torch.float32)
-    dqw_part = torch.zeros(grid_q[0] * grid_q[1], D, **f32) if norm is not None and q_w is not None else None
-    dkw_part = torch.zeros(grid_k[0] * grid_k[1], D, **f32) if norm is not None and k_w is not None else None
-    dscale_part = torch.zeros(grid_q[0] * grid_q[1], **f32) if tensor_scale else None
+    dqw_part = torch.zeros(n_q, D, **f32) if norm is not None and q_w is not None else None
+    dkw_part = torch.zeros(n_q, D, **f32) if norm is not None and k_w is not None else None
+    dscale_part = torch.zeros(n_q, **f32) if tensor_scale else None
     if B == 0 or T == 0 or S == 0:
         # no visible key anywhere: every gradient is zero
         dq.zero_()
@@ -654,15 +1036,28 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
     else:
         delta = torch.empty(B, H, T, **f32)
         BT = 32 if interpreted() else 64
-        common = _common_args(q, k, v, scale, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k, causal, norm)
+        wb = window_bounds(window, causal)
+        common = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k, wb, norm)
+        rq = None
+        dkdv_q = {}
+        if norm is not None:
+            if rk is None:
+                rk = norm_prep(k, norm, eps)[0]
+            # the dk/dv kernel streams the query operand the forward used (x_q ⊙ w_q ⊙ w_k) and r_q
+            rq, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=q_w is not None or k_w is not None)
+            if qn is not None:
+                dkdv_q = dict(q=qn, **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(qn))))
+        dkdv_args = {**common, **dkdv_q}
+        for name in ("q_w", "k_w"):
+            dkdv_args.pop(name)
         with device_guard(q):
             _attention_bwd_preprocess_kernel[(triton.cdiv(T, BT), B * H)](
-                o, do, dlse, delta, T, H=H, DV=DV, BDV=head_block(DV), BT=BT)
-            _attention_bwd_dkdv_kernel[grid_k](
-                do=do, lse=lse, delta=delta, dk=dk, dv=dv, dkw_part=dkw_part, BN=tile, **common)
-            _attention_bwd_dq_kernel[grid_q](
-                do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, dqw_part=dqw_part, dscale_part=dscale_part,
-                BM=tile, **common)
+                o, do, dlse, delta, T, H=H, DV=DV, BDV=BDV, BT=BT)
+            _attention_bwd_dkdv_kernel[(n_k,)](
+                do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile, **dkdv_args)
+            _attention_bwd_dq_kernel[(n_q,)](
+                do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
+                dscale_part=dscale_part, BM=tile, **common)
     dq_w = dqw_part.sum(0) if dqw_part is not None else None
     dk_w = dkw_part.sum(0) if dkw_part is not None else None
     dscale = dscale_part.sum() if dscale_part is not None else None
@@ -676,46 +1071,54 @@ class AttentionFunction(torch.autograd.Function):
     """Autograd for the kernels above; outputs `(o, lse)`, both differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale_tensor, q_w, k_w, scale, causal, norm, eps, cu_seqlens_q, cu_seqlens_k):
+    def forward(ctx, q, k, v, scale_tensor, q_w, k_w, scale, causal, norm, eps, cu_seqlens_q, cu_seqlens_k,
+                window, softcap):
         ctx.set_materialize_grads(False)
-        o, lse = attention_fwd(q, k, v, causal=causal, scale=scale_tensor if scale_tensor is not None else scale,
-                               norm=norm, q_w=q_w, k_w=k_w, eps=eps, cu_seqlens_q=cu_seqlens_q,
-                               cu_seqlens_k=cu_seqlens_k)
-        ctx.save_for_backward(q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k)
+        o, lse, rk = attention_fwd(
+            q, k, v, causal=causal, scale=scale_tensor if scale_tensor is not None else scale, norm=norm,
+            q_w=q_w, k_w=k_w, eps=eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            window=window, softcap=softcap)
+        ctx.save_for_backward(q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rk)
         ctx.scale = scale
         ctx.causal = causal
         ctx.norm = norm
         ctx.eps = eps
+        ctx.window = window
+        ctx.softcap = softcap
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rk = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv, dq_w, dk_w, dscale = attention_bwd(
             q, k, v, o, lse, do.contiguous(), dlse.contiguous() if dlse is not None else None,
             causal=ctx.causal, scale=scale_tensor if scale_tensor is not None else ctx.scale,
-            norm=ctx.norm, q_w=q_w, k_w=k_w, eps=ctx.eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+            norm=ctx.norm, q_w=q_w, k_w=k_w, eps=ctx.eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            window=ctx.window, softcap=ctx.softcap, rk=rk)
         if dscale is not None:
             dscale = dscale.to(scale_tensor.dtype)
         if dq_w is not None:
             dq_w = dq_w.to(q_w.dtype)
         if dk_w is not None:
             dk_w = dk_w.to(k_w.dtype)
-        return dq, dk, dv, dscale, dq_w, dk_w, None, None, None, None, None, None
+        return dq, dk, dv, dscale, dq_w, dk_w, None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------ backend entry point
 
 
 def attention(q, k, v, causal, scale, qk_norm, q_norm_weight, k_norm_weight, norm_eps,
-              cu_seqlens_q, cu_seqlens_k, return_lse):
-    """Triton backend of `attnkit.attention` (see docs/contracts.md)."""
+              cu_seqlens_q, cu_seqlens_k, return_lse, window=(-1, -1), softcap=0.0):
+    """Triton backend of `attnkit.attention` (see docs/contracts.md). `window=(left, right)`
+    (-1 unbounded) and `softcap` (0.0 off) come normalised from the public op."""
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     if qk_norm is None:
         q_norm_weight = k_norm_weight = None
+    window = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    softcap = 0.0 if softcap is None else float(softcap)
     o, lse = AttentionFunction.apply(q, k, v, scale_tensor, q_norm_weight, k_norm_weight,
                                      None if scale_tensor is not None else scale, causal, qk_norm,
-                                     norm_eps, cu_seqlens_q, cu_seqlens_k)
+                                     norm_eps, cu_seqlens_q, cu_seqlens_k, window, softcap)
     return (o, lse) if return_lse else o

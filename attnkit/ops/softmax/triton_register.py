@@ -6,7 +6,10 @@ Triton. What the kernels cannot run is refused here with a reason that `attnkit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import importlib
+import inspect
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -24,10 +27,56 @@ def _no_interpreted_bf16_dot(inputs: dispatch.Inputs) -> Iterator[str]:
                "run bfloat16 on a CUDA device, or use float16/float32 on the CPU")
 
 
+# Features of SPEC "Sliding window, softcap, paged KV cache" (issue 15) that the Triton kernels do
+# not implement yet. Whoever adds one to a kernel removes it from its tuple here.
+ATTENTION_LACKS = ("window", "softcap")
+DECODE_LACKS = ("window", "softcap", "paged")
+
+
+def _not_yet(op: str, lacking: tuple[str, ...]) -> Callable[[dispatch.Inputs], Iterator[str]]:
+    """A check that refuses the features in `lacking` with a reason naming them."""
+
+    def check(inputs: dispatch.Inputs) -> Iterator[str]:
+        for feature in lacking:
+            if inputs.has(feature):
+                yield (f"{feature!r} is not supported yet by the triton {op} kernel; "
+                       "use backend='reference' (or 'cuda' for attention_decode)")
+
+    return check
+
+
+def _both(*checks: Callable[[dispatch.Inputs], Iterator[str]]) -> Callable[[dispatch.Inputs], list[str]]:
+    return lambda inputs: [reason for check in checks for reason in check(inputs)]
+
+
+def _kernel(target: str) -> Callable[..., object]:
+    """The kernel entry point `"module:attr"`, imported on first call. Keyword arguments of the
+    feature set above that the entry point does not declare yet are dropped; they can only be
+    off here, since the checks refuse them when they are on."""
+
+    @functools.cache
+    def resolve():
+        module, _, attr = target.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        drop = () if takes_all else tuple(n for n in ("window", "softcap", "block_table") if n not in params)
+        return fn, drop
+
+    def call(**kwargs):
+        fn, drop = resolve()
+        for name in drop:
+            kwargs.pop(name, None)
+        return fn(**kwargs)
+
+    return call
+
+
 _COMMON = dict(priority=20, devices=("cuda", "cpu"), dtypes=FLOAT_DTYPES, head_dim_range=(1, MAX_HEAD_DIM))
 
-dispatch.register("attention", "triton", "attnkit.ops.softmax.triton_attention:attention",
-                  check=_no_interpreted_bf16_dot, **_COMMON)
-dispatch.register("attention_decode", "triton", "attnkit.ops.softmax.triton_decode:attention_decode",
-                  check=_no_interpreted_bf16_dot, **_COMMON)
+dispatch.register("attention", "triton", _kernel("attnkit.ops.softmax.triton_attention:attention"),
+                  check=_both(_no_interpreted_bf16_dot, _not_yet("attention", ATTENTION_LACKS)), **_COMMON)
+dispatch.register("attention_decode", "triton", _kernel("attnkit.ops.softmax.triton_decode:attention_decode"),
+                  check=_both(_no_interpreted_bf16_dot, _not_yet("attention_decode", DECODE_LACKS)),
+                  **_COMMON)
 dispatch.register("qk_norm", "triton", "attnkit.ops.softmax.triton_qk_norm:qk_norm", **_COMMON)

@@ -1,0 +1,605 @@
+"""Every dispatched op as a ``torch.library`` custom op: ``torch.ops.attnkit.<name>``.
+
+The public functions (``attnkit.attention``, ...) validate and normalise their arguments, choose a
+backend (:func:`attnkit.dispatch.choose`, cached per call signature) and call the op below with
+the chosen backend's name. To ``torch.compile``, ``torch.export`` and CUDA-graph capture each op
+is one opaque node with:
+
+* a schema that names every argument (tensors positional, options keyword-only), including the
+  sliding-window/softcap/paged-cache arguments of the softmax ops (``window``, ``softcap``,
+  ``block_table``), so the schema does not change when those features land in every backend;
+* a fake implementation (output shapes and dtypes from the contract, never reading values);
+* for the differentiable ops (``attention``, ``qk_norm``, ``linear_attention``,
+  ``lightning_attention``) autograd registered with ``register_autograd``, whose backward is the
+  op ``<name>_backward``: it reruns the chosen backend's forward with autograd on and
+  differentiates it, so every backend's own backward (the Triton backward kernels, autograd
+  through the reference) computes the gradients (the cost: one extra forward in the backward);
+* for the in-place ops (``attention_decode_append``, ``linear_attention_step``,
+  ``loki_cache_append``) the mutated tensors declared in the schema (``Tensor(a!)``).
+
+The ops take *validated, normalised* arguments (what the prepare step returns): call the public
+functions, not ``torch.ops.attnkit.*``, unless you validate yourself. Callables (a user
+``feature_map``) never reach an op: the prepare step applies them outside, as ordinary torch code
+that compiles with the rest of the model.
+
+Backend implementations keep the keyword signature of ``docs/contracts.md``; an op calls
+``dispatch.implementation(op, backend)(**kwargs)`` with exactly the kwargs the prepare step
+would have passed (``window``/``softcap``/``block_table`` only when set, so backends that
+predate them keep working).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+__all__ = ["CALLERS", "OPS"]
+
+CALLERS: dict[str, Callable[[dict, str], Any]] = {}  # op name -> caller(kwargs, backend)
+OPS: dict[str, Any] = {}  # op name -> torch.library CustomOpDef (backward ops included)
+
+_NO_WINDOW = (-1, -1)
+
+
+def _fn(op: str, backend: str) -> Callable[..., Any]:
+    return dispatch.implementation(op, backend)
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The stand-in for an absent tensor output (custom ops cannot return None)."""
+    return like.new_empty(0, dtype=dtype if dtype is not None else like.dtype)
+
+
+def _own(out: Tensor, *inputs: Tensor | None) -> Tensor:
+    """`out` contiguous and not aliasing any input (a custom op's outputs never alias inputs)."""
+    out = out.contiguous()
+    if out.numel():
+        ptr = out.untyped_storage().data_ptr()
+        if any(x is not None and x.numel() and x.untyped_storage().data_ptr() == ptr for x in inputs):
+            out = out.clone()
+    return out
+
+
+def _softmax_extras(kw: dict, window: Sequence[int], softcap: float, block_table: Tensor | None = None) -> dict:
+    if tuple(window) != _NO_WINDOW:
+        kw["window"] = (int(window[0]), int(window[1]))
+    if softcap:
+        kw["softcap"] = float(softcap)
+    if block_table is not None:
+        kw["block_table"] = block_table
+    return kw
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Autograd inside an op's kernel (where the dispatcher has switched it off): the backward
+    ops rerun a backend's forward and differentiate it."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
+
+
+def _leaves(xs: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
+    return [None if x is None else x.detach().requires_grad_(bool(n)) for x, n in zip(xs, needs)]
+
+
+def _grads(outs: Sequence[Tensor], grads: Sequence[Tensor], leaves: Sequence[Tensor | None],
+           needs: Sequence[bool]) -> list[Tensor]:
+    """d(outs)/d(leaves) contracted with `grads`; an empty tensor where no gradient is wanted."""
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and o.requires_grad and o.numel()]
+    wrt = [x for x, n in zip(leaves, needs) if n and x is not None]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs],
+                                   allow_unused=True) if pairs and wrt else [None] * len(wrt))
+    out = []
+    for x, n in zip(leaves, needs):
+        if n and x is not None:
+            g = next(got)
+            out.append(torch.zeros_like(x) if g is None else g.contiguous())
+        else:
+            out.append(_empty(x) if x is not None else torch.empty(0))
+    return out
+
+
+def _fake_grads(xs: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor]:
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) if (n and x is not None)
+            else (_empty(x) if x is not None else torch.empty(0)) for x, n in zip(xs, needs)]
+
+
+def _as_grads(xs: Sequence[Tensor | None], needs: Sequence[bool], got: Sequence[Tensor]) -> tuple:
+    return tuple(g if (n and x is not None) else None for x, n, g in zip(xs, needs, got))
+
+
+def _op(name: str, schema: str, mutates: tuple[str, ...] = ()):
+    def deco(fn):
+        op = torch.library.custom_op(f"attnkit::{name}", fn, mutates_args=mutates, schema=schema)
+        OPS[name] = op
+        return op
+    return deco
+
+
+# ------------------------------------------------------------------------------------ attention
+
+_ATTN_TENSORS = "Tensor q, Tensor k, Tensor v, Tensor? scale_tensor=None, Tensor? q_norm_weight=None, " \
+                "Tensor? k_norm_weight=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None"
+_ATTN_OPTIONS = "bool causal=False, float? scale=None, str? qk_norm=None, float norm_eps=1e-06, " \
+                "bool return_lse=False, int[2] window=[-1, -1], float softcap=0.0, str backend='reference'"
+
+
+def _attention_kwargs(q, k, v, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k, *,
+                      causal, scale, qk_norm, norm_eps, return_lse, window, softcap) -> dict:
+    if scale_tensor is not None:
+        s = scale_tensor
+    else:
+        s = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    return _softmax_extras(dict(q=q, k=k, v=v, causal=causal, scale=s, qk_norm=qk_norm, q_norm_weight=q_norm_weight,
+                                k_norm_weight=k_norm_weight, norm_eps=norm_eps, cu_seqlens_q=cu_seqlens_q,
+                                cu_seqlens_k=cu_seqlens_k, return_lse=return_lse), window, softcap)
+
+
+def _attention_outputs(res, q: Tensor, return_lse: bool) -> tuple[Tensor, Tensor]:
+    o, lse = res if return_lse else (res, None)
+    return o, (lse if lse is not None else _empty(q, _state_dtype(q.dtype)))
+
+
+@_op("attention", f"({_ATTN_TENSORS}, *, {_ATTN_OPTIONS}) -> (Tensor, Tensor)")
+def _attention(q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
+               cu_seqlens_k=None, *, causal=False, scale=None, qk_norm=None, norm_eps=1e-6, return_lse=False,
+               window=_NO_WINDOW, softcap=0.0, backend="reference"):
+    kw = _attention_kwargs(q, k, v, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k,
+                           causal=causal, scale=scale, qk_norm=qk_norm, norm_eps=norm_eps, return_lse=return_lse,
+                           window=window, softcap=softcap)
+    with torch.no_grad():
+        o, lse = _attention_outputs(_fn("attention", backend)(**kw), q, return_lse)
+    ins = (q, k, v, scale_tensor, q_norm_weight, k_norm_weight)
+    return _own(o, *ins), _own(lse, *ins)
+
+
+@_attention.register_fake
+def _(q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None, cu_seqlens_k=None,
+      *, causal=False, scale=None, qk_norm=None, norm_eps=1e-6, return_lse=False, window=_NO_WINDOW, softcap=0.0,
+      backend="reference"):
+    B, T, H, _ = q.shape
+    o = q.new_empty(B, T, H, v.shape[3])
+    lse = q.new_empty(B, H, T, dtype=_state_dtype(q.dtype)) if return_lse else _empty(q, _state_dtype(q.dtype))
+    return o, lse
+
+
+@_op("attention_backward", f"(Tensor do, Tensor dlse, {_ATTN_TENSORS}, *, bool[6] needs, {_ATTN_OPTIONS}) "
+                           "-> Tensor[]")
+def _attention_backward(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None,
+                        cu_seqlens_q=None, cu_seqlens_k=None, *, needs, causal=False, scale=None, qk_norm=None,
+                        norm_eps=1e-6, return_lse=False, window=_NO_WINDOW, softcap=0.0, backend="reference"):
+    with _autograd_on():
+        leaves = _leaves((q, k, v, scale_tensor, q_norm_weight, k_norm_weight), needs)
+        kw = _attention_kwargs(*leaves, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, qk_norm=qk_norm,
+                               norm_eps=norm_eps, return_lse=return_lse, window=window, softcap=softcap)
+        o, lse = _attention_outputs(_fn("attention", backend)(**kw), q, return_lse)
+        return _grads((o, lse if return_lse else None), (do, dlse), leaves, needs)
+
+
+@_attention_backward.register_fake
+def _(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
+      cu_seqlens_k=None, *, needs, **_):
+    return _fake_grads((q, k, v, scale_tensor, q_norm_weight, k_norm_weight), needs)
+
+
+def _save(ctx, inputs, keyword_only_inputs, n_diff: int) -> None:
+    ctx.save_for_backward(*inputs)
+    ctx.options = dict(keyword_only_inputs)
+    ctx.needs = [isinstance(x, Tensor) and x.requires_grad for x in inputs[:n_diff]]
+
+
+def _attention_bwd(ctx, do, dlse):
+    xs = ctx.saved_tensors
+    got = _attention_backward(do, dlse, *xs, needs=ctx.needs, **ctx.options)
+    return (*_as_grads(xs[:6], ctx.needs, got), None, None)
+
+
+_attention.register_autograd(_attention_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
+                             _save(ctx, inputs, keyword_only_inputs, 6))
+
+
+def _call_attention(kw: dict, backend: str):
+    scale = kw["scale"]
+    st = scale if isinstance(scale, Tensor) else None
+    o, lse = _attention(kw["q"], kw["k"], kw["v"], st, kw["q_norm_weight"], kw["k_norm_weight"], kw["cu_seqlens_q"],
+                        kw["cu_seqlens_k"], causal=kw["causal"], scale=None if st is not None else float(scale),
+                        qk_norm=kw["qk_norm"], norm_eps=kw["norm_eps"], return_lse=kw["return_lse"],
+                        window=list(kw.get("window") or _NO_WINDOW), softcap=float(kw.get("softcap") or 0.0),
+                        backend=backend)
+    return (o, lse) if kw["return_lse"] else o
+
+
+CALLERS["attention"] = _call_attention
+
+
+# ------------------------------------------------------------------------------ attention_decode
+
+_DEC_OPTIONS = "float scale, int[2] window=[-1, -1], float softcap=0.0, str backend='reference'"
+
+
+def _decode_kwargs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, window, softcap) -> dict:
+    return _softmax_extras(dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new,
+                                v_new=v_new, scale=float(scale)), window, softcap, block_table)
+
+
+def _decode_fake(q, v_cache):
+    B, Tq, H, _ = q.shape
+    return q.new_empty(B, Tq, H, v_cache.shape[3])
+
+
+@_op("attention_decode", "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+                         f"Tensor? block_table=None, *, {_DEC_OPTIONS}) -> Tensor")
+def _attention_decode(q, k_cache, v_cache, cache_seqlens, block_table=None, *, scale, window=_NO_WINDOW,
+                      softcap=0.0, backend="reference"):
+    kw = _decode_kwargs(q, k_cache, v_cache, cache_seqlens, None, None, block_table, scale, window, softcap)
+    with torch.no_grad():
+        return _own(_fn("attention_decode", backend)(**kw), q, k_cache, v_cache)
+
+
+@_attention_decode.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table=None, **_):
+    return _decode_fake(q, v_cache)
+
+
+@_op("attention_decode_append", "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+                                f"Tensor k_new, Tensor v_new, Tensor? block_table=None, *, {_DEC_OPTIONS}) -> Tensor",
+     mutates=("k_cache", "v_cache"))
+def _attention_decode_append(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table=None, *, scale,
+                             window=_NO_WINDOW, softcap=0.0, backend="reference"):
+    kw = _decode_kwargs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, window, softcap)
+    with torch.no_grad():
+        return _own(_fn("attention_decode", backend)(**kw), q, k_cache, v_cache, k_new, v_new)
+
+
+@_attention_decode_append.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table=None, **_):
+    return _decode_fake(q, v_cache)
+
+
+def _call_attention_decode(kw: dict, backend: str):
+    opts = dict(scale=float(kw["scale"]), window=list(kw.get("window") or _NO_WINDOW),
+                softcap=float(kw.get("softcap") or 0.0), backend=backend)
+    args = (kw["q"], kw["k_cache"], kw["v_cache"], kw["cache_seqlens"])
+    with torch.no_grad():  # inference only: the output never requires grad
+        if kw["k_new"] is None:
+            return _attention_decode(*args, kw.get("block_table"), **opts)
+        return _attention_decode_append(*args, kw["k_new"], kw["v_new"], kw.get("block_table"), **opts)
+
+
+CALLERS["attention_decode"] = _call_attention_decode
+
+
+# --------------------------------------------------------------------------------------- qk_norm
+
+_NORM_OPTIONS = "str mode='rms', float eps=1e-06, str backend='reference'"
+
+
+@_op("qk_norm", f"(Tensor x, Tensor? weight=None, *, {_NORM_OPTIONS}) -> Tensor")
+def _qk_norm(x, weight=None, *, mode="rms", eps=1e-6, backend="reference"):
+    with torch.no_grad():
+        return _own(_fn("qk_norm", backend)(x=x, weight=weight, mode=mode, eps=eps), x, weight)
+
+
+@_qk_norm.register_fake
+def _(x, weight=None, **_):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_op("qk_norm_backward", f"(Tensor dy, Tensor x, Tensor? weight=None, *, bool[2] needs, {_NORM_OPTIONS}) "
+                         "-> Tensor[]")
+def _qk_norm_backward(dy, x, weight=None, *, needs, mode="rms", eps=1e-6, backend="reference"):
+    with _autograd_on():
+        leaves = _leaves((x, weight), needs)
+        y = _fn("qk_norm", backend)(x=leaves[0], weight=leaves[1], mode=mode, eps=eps)
+        return _grads((y,), (dy,), leaves, needs)
+
+
+@_qk_norm_backward.register_fake
+def _(dy, x, weight=None, *, needs, **_):
+    return _fake_grads((x, weight), needs)
+
+
+def _qk_norm_bwd(ctx, dy):
+    xs = ctx.saved_tensors
+    return _as_grads(xs, ctx.needs, _qk_norm_backward(dy, *xs, needs=ctx.needs, **ctx.options))
+
+
+_qk_norm.register_autograd(_qk_norm_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
+                           _save(ctx, inputs, keyword_only_inputs, 2))
+
+CALLERS["qk_norm"] = lambda kw, backend: _qk_norm(kw["x"], kw["weight"], mode=kw["mode"], eps=kw["eps"],
+                                                  backend=backend)
+
+
+# ------------------------------------------------------------------------------ linear_attention
+
+_LIN_TENSORS = "Tensor q, Tensor k, Tensor v, Tensor? initial_state=None, Tensor? initial_z=None, " \
+               "Tensor? cu_seqlens=None"
+_LIN_OPTIONS = "bool causal=True, str? feature_map=None, bool normalize=False, float scale, float eps=1e-06, " \
+               "bool output_final_state=False, str backend='reference'"
+
+
+def _linear_kwargs(q, k, v, initial_state, initial_z, cu_seqlens, *, causal, feature_map, normalize, scale, eps,
+                   output_final_state) -> dict:
+    state = None
+    if initial_state is not None:
+        state = (initial_state, initial_z) if normalize else initial_state
+    return dict(q=q, k=k, v=v, causal=causal, feature_map=feature_map, normalize=normalize, scale=float(scale),
+                eps=float(eps), initial_state=state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def _linear_outputs(res, q: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    o, state = res
+    if state is None:
+        return o, None, None
+    return (o, *state) if normalize else (o, state, None)
+
+
+@_op("linear_attention", f"({_LIN_TENSORS}, *, {_LIN_OPTIONS}) -> (Tensor, Tensor, Tensor)")
+def _linear_attention(q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, causal=True, feature_map=None,
+                      normalize=False, scale, eps=1e-6, output_final_state=False, backend="reference"):
+    kw = _linear_kwargs(q, k, v, initial_state, initial_z, cu_seqlens, causal=causal, feature_map=feature_map,
+                        normalize=normalize, scale=scale, eps=eps, output_final_state=output_final_state)
+    with torch.no_grad():
+        o, S, z = _linear_outputs(_fn("linear_attention", backend)(**kw), q, normalize)
+    ins = (q, k, v, initial_state, initial_z)
+    sd = _state_dtype(q.dtype)
+    return (_own(o, *ins), _own(S, *ins) if S is not None else _empty(q, sd),
+            _own(z, *ins) if z is not None else _empty(q, sd))
+
+
+def _n_seqs(q: Tensor, cu_seqlens: Tensor | None):
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@_linear_attention.register_fake
+def _(q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, normalize=False, output_final_state=False,
+      **_):
+    B, T, H, Dk = q.shape
+    Hk, Dv, N, sd = k.shape[2], v.shape[3], _n_seqs(q, cu_seqlens), _state_dtype(q.dtype)
+    o = q.new_empty(B, T, H, Dv)
+    S = q.new_empty(N, Hk, Dk, Dv, dtype=sd) if output_final_state else _empty(q, sd)
+    z = q.new_empty(N, Hk, Dk, dtype=sd) if output_final_state and normalize else _empty(q, sd)
+    return o, S, z
+
+
+@_op("linear_attention_backward", f"(Tensor do, Tensor dS, Tensor dz, {_LIN_TENSORS}, *, bool[5] needs, "
+                                  f"{_LIN_OPTIONS}) -> Tensor[]")
+def _linear_attention_backward(do, dS, dz, q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, needs,
+                               causal=True, feature_map=None, normalize=False, scale, eps=1e-6,
+                               output_final_state=False, backend="reference"):
+    with _autograd_on():
+        leaves = _leaves((q, k, v, initial_state, initial_z), needs)
+        kw = _linear_kwargs(*leaves, cu_seqlens, causal=causal, feature_map=feature_map, normalize=normalize,
+                            scale=scale, eps=eps, output_final_state=output_final_state)
+        outs = _linear_outputs(_fn("linear_attention", backend)(**kw), q, normalize)
+        return _grads(outs, (do, dS, dz), leaves, needs)
+
+
+@_linear_attention_backward.register_fake
+def _(do, dS, dz, q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, needs, **_):
+    return _fake_grads((q, k, v, initial_state, initial_z), needs)
+
+
+def _linear_bwd(ctx, do, dS, dz):
+    xs = ctx.saved_tensors
+    got = _linear_attention_backward(do, dS, dz, *xs, needs=ctx.needs, **ctx.options)
+    return (*_as_grads(xs[:5], ctx.needs, got), None)
+
+
+_linear_attention.register_autograd(_linear_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
+                                    _save(ctx, inputs, keyword_only_inputs, 5))
+
+
+def _call_linear_attention(kw: dict, backend: str):
+    state, normalize = kw["initial_state"], kw["normalize"]
+    S0, z0 = (state if normalize else (state, None)) if state is not None else (None, None)
+    o, S, z = _linear_attention(kw["q"], kw["k"], kw["v"], S0, z0, kw["cu_seqlens"], causal=kw["causal"],
+                                feature_map=kw["feature_map"], normalize=normalize, scale=float(kw["scale"]),
+                                eps=float(kw["eps"]), output_final_state=kw["output_final_state"], backend=backend)
+    if not kw["output_final_state"]:
+        return o, None
+    return o, ((S, z) if normalize else S)
+
+
+CALLERS["linear_attention"] = _call_linear_attention
+
+
+# --------------------------------------------------------------------------- lightning_attention
+
+_LIGHT_TENSORS = "Tensor q, Tensor k, Tensor v, Tensor? decay=None, Tensor? initial_state=None, " \
+                 "Tensor? cu_seqlens=None"
+_LIGHT_OPTIONS = "float scale, bool output_final_state=False, str backend='reference'"
+
+
+def _lightning_kwargs(q, k, v, decay, initial_state, cu_seqlens, *, scale, output_final_state) -> dict:
+    return dict(q=q, k=k, v=v, decay=decay, scale=float(scale), initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+@_op("lightning_attention", f"({_LIGHT_TENSORS}, *, {_LIGHT_OPTIONS}) -> (Tensor, Tensor)")
+def _lightning_attention(q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, scale,
+                         output_final_state=False, backend="reference"):
+    kw = _lightning_kwargs(q, k, v, decay, initial_state, cu_seqlens, scale=scale,
+                           output_final_state=output_final_state)
+    with torch.no_grad():
+        o, S = _fn("lightning_attention", backend)(**kw)
+    ins = (q, k, v, decay, initial_state)
+    return _own(o, *ins), (_own(S, *ins) if S is not None else _empty(q, _state_dtype(q.dtype)))
+
+
+@_lightning_attention.register_fake
+def _(q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, output_final_state=False, **_):
+    B, T, H, Dk = q.shape
+    sd = _state_dtype(q.dtype)
+    S = q.new_empty(_n_seqs(q, cu_seqlens), H, Dk, v.shape[3], dtype=sd) if output_final_state else _empty(q, sd)
+    return q.new_empty(B, T, H, v.shape[3]), S
+
+
+@_op("lightning_attention_backward", f"(Tensor do, Tensor dS, {_LIGHT_TENSORS}, *, bool[5] needs, "
+                                     f"{_LIGHT_OPTIONS}) -> Tensor[]")
+def _lightning_attention_backward(do, dS, q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, needs,
+                                  scale, output_final_state=False, backend="reference"):
+    with _autograd_on():
+        leaves = _leaves((q, k, v, decay, initial_state), needs)
+        kw = _lightning_kwargs(*leaves, cu_seqlens, scale=scale, output_final_state=output_final_state)
+        o, S = _fn("lightning_attention", backend)(**kw)
+        return _grads((o, S), (do, dS), leaves, needs)
+
+
+@_lightning_attention_backward.register_fake
+def _(do, dS, q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, needs, **_):
+    return _fake_grads((q, k, v, decay, initial_state), needs)
+
+
+def _lightning_bwd(ctx, do, dS):
+    xs = ctx.saved_tensors
+    got = _lightning_attention_backward(do, dS, *xs, needs=ctx.needs, **ctx.options)
+    return (*_as_grads(xs[:5], ctx.needs, got), None)
+
+
+_lightning_attention.register_autograd(_lightning_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
+                                       _save(ctx, inputs, keyword_only_inputs, 5))
+
+
+def _call_lightning_attention(kw: dict, backend: str):
+    o, S = _lightning_attention(kw["q"], kw["k"], kw["v"], kw["decay"], kw["initial_state"], kw["cu_seqlens"],
+                                scale=float(kw["scale"]), output_final_state=kw["output_final_state"],
+                                backend=backend)
+    return o, (S if kw["output_final_state"] else None)
+
+
+CALLERS["lightning_attention"] = _call_lightning_attention
+
+
+# ------------------------------------------------------------------------- linear_attention_step
+
+
+@_op("linear_attention_step", "(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor(b!)? z=None, "
+                              "Tensor? decay=None, Tensor? state_indices=None, *, str recurrence, float scale, "
+                              "str? feature_map=None, bool normalize=False, float eps=1e-06, "
+                              "str backend='reference') -> Tensor", mutates=("state", "z"))
+def _linear_attention_step(q, k, v, state, z=None, decay=None, state_indices=None, *, recurrence, scale, feature_map=None,
+                           normalize=False, eps=1e-6, backend="reference"):
+    with torch.no_grad():
+        o = _fn("linear_attention_step", backend)(
+            q=q, k=k, v=v, state=(state, z) if normalize else state, mode=recurrence, decay=decay, scale=float(scale),
+            feature_map=feature_map, normalize=normalize, eps=float(eps), state_indices=state_indices)
+    return _own(o, q, k, v, state, z)
+
+
+@_linear_attention_step.register_fake
+def _(q, k, v, state, z=None, decay=None, state_indices=None, **_):
+    B, _, H, _ = q.shape
+    return q.new_empty(B, 1, H, v.shape[3])
+
+
+def _call_linear_attention_step(kw: dict, backend: str):
+    normalize = kw["normalize"]
+    S, z = kw["state"] if normalize else (kw["state"], None)
+    with torch.no_grad():
+        return _linear_attention_step(kw["q"], kw["k"], kw["v"], S, z, kw["decay"], kw["state_indices"],
+                                      recurrence=kw["mode"], scale=float(kw["scale"]), feature_map=kw["feature_map"],
+                                      normalize=normalize, eps=float(kw["eps"]), backend=backend)
+
+
+CALLERS["linear_attention_step"] = _call_linear_attention_step
+
+
+# ------------------------------------------------------------------------------------------ Loki
+
+_LOKI_OPTIONS = "int rank, int top_k, float scale, str selection='head', str backend='reference'"
+
+
+def _loki_fake(q, v_cache):
+    B, _, H, _ = q.shape
+    return q.new_empty(B, 1, H, v_cache.shape[3])
+
+
+@_op("loki_attention_decode", "(Tensor q, Tensor k_cache_rot, Tensor v_cache, Tensor cache_seqlens, "
+                              f"Tensor components, *, {_LOKI_OPTIONS}) -> Tensor")
+def _loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, *, rank, top_k, scale,
+                           selection="head", backend="reference"):
+    with torch.no_grad():
+        o = _fn("loki_attention_decode", backend)(
+            q=q, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens, components=components,
+            rank=rank, top_k=top_k, scale=float(scale), selection=selection)
+    return _own(o, q, k_cache_rot, v_cache)
+
+
+@_loki_attention_decode.register_fake
+def _(q, k_cache_rot, v_cache, cache_seqlens, components, **_):
+    return _loki_fake(q, v_cache)
+
+
+@_op("loki_attention_decode_lowrank", "(Tensor q, Tensor k_lowrank, Tensor k_cache_rot, Tensor v_cache, "
+                                      f"Tensor cache_seqlens, Tensor components, *, {_LOKI_OPTIONS}) -> Tensor")
+def _loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, *, rank, top_k,
+                                   scale, selection="head", backend="reference"):
+    with torch.no_grad():
+        o = _fn("loki_attention_decode_lowrank", backend)(
+            q=q, k_lowrank=k_lowrank, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
+            components=components, rank=rank, top_k=top_k, scale=float(scale), selection=selection)
+    return _own(o, q, k_lowrank, k_cache_rot, v_cache)
+
+
+@_loki_attention_decode_lowrank.register_fake
+def _(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, **_):
+    return _loki_fake(q, v_cache)
+
+
+@_op("loki_cache_append", "(Tensor k_new, Tensor v_new, Tensor(a!) k_cache_rot, Tensor(b!) v_cache, "
+                          "Tensor cache_seqlens, Tensor components, Tensor(c!)? k_lowrank=None, *, "
+                          "str backend='reference') -> ()", mutates=("k_cache_rot", "v_cache", "k_lowrank"))
+def _loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank=None, *,
+                       backend="reference"):
+    with torch.no_grad():
+        _fn("loki_cache_append", backend)(k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache,
+                                          cache_seqlens=cache_seqlens, components=components, k_lowrank=k_lowrank)
+
+
+@_loki_cache_append.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+def _loki_decode_args(kw: dict, backend: str) -> dict:
+    return dict(rank=int(kw["rank"]), top_k=int(kw["top_k"]), scale=float(kw["scale"]), selection=kw["selection"],
+                backend=backend)
+
+
+def _call_loki_attention_decode(kw: dict, backend: str):
+    with torch.no_grad():
+        return _loki_attention_decode(kw["q"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
+                                      kw["components"], **_loki_decode_args(kw, backend))
+
+
+def _call_loki_attention_decode_lowrank(kw: dict, backend: str):
+    with torch.no_grad():
+        return _loki_attention_decode_lowrank(kw["q"], kw["k_lowrank"], kw["k_cache_rot"], kw["v_cache"],
+                                              kw["cache_seqlens"], kw["components"], **_loki_decode_args(kw, backend))
+
+
+def _call_loki_cache_append(kw: dict, backend: str):
+    with torch.no_grad():
+        _loki_cache_append(kw["k_new"], kw["v_new"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
+                           kw["components"], kw["k_lowrank"], backend=backend)
+
+
+CALLERS["loki_attention_decode"] = _call_loki_attention_decode
+CALLERS["loki_attention_decode_lowrank"] = _call_loki_attention_decode_lowrank
+CALLERS["loki_cache_append"] = _call_loki_cache_append

@@ -1,0 +1,191 @@
+"""torch.library custom ops: every public op is ``torch.ops.attnkit.<name>``; ``opcheck`` on each.
+
+Each case calls the *public* function once under a recording dispatch mode, which captures the
+custom-op call exactly as the public function makes it (validated, normalised arguments and the
+chosen backend); ``torch.library.opcheck`` then checks that call: schema (declared mutation and
+aliasing), fake implementation, autograd registration and AOT dispatch (static and dynamic).
+Shapes are tiny: the checks are about registration, not numerics (tests per backend cover those).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnkit
+from attnkit import dispatch
+from attnkit._custom_ops import OPS
+from attnkit.native import _build
+
+from .harness import interpreted
+
+PUBLIC_OPS = ("attention", "attention_decode", "qk_norm", "linear_attention", "lightning_attention",
+              "linear_attention_step", "loki_attention_decode", "loki_attention_decode_lowrank",
+              "loki_cache_append")
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "attnkit" and not func.name().endswith("_backward"):
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        y = x.detach().clone()
+        return y.requires_grad_(x.requires_grad) if y.is_floating_point() else y
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(i) for i in x)
+    return x
+
+
+def recorded(fn):
+    """The (op, args, kwargs) of the single attnkit custom-op call `fn()` makes."""
+    with _Record() as rec:
+        fn()
+    assert len(rec.calls) == 1, [c[0] for c in rec.calls]
+    func, args, kwargs = rec.calls[0]
+    return func, _clone(args), _clone(kwargs)
+
+
+def r(*shape, dtype=torch.float32, grad=False):
+    x = torch.randn(*shape, dtype=torch.float64).to(dtype)
+    return x.requires_grad_(grad)
+
+
+def _basis(hk, d):
+    return attnkit.loki_calibrate(torch.randn(64, hk, d))
+
+
+def _loki_inputs(dtype=torch.float32):
+    B, Smax, H, Hk, D = 2, 12, 4, 2, 16
+    basis = _basis(Hk, D)
+    k_rot = attnkit.loki_rotate(r(B, Smax, Hk, D, dtype=dtype), basis)
+    lens = torch.tensor([7, 12], dtype=torch.int32)
+    return r(B, 1, H, D, dtype=dtype), k_rot, r(B, Smax, Hk, D, dtype=dtype), lens, basis
+
+
+def _lowrank(k_rot, R=8):
+    return k_rot[..., :R].permute(0, 2, 1, 3).contiguous()
+
+
+def cases(backend: str, dtype=torch.float32, grad: bool = True):
+    """name -> zero-argument callable making one public call on `backend` (tiny shapes)."""
+    g = grad and backend != "cuda"  # the native kernels are inference-only
+    kw = dict(backend=backend)
+    out = {}
+    q, k, v = r(1, 5, 4, 16, dtype=dtype, grad=g), r(1, 5, 2, 16, dtype=dtype, grad=g), r(1, 5, 2, 16, dtype=dtype,
+                                                                                           grad=g)
+    if backend != "cuda":
+        w = r(16, grad=g)
+        out["attention"] = lambda: attnkit.attention(q, k, v, causal=True, qk_norm="rms", q_norm_weight=w,
+                                                     k_norm_weight=w, return_lse=True, **kw)
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+        out["attention_varlen_tensor_scale"] = lambda: attnkit.attention(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, scale=torch.tensor(0.3, requires_grad=g), **kw)
+        out["linear_attention"] = lambda: attnkit.linear_attention(
+            q, k, v, feature_map="elu", normalize=True, output_final_state=True,
+            initial_state=(r(1, 2, 16, 16, grad=g), r(1, 2, 16, grad=g).abs()), **kw)
+        out["lightning_attention"] = lambda: attnkit.lightning_attention(
+            q, k, v, torch.rand(4), output_final_state=True, initial_state=r(1, 4, 16, 16, grad=g), **kw)
+    xs = r(2, 3, 4, 16, dtype=dtype, grad=g)
+    out["qk_norm"] = lambda: attnkit.qk_norm(xs, r(16, grad=g), **kw)
+    kc, vc = r(2, 9, 2, 16, dtype=dtype), r(2, 9, 2, 16, dtype=dtype)
+    lens = torch.tensor([3, 6], dtype=torch.int32)
+    q1, k1, v1 = r(2, 1, 4, 16, dtype=dtype), r(2, 1, 2, 16, dtype=dtype), r(2, 1, 2, 16, dtype=dtype)
+    out["attention_decode"] = lambda: attnkit.attention_decode(q1, kc, vc, lens, **kw)
+    out["attention_decode_append"] = lambda: attnkit.attention_decode(q1, kc, vc, lens, k_new=k1, v_new=v1, **kw)
+    S = torch.zeros(3, 4, 16, 16)
+    idx = torch.tensor([2, 0], dtype=torch.int32)
+    out["linear_attention_step"] = lambda: attnkit.linear_attention_step(q1, k1, v1, S, decay=torch.rand(4),
+                                                                         state_indices=idx, **kw)
+    Sz = (torch.zeros(2, 2, 16, 16), torch.zeros(2, 2, 16))
+    out["linear_attention_step_normalized"] = lambda: attnkit.linear_attention_step(
+        q1, k1, v1, Sz, feature_map="elu", normalize=True, **kw)
+    ql, k_rot, v_rot, llens, basis = _loki_inputs(dtype)
+    out["loki_attention_decode"] = lambda: attnkit.loki_attention_decode(ql, k_rot, v_rot, llens, basis, rank=4,
+                                                                         top_k=5, **kw)
+    from attnkit.ops.loki import loki_attention_decode_lowrank, loki_cache_append
+    if backend != "cuda":
+        low = _lowrank(k_rot)
+        out["loki_attention_decode_lowrank"] = lambda: loki_attention_decode_lowrank(
+            ql, low, k_rot, v_rot, llens, basis, rank=4, top_k=5, **kw)
+        low2 = _lowrank(k_rot).clone()
+        out["loki_cache_append"] = lambda: loki_cache_append(r(2, 1, 2, 16, dtype=dtype), r(2, 1, 2, 16, dtype=dtype),
+                                                             k_rot.clone(), v_rot.clone(), lens, basis, k_lowrank=low2,
+                                                             **kw)
+    return out
+
+
+def test_every_public_op_is_a_custom_op():
+    names = set(OPS)
+    for name in PUBLIC_OPS:
+        assert name in names
+        assert hasattr(torch.ops.attnkit, name)
+    assert "attention_decode_append" in names  # the in-place variant
+    assert set(dispatch.ops()) <= names
+    # the softmax ops' schemas carry the sliding-window / softcap / paged-cache arguments
+    for name in ("attention", "attention_decode", "attention_decode_append"):
+        args = {a.name: a for a in getattr(torch.ops.attnkit, name).default._schema.arguments}
+        assert str(args["window"].type) == "List[int]" and list(args["window"].default_value) == [-1, -1]
+        assert str(args["softcap"].type) == "float" and args["softcap"].default_value == 0.0
+    for name in ("attention_decode", "attention_decode_append"):
+        args = {a.name: a for a in getattr(torch.ops.attnkit, name).default._schema.arguments}
+        assert str(args["block_table"].type) == "Optional[Tensor]" and args["block_table"].default_value is None
+    mutating = {"attention_decode_append": {"k_cache", "v_cache"}, "linear_attention_step": {"state", "z"},
+                "loki_cache_append": {"k_cache_rot", "v_cache", "k_lowrank"}}
+    for name, op in OPS.items():
+        written = {a.name for a in getattr(torch.ops.attnkit, name).default._schema.arguments
+                   if a.alias_info is not None and a.alias_info.is_write}
+        assert written == mutating.get(name, set()), (name, written)
+
+
+def _opcheck(name, call, fast: bool = False):
+    func, args, kwargs = recorded(call)
+    utils = ("test_schema", "test_faketensor") if fast else \
+        ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(func, args, kwargs, test_utils=utils)
+
+
+@pytest.mark.parametrize("name", sorted(cases("reference")))
+def test_opcheck_reference(name):
+    _opcheck(name, cases("reference")[name])
+
+
+def _native_ok() -> bool:
+    return not _build.static_reasons("cpu") and os.environ.get("ATTNKIT_DISABLE_NATIVE") != "1"
+
+
+@pytest.mark.skipif(not _native_ok(), reason="the native extension cannot be built here")
+@pytest.mark.parametrize("name", sorted(cases("cuda")))
+def test_opcheck_native(name):
+    _opcheck(name, cases("cuda")[name])
+
+
+TRITON_FEW = ("attention", "qk_norm", "attention_decode_append", "linear_attention_step")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not interpreted(), reason="interpreter cases (CPU only)")
+@pytest.mark.parametrize("name", TRITON_FEW)
+def test_opcheck_triton_interpreted(name):
+    # the interpreter is slow: schema and fake-tensor checks only, plus one autograd case
+    _opcheck(name, cases("triton")[name], fast=name != "qk_norm")
+
+
+def test_recorded_call_matches_public_result():
+    # what opcheck checks is the op the public function runs: same result through torch.ops
+    call = cases("reference")["attention"]
+    func, args, kwargs = recorded(call)
+    o, lse = call()
+    o2, lse2 = func(*args, **kwargs)
+    torch.testing.assert_close(o2, o, rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)

@@ -1,0 +1,223 @@
+"""Sliding windows and logit softcapping in the Triton `attention` kernels (forward and every
+gradient), against an explicit float64 masked-softmax oracle written here.
+
+The kernels are called through the backend entry point (`triton_attention.attention`, the
+function the dispatcher calls with the normalised `window=`/`softcap=` kwargs), so these tests do
+not depend on the public op's argument handling. Each case runs the oracle in float64 (golden), the
+oracle in float32 on inputs rounded to the test dtype (what the reference backend does), and the
+kernel; the kernel's error must be within 2x the same-dtype oracle's (harness rule). Outputs start
+as NaN (`nan_empty`). A second group proves that tiles outside every window are never loaded:
+NaN-poisoned keys/queries there leave the result finite and exact.
+"""
+
+import pytest
+import torch
+
+from attnkit.ops.softmax import triton_attention as ta
+
+from .harness import DEVICE, assert_close_to_golden, kernel_dtypes, params
+
+F64 = torch.float64
+
+
+def oracle(q, k, v, *, causal, scale, window, softcap, norm=None, q_w=None, k_w=None, eps=1e-6,
+           cu_q=None, cu_k=None):
+    """Masked softmax attention, flash-attn window semantics, computed in float64 for float64
+    inputs and in float32 otherwise; returns (o in q's dtype, lse float32/float64)."""
+    cdt = F64 if q.dtype == F64 else torch.float32
+    B, T, H, _ = q.shape
+    S, Hk = k.shape[1], k.shape[2]
+    G = H // Hk
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if norm is not None:
+        def nrm(x, w):
+            ss = x.square().mean(-1, keepdim=True) if norm == "rms" else x.square().sum(-1, keepdim=True)
+            y = x * torch.rsqrt(ss + eps)
+            return y * w.to(cdt) if w is not None else y
+        qc, kc = nrm(qc, q_w), nrm(kc, k_w)
+    sc = scale.to(cdt) if isinstance(scale, torch.Tensor) else scale
+    bounds = ([(0, T, 0, S)] * B if cu_q is None else
+              [(int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])) for i in range(len(cu_q) - 1)])
+    o_parts, lse_parts = [], []
+    for i, (q0, q1, k0, k1) in enumerate(bounds):
+        b = i if cu_q is None else 0
+        qi, ki, vi = qc[b, q0:q1], kc[b, k0:k1], vc[b, k0:k1]  # [t, H, D], [s, Hk, D]
+        t_len, s_len = q1 - q0, k1 - k0
+        ki, vi = ki.repeat_interleave(G, 1), vi.repeat_interleave(G, 1)
+        z = torch.einsum("thd,shd->hts", qi, ki) * sc
+        if softcap > 0:
+            z = softcap * torch.tanh(z / softcap)
+        p_pos = torch.arange(t_len, device=q.device)[:, None] + s_len - t_len
+        s_pos = torch.arange(s_len, device=q.device)[None, :]
+        vis = torch.ones(t_len, s_len, dtype=torch.bool, device=q.device)
+        if window[0] >= 0:
+            vis &= s_pos >= p_pos - window[0]
+        if window[1] >= 0:
+            vis &= s_pos <= p_pos + window[1]
+        if causal:
+            vis &= s_pos <= p_pos
+        empty = ~vis.any(1)  # [t]
+        z = z.masked_fill(~vis, float("-inf")).masked_fill(empty[:, None], 0.)
+        lse = torch.logsumexp(z, -1)  # [H, t]
+        p = torch.exp(z - lse[..., None]).masked_fill(~vis, 0.)
+        o_parts.append(torch.einsum("hts,shd->thd", p, vi))
+        lse_parts.append(lse.masked_fill(empty, float("-inf")))
+    if cu_q is None:
+        o, lse = torch.stack(o_parts), torch.stack(lse_parts)
+    else:
+        o, lse = torch.cat(o_parts)[None], torch.cat(lse_parts, 1)[None]
+    return o.to(q.dtype), lse
+
+
+def _kernel(q, k, v, **kw):
+    return ta.attention(q, k, v, kw["causal"], kw["scale"], kw.get("norm"), kw.get("q_w"), kw.get("k_w"),
+                        kw.get("eps", 1e-6), kw.get("cu_q"), kw.get("cu_k"), True,
+                        window=kw["window"], softcap=kw["softcap"])
+
+
+def _leaf(x, dt):
+    return None if x is None else x.detach().to(dt).clone().requires_grad_(True)
+
+
+def _compare(dtype, data, kw, aux=()):
+    """Golden (float64 oracle), ref (oracle at dtype) and kernel at dtype: outputs and gradients
+    of every input (q, k, v and the tensors named in `aux`) under random cotangents on o and lse."""
+    runs = {}
+    for key, dt, fn in (("golden", F64, oracle), ("ref", dtype, oracle), ("out", dtype, _kernel)):
+        leaves = {n: _leaf(x, dt) for n, x in data.items()}
+        args = {**kw, **{n: leaves[n] for n in aux}}
+        if "scale" in leaves:
+            args["scale"] = leaves["scale"] if dt == F64 else leaves["scale"].float().detach().requires_grad_()
+            leaves["scale"] = args["scale"]
+        o, lse = fn(leaves["q"], leaves["k"], leaves["v"], **args)
+        runs[key] = (o, lse, leaves)
+    gold_o, gold_lse, _ = runs["golden"]
+    assert_close_to_golden("o", runs["out"][0], runs["ref"][0], gold_o)
+    assert_close_to_golden("lse", runs["out"][1], runs["ref"][1].float(), gold_lse)
+    gen = torch.Generator().manual_seed(7)
+    cot_o = torch.randn(gold_o.shape, generator=gen, dtype=F64).to(DEVICE)
+    cot_l = torch.randn(gold_lse.shape, generator=gen, dtype=F64).to(DEVICE)
+    cot_l = cot_l.masked_fill(torch.isinf(gold_lse), 0.)  # rows without keys: lse = -inf, no gradient
+    names = [n for n in runs["golden"][2] if n in ("q", "k", "v") or n in aux or n == "scale"]
+    grads = {}
+    for key, (o, lse, leaves) in runs.items():
+        lse_f = lse.masked_fill(torch.isinf(gold_lse), 0.)
+        total = (o.to(F64) * cot_o).sum() + (lse_f.to(F64) * cot_l).sum()
+        grads[key] = torch.autograd.grad(total, [leaves[n] for n in names])
+    for j, n in enumerate(names):
+        ref_g = grads["ref"][j]
+        assert_close_to_golden(f"d{n}", grads["out"][j].to(ref_g.dtype), ref_g, grads["golden"][j])
+
+
+def _data(*shape):
+    return torch.randn(*shape, dtype=F64, device=DEVICE)
+
+
+# (left, right) windows with causal and not; softcap off, mild and strong; odd lengths, T < S,
+# T > S (rows without keys), GQA ratios 1, 2, 3 and all; QK-norm with weights; a tensor scale.
+WINDOW_CASES = params([
+    dict(T=77, S=77, H=2, Hk=2, D=32, causal=1, win=(16, -1), cap=0.0, norm=None, tscale=0),
+    dict(T=50, S=70, H=4, Hk=2, D=32, causal=0, win=(9, 5), cap=2.0, norm=None, tscale=1),
+    dict(T=70, S=45, H=4, Hk=1, D=16, causal=1, win=(7, 3), cap=0.0, norm=None, tscale=0),
+    dict(T=45, S=60, H=3, Hk=1, D=48, causal=0, win=(-1, 4), cap=0.5, norm="rms", tscale=0),
+    dict(T=60, S=60, H=2, Hk=1, D=32, causal=0, win=(0, 0), cap=0.0, norm="l2", tscale=1),
+    dict(T=33, S=90, H=2, Hk=2, D=32, causal=1, win=(-1, -1), cap=5.0, norm="rms", tscale=1),
+    dict(T=66, S=66, H=4, Hk=2, D=64, causal=0, win=(20, -1), cap=0.0, norm=None, tscale=0),
+])
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_window_softcap(case, dtype, nan_empty):
+    T, S, H, Hk, D = (case[n] for n in ("T", "S", "H", "Hk", "D"))
+    data = dict(q=_data(2, T, H, D), k=_data(2, S, Hk, D), v=_data(2, S, Hk, D))
+    aux = []
+    if case["norm"] == "rms":
+        data.update(q_w=_data(D) * 0.5 + 1, k_w=_data(D) * 0.5 + 1)
+        aux = ["q_w", "k_w"]
+    if case["tscale"]:
+        data["scale"] = torch.tensor(0.4, dtype=F64, device=DEVICE)
+    kw = dict(causal=bool(case["causal"]), scale=0.3, window=case["win"], softcap=case["cap"], norm=case["norm"])
+    _compare(dtype, data, kw, aux)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_window_softcap_varlen(causal, nan_empty):
+    # one empty sequence, one with T > S, lengths that are not tile multiples; GQA 2
+    cu_q, cu_k = [0, 17, 17, 80, 100, 141], [0, 30, 31, 94, 94, 170]
+    H, Hk, D = 4, 2, 32
+    data = dict(q=_data(1, cu_q[-1], H, D), k=_data(1, cu_k[-1], Hk, D), v=_data(1, cu_k[-1], Hk, D),
+                q_w=_data(D) * 0.5 + 1, k_w=_data(D) * 0.5 + 1)
+    kw = dict(causal=causal, scale=0.3, window=(12, 6), softcap=3.0, norm="rms",
+              cu_q=torch.tensor(cu_q, dtype=torch.int32, device=DEVICE),
+              cu_k=torch.tensor(cu_k, dtype=torch.int32, device=DEVICE))
+    _compare(torch.float32, data, kw, ["q_w", "k_w"])
+
+
+def test_no_window_equals_plain():
+    # window (-1, -1) and softcap 0 are the plain kernel bit for bit; so is a window wider than S
+    q, k, v = _data(1, 40, 2, 32).float(), _data(1, 50, 1, 32).float(), _data(1, 50, 1, 32).float()
+    plain = ta.attention(q, k, v, True, 0.3, None, None, None, 1e-6, None, None, True)
+    wide = ta.attention(q, k, v, True, 0.3, None, None, None, 1e-6, None, None, True, window=(1000, 1000),
+                        softcap=0.0)
+    for a, b in zip(plain, wide):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ tiles outside a window
+
+# Tiles are at most 128 keys/rows on any device, so 128-aligned regions are whole tiles.
+TILE = 128
+
+
+def _poisoned_forward_case(dtype):
+    torch.manual_seed(3)
+    T = S = 3 * TILE + 64
+    q, k, v = (torch.randn(1, T, 2, 32, device=DEVICE).to(dtype) for _ in range(3))
+    return T, q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_keys_outside_every_window_are_never_read(dtype):
+    # causal window of 64 keys: a block of rows starting at t0 >= 2*TILE needs keys >= TILE + 64
+    # only, so with keys [0, TILE) poisoned (NaN in K and V) the rows t >= 2*TILE must stay finite
+    # and exact for any power-of-two tiles <= TILE. A kernel that loaded the poisoned tiles and
+    # masked them would turn them into NaN (0 · NaN in P·V).
+    T, q, k, v = _poisoned_forward_case(dtype)
+    kw = dict(causal=True, scale=0.2, window=(64, 0), softcap=0.0)
+    ref_o, ref_lse = oracle(q, k, v, **kw)
+    kp, vp = k.clone(), v.clone()
+    kp[:, :TILE] = float("nan")
+    vp[:, :TILE] = float("nan")
+    qg = q.clone().requires_grad_()
+    o, lse = _kernel(qg, kp, vp, **kw)
+    far = 2 * TILE
+    assert bool(torch.isfinite(o[:, far:]).all()) and bool(torch.isfinite(lse[..., far:]).all())
+    torch.testing.assert_close(o[:, far:], ref_o[:, far:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[..., far:], ref_lse[..., far:].float(), rtol=1e-5, atol=1e-5)
+    # dq of the far rows never touches the poisoned keys either (upstream gradient only there)
+    do = torch.zeros_like(o)
+    do[:, far:] = 1.
+    (dq,) = torch.autograd.grad(o, [qg], do)
+    assert bool(torch.isfinite(dq[:, far:]).all())
+
+
+def test_queries_outside_every_window_are_never_read():
+    # dk/dv of keys [0, TILE) under a causal window of 64 come from rows t < TILE + 64 only:
+    # NaN-poisoned queries (and their upstream gradients) at t >= 3*TILE must not reach them
+    T, q, k, v = _poisoned_forward_case(torch.float32)
+    kw = dict(causal=True, scale=0.2, window=(64, 0), softcap=0.0)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    o, lse = _kernel(qg, kg, vg, **kw)
+    do = torch.randn_like(o)
+    dk, dv = torch.autograd.grad(o, [kg, vg], do)
+    qp = q.clone()
+    qp[:, 3 * TILE:] = float("nan")
+    dop = do.clone()
+    dop[:, 3 * TILE:] = float("nan")
+    qg2, kg2, vg2 = (x.clone().requires_grad_() for x in (qp, k, v))
+    o2, _ = _kernel(qg2, kg2, vg2, **kw)
+    dk2, dv2 = torch.autograd.grad(o2, [kg2, vg2], dop)
+    assert bool(torch.isfinite(dk2[:, :TILE]).all()) and bool(torch.isfinite(dv2[:, :TILE]).all())
+    torch.testing.assert_close(dk2[:, :TILE], dk[:, :TILE], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dv2[:, :TILE], dv[:, :TILE], rtol=1e-6, atol=1e-6)
