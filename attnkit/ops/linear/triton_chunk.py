@@ -133,9 +133,13 @@ def _scan(hs, h0, ht, decay, plan: SegmentPlan, cu_seqlens, T, N, HS, D, reverse
     """In place over the segment slots; see `_segment_scan_kernel`."""
     if N == 0 or HS == 0 or D == 0:
         return
-    grid = (triton.cdiv(D, _SCAN_BLOCK), N, HS)
+    # smaller element blocks until the launch has 2 x SMs programs (the scan is latency bound)
+    block, want = _SCAN_BLOCK, 2 * sm_count(hs.device)
+    while block > 256 and triton.cdiv(D, block) * N * HS < want:
+        block //= 2
+    grid = (triton.cdiv(D, block), N, HS)
     kern._segment_scan_kernel[grid](hs, h0, ht, decay, plan.seg_cu, cu_seqlens, T, plan.NS, plan.SEG,
-                                    HS=HS, D=D, BLOCK=_SCAN_BLOCK, REVERSE=reverse, num_warps=4)
+                                    HS=HS, D=D, BLOCK=block, REVERSE=reverse, num_warps=4)
 
 
 def local_state(k: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None, feature_map: str | None,
