@@ -302,10 +302,10 @@ def test_step_matches_chunked(case):
 @pytest.mark.skipif(interpreted(), reason="the Triton interpreter has no compile cache to count; "
                                           "checked on GPU (a new T must not recompile)")
 def test_new_length_does_not_recompile():
-    from attnkit.ops.linear import triton_chunk
+    from attnkit.ops.linear import triton_chunk_kernels as kern
 
-    kernels = (triton_chunk._chunk_linear_fwd_kernel, triton_chunk._chunk_linear_bwd_dq_kernel,
-               triton_chunk._chunk_linear_bwd_dkdv_kernel)
+    kernels = (kern._segment_state_kernel, kern._segment_scan_kernel, kern._segment_output_kernel,
+               kern._segment_dstate_kernel, kern._segment_dq_kernel, kern._segment_dkdv_kernel)
 
     def run(T):
         q = _data(1, T, 4, 64).half().requires_grad_()

@@ -7,7 +7,7 @@ host, so the step can be captured in a CUDA graph. Strides are passed through, s
 q/k/v and state views need no copy.
 
 The state layout and the float32 arithmetic are those of the chunked kernels in
-`triton_chunk.py`; a state head is a query head (lightning) or a KV head shared by its group of
+`triton_chunk_kernels.py`; a state head is a query head (lightning) or a KV head shared by its group of
 query heads (linear attention).
 """
 
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..common.triton_utils import device_guard
-from .triton_chunk import FEATURE_MAPS, _phi
+from .triton_chunk_kernels import FEATURE_MAPS, _phi
 
 
 def _step_block_sizes(K: int, V: int) -> tuple[int, int]:

@@ -1,0 +1,653 @@
+"""Sequence-parallel chunked Triton kernels of linear attention and lightning attention.
+
+A *state head* owns one recurrent state `S [Dk, Dv]` (and `z [Dk]` with normalisation): one per
+query head for lightning attention (`HS = H`, optional decay `λ = exp(-decay[h])`), one per KV head
+for linear attention (`HS = Hk`, shared by its `H // Hk` query heads, optional feature map φ).
+
+Each sequence is cut into *segments* of `SEG` tokens (the last one shorter) and every kernel that
+walks tokens runs one program per (segment, state head, state block), so the grid grows with the
+sequence length instead of being fixed by `B·H`:
+
+forward   1. `_segment_state_kernel`   local state of each segment from a zero state, with decay
+          2. `_segment_scan_kernel`    short scan over the segments of a sequence: each slot now
+                                       holds the segment's *incoming* state; the final state
+          3. `_segment_output_kernel`  the chunked output of each segment, started from its
+                                       incoming state (Lightning Attention-2 inside the segment)
+backward  1. `_segment_dstate_kernel`  local state gradient of each segment (reverse, with decay)
+          2. `_segment_scan_kernel`    reverse scan: gradient of the state after each segment; dh0
+          3. `_segment_dq_kernel`      dq of each segment from its incoming state (saved, small)
+          4. `_segment_dkdv_kernel`    dk/dv of each segment from the gradient after it
+
+Blocking: a program keeps one `[BK, BV]` float32 block of the state in registers. An output that
+sums over a head dim is produced by a program that holds that dim whole, so nothing is a partial
+sum: `o` and `dv` sum over Dk (programs split Dv), `dq` and `dk` sum over Dv (programs split Dk).
+For head dims up to 128 the state is whole and `dk`/`dv` come from one program. The derivation is
+in `docs/linear_attention.md`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..common.triton_utils import interpreted
+
+FEATURE_MAPS = {None: 0, "elu": 1, "relu": 2}
+
+# fp32 elements of the state block a program keeps in registers (8 warps): [128, 128] for the
+# state passes (one product per chunk), [128, 64] for the output/dq/dk/dv passes, whose token
+# tiles and [BT, BT] score tiles share the register file (ptxas: [128, 128] spills there)
+STATE_BUDGET = 128 * 128
+TILE_STATE_BUDGET = 128 * 64
+
+
+def _autotune_configs() -> list[triton.Config]:
+    if interpreted():
+        return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
+    # BT = 64 rows: every token-major product has M = 64 per warp group (wgmma on sm_90);
+    # num_stages >= 2 so the next chunk's tiles are prefetched while this one computes
+    return [triton.Config({"BT": 64}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """A `[BK, BV]` float32 state of more than 64x64 needs 8 warps to stay out of local memory
+    (audited with ptxas, docs/linear_attention.md)."""
+    args = {**named_args, **kwargs}
+    bk, bv = args.get("BK"), args.get("BV")
+    if bk is None or bv is None or interpreted():
+        return configs
+    if bk * bv > 64 * 64:
+        kept = [c for c in configs if c.num_warps >= 8]
+        return kept or configs[:1]
+    return configs
+
+
+# every flag that changes the work, plus SEG (a power of two chosen from the total length: the
+# coarse length bucket); never the raw T
+_KEY = ("K", "V", "BK", "BV", "H", "HS", "FEATURE_MAP", "NORMALIZE", "CAUSAL", "STATE_PER_SEQ", "USE_DECAY",
+        "IS_VARLEN", "STORE_DK", "STORE_DV", "SEG")
+
+
+def _autotune(fn):
+    """Autotune a jitted kernel keyed on the names of `_KEY` that it takes."""
+    key = [name for name in _KEY if name in fn.arg_names]
+    return triton.autotune(configs=_autotune_configs(), key=key,
+                           prune_configs_by={"early_config_prune": _prune_configs})(fn)
+
+
+# ----------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _phi(x, FEATURE_MAP: tl.constexpr):
+    """The feature map on a float32 tile: identity, elu(x) + 1, relu (NaN propagates)."""
+    if FEATURE_MAP == 1:
+        x = tl.where(x > 0, x + 1.0, tl.exp(tl.where(x > 0, 0.0, x)))
+    elif FEATURE_MAP == 2:
+        x = tl.where(x < 0, 0.0, x)
+    return x
+
+
+@triton.jit
+def _phi_grad(x, FEATURE_MAP: tl.constexpr):
+    """dφ/dx on a float32 tile (for FEATURE_MAP != 0)."""
+    if FEATURE_MAP == 1:
+        g = tl.where(x > 0, 1.0, tl.exp(tl.where(x > 0, 0.0, x)))
+    else:
+        g = tl.where(x > 0, 1.0, 0.0)
+    return g
+
+
+@triton.jit
+def _load_q(q, start, t, i_h, o_k, mask, scale, H: tl.constexpr, K: tl.constexpr, FEATURE_MAP: tl.constexpr):
+    """Returns (q̃ in q's dtype for the tensor-core dots, q̃ in float32, raw q in float32).
+    q̃ = φ(scale·q) with a feature map; without one q̃ = q and the caller multiplies the
+    products by `scale` (no extra rounding of q)."""
+    # [BT, BK]
+    b_q = tl.load(q + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), mask=mask, other=0.)
+    b_x = b_q.to(tl.float32)
+    b_qf = b_x
+    if FEATURE_MAP != 0:
+        b_qf = tl.where(mask, _phi(b_x * scale, FEATURE_MAP), 0.)
+        b_q = b_qf.to(b_q.dtype)
+    return b_q, b_qf, b_x
+
+
+@triton.jit
+def _load_k(k, start, t, i_hk, o_k, mask, HK: tl.constexpr, K: tl.constexpr, FEATURE_MAP: tl.constexpr):
+    """Returns (φ(k) in k's dtype for the tensor-core dots, φ(k) in float32, raw k in float32);
+    padded rows/columns stay exactly 0."""
+    # [BT, BK]
+    b_k = tl.load(k + (start * HK + i_hk) * K + (t[:, None] * (HK * K) + o_k[None, :]), mask=mask, other=0.)
+    b_x = b_k.to(tl.float32)
+    b_kf = b_x
+    if FEATURE_MAP != 0:
+        b_kf = tl.where(mask, _phi(b_x, FEATURE_MAP), 0.)
+        b_k = b_kf.to(b_k.dtype)
+    return b_k, b_kf, b_x
+
+
+@triton.jit
+def _chunk_decay(b_a, o_t, m_t, n_valid, USE_DECAY: tl.constexpr):
+    """Decay factors of a chunk of `n_valid` tokens (local index i = o_t):
+    λ^(i+1) for the inter-chunk output, λ^(L-1-i) for the state update (0 on padding, where
+    the exponent would be positive), and λ^L for the carried state."""
+    if USE_DECAY:
+        b_qd = tl.exp(-b_a * (o_t + 1).to(tl.float32))
+        b_kd = tl.where(m_t, tl.exp(-b_a * tl.where(m_t, n_valid - 1 - o_t, 0).to(tl.float32)), 0.)
+        b_sd = tl.exp(-b_a * n_valid.to(tl.float32))
+    else:
+        b_qd = tl.full(o_t.shape, 1.0, tl.float32)
+        b_kd = tl.where(m_t, 1.0, 0.)
+        b_sd = 1.0
+    return b_qd, b_kd, b_sd
+
+
+@triton.jit
+def _intra_mask(b_a, o_t, USE_DECAY: tl.constexpr):
+    """M[i, j] = λ^(i-j) for i >= j, else 0, as exp(-decay·(i-j)) (never λ^-j: it overflows)."""
+    # [BT, BT]
+    diff = o_t[:, None] - o_t[None, :]
+    if USE_DECAY:
+        b_m = tl.where(diff >= 0, tl.exp(-b_a * tl.where(diff >= 0, diff, 0).to(tl.float32)), 0.)
+    else:
+        b_m = tl.where(diff >= 0, 1.0, 0.)
+    return b_m
+
+
+@triton.jit
+def _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN: tl.constexpr):
+    """Sequence index, first token row and token count (>= 0) of this program's segment.
+
+    Fixed length: segment `pid` is number `pid % NS` of sequence `pid // NS`. Varlen: row `pid`
+    of `seg_info [M, 2]` holds (sequence, index in it); index -1 marks a spare slot (count 0)."""
+    pid = tl.program_id(0).to(tl.int64)
+    if IS_VARLEN:
+        i_n = tl.load(seg_info + pid * 2).to(tl.int64)
+        i_g = tl.load(seg_info + pid * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        i_n = pid // NS
+        i_g = pid % NS
+        bos = i_n * T
+        eos = bos + T
+    start = bos + i_g * SEG
+    n = tl.maximum(tl.minimum(eos - start, SEG), 0)
+    if IS_VARLEN:
+        n = tl.where(i_g >= 0, n, 0)
+    # n <= SEG: token offsets inside a segment are int32 (one int64 base per tile, not per element)
+    return pid, i_n, start, n.to(tl.int32)
+
+
+@triton.jit
+def _state_ptr(hin, pid, i_n, i_s, HS: tl.constexpr, D: tl.constexpr, PER_SEQ: tl.constexpr):
+    """Row of a state buffer: per segment (`[NSEG, HS, ...]`) or per sequence (`[N, HS, ...]`)."""
+    if PER_SEQ:
+        p = hin + (i_n * HS + i_s) * D
+    else:
+        p = hin + (pid * HS + i_s) * D
+    return p
+
+
+@triton.jit
+def _cols(i_b, BD: tl.constexpr, D: tl.constexpr):
+    """Columns of block `i_b` of a head dim; a block that covers the dim is a constant range, so
+    its bounds mask folds away at compile time."""
+    if BD >= D:
+        o = tl.arange(0, BD)
+    else:
+        o = i_b * BD + tl.arange(0, BD)
+    return o
+
+
+@triton.jit
+def _intra_mask_t(b_a, o_t, USE_DECAY: tl.constexpr):
+    """Mᵀ[j, t] = λ^(t-j) for t >= j, else 0 (built transposed, no layout shuffle)."""
+    # [BT, BT]
+    diff = o_t[None, :] - o_t[:, None]
+    if USE_DECAY:
+        b_m = tl.where(diff >= 0, tl.exp(-b_a * tl.where(diff >= 0, diff, 0).to(tl.float32)), 0.)
+    else:
+        b_m = tl.where(diff >= 0, 1.0, 0.)
+    return b_m
+
+
+# --------------------------------------------------------------------------------------- forward
+
+
+@triton.heuristics({
+    "USE_DECAY": lambda args: args["decay"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+})
+@_autotune
+@triton.jit(do_not_specialize=["T", "NS"])
+def _segment_state_kernel(
+    k, v, hs, zs, decay, seg_info, cu_seqlens, T, NS, SEG,
+    HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # program = (segment, state head, state block): the segment's state from a zero start,
+    #   S_loc = Σ_j λ^(n-1-j) φ(k_j)ᵀ v_j,   z_loc = Σ_j φ(k_j),
+    # one [BK, BT] @ [BT, BV] product per chunk, written to hs[segment, head, block].
+    pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
+    i_s = tl.program_id(1).to(tl.int64)
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = tl.program_id(2) // NVB, tl.program_id(2) % NVB
+    i_hk = i_s * HK // HS
+    o_t = tl.arange(0, BT)
+    o_k = _cols(i_k, BK, K)
+    o_v = _cols(i_v, BV, V)
+    m_k = o_k < K
+    m_v = o_v < V
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    b_z = tl.zeros([BK], dtype=tl.float32)
+    for i_t in range(0, tl.cdiv(n, BT)):
+        t = i_t * BT + o_t
+        m_t = t < n
+        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_t[:, None] & m_k[None, :], HK, K, FEATURE_MAP)
+        # [BT, BV]
+        b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_t[:, None] & m_v[None, :], other=0.)
+        # S <- λ^L S + (K ⊙ λ^(L-1-j))ᵀ V: [BK, BT] @ [BT, BV] -> [BK, BV]
+        b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
+        # (the product accumulates into the decayed state: no second [BK, BV] accumulator)
+        b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
+        if NORMALIZE:
+            b_z += tl.sum(b_kf, 0)
+    p_h = _state_ptr(hs, pid, i_n, i_s, HS, K * V, False)
+    tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_h, mask=m_k[:, None] & m_v[None, :])
+    if NORMALIZE:
+        if i_v == 0:
+            tl.store(_state_ptr(zs, pid, i_n, i_s, HS, K, False) + o_k, b_z, mask=m_k)
+
+
+@triton.heuristics({
+    "USE_DECAY": lambda args: args["decay"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+    "USE_H0": lambda args: args["h0"] is not None,
+    "STORE_HT": lambda args: args["ht"] is not None,
+})
+@triton.jit(do_not_specialize=["T", "NS"])
+def _segment_scan_kernel(
+    hs, h0, ht, decay, seg_cu, cu_seqlens, T, NS, SEG,
+    HS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+    USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):
+    # program = (block of D state elements, sequence, state head); walks the sequence's segments
+    # in order (REVERSE: from the last), replacing each slot's local state `loc_g` by the running
+    # state r before it and updating r <- λ^(n_g) r + loc_g. Forward: r starts at h0 and the slots
+    # become incoming states, r ends as the final state. Reverse (gradients): r starts at dS_T, the
+    # slots become the gradient of the state after each segment, r ends as dh0. In place.
+    i_b, i_n, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    if IS_VARLEN:
+        g0 = tl.load(seg_cu + i_n).to(tl.int64)
+        ng = tl.load(seg_cu + i_n + 1).to(tl.int64) - g0
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - tl.load(cu_seqlens + i_n).to(tl.int64)
+    else:
+        g0 = i_n * NS
+        ng = NS
+        seq_len = T
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    m = o < D
+    b_r = tl.zeros([BLOCK], dtype=tl.float32)
+    if USE_H0:
+        b_r += tl.load(h0 + (i_n * HS + i_s) * D + o, mask=m, other=0.)
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+    for i_r in range(0, ng):
+        i_g = i_r
+        if REVERSE:
+            i_g = ng - 1 - i_r
+        p = hs + ((g0 + i_g) * HS + i_s) * D + o
+        b_loc = tl.load(p, mask=m, other=0.)
+        tl.store(p, b_r, mask=m)
+        if USE_DECAY:
+            n_g = tl.minimum(seq_len - i_g * SEG, SEG)
+            b_r = b_r * tl.exp(-b_a * n_g.to(tl.float32))
+        b_r += b_loc
+    if STORE_HT:
+        tl.store(ht + (i_n * HS + i_s) * D + o, b_r, mask=m)
+
+
+@triton.heuristics({
+    "USE_DECAY": lambda args: args["decay"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+})
+@_autotune
+@triton.jit(do_not_specialize=["T", "NS"])
+def _segment_output_kernel(
+    q, k, v, o, den, decay, hin, zin, seg_info, cu_seqlens, scale, eps, T, NS, SEG,
+    H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PER_SEQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # program = (segment, state head, Dv block), Dk whole: the chunks of the segment in order,
+    # started from the segment's incoming state `hin` (CAUSAL=False, linear attention only: the
+    # sequence totals, no intra term, no update). o's Dv block is complete: nothing is reduced.
+    pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
+    i_s, i_v = tl.program_id(1).to(tl.int64), tl.program_id(2)
+    QPS: tl.constexpr = H // HS  # query heads per state head (1 for lightning, the GQA group for linear)
+    i_hk = i_s * HK // HS
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = _cols(i_v, BV, V)
+    m_k = o_k < K
+    m_v = o_v < V
+
+    # [BK, BV] float32 state, [BK] normaliser
+    b_h = tl.load(_state_ptr(hin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_z = tl.zeros([BK], dtype=tl.float32)
+    if NORMALIZE:
+        b_z += tl.load(_state_ptr(zin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+    for i_t in range(0, tl.cdiv(n, BT)):
+        t = i_t * BT + o_t
+        m_t = t < n
+        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        if CAUSAL:
+            b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_t[:, None] & m_k[None, :], HK, K, FEATURE_MAP)
+            # [BT, BV]
+            b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]),
+                          mask=m_t[:, None] & m_v[None, :], other=0.)
+            # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early
+            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
+        if NORMALIZE:
+            # per-token normaliser z_i = z_prev + Σ_{j<=i} φ(k_j) in float32 (a scan, not a product)
+            b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
+            if CAUSAL:
+                b_zc += tl.cumsum(b_kf, 0)
+                b_z += tl.sum(b_kf, 0)
+        for i_g in range(QPS):
+            i_h = i_s * QPS + i_g
+            b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_t[:, None] & m_k[None, :], scale, H, K, FEATURE_MAP)
+            # inter-chunk: [BT, BK] @ [BK, BV] -> [BT, BV], scaled by λ^(i+1)
+            b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
+            if CAUSAL:
+                # intra-chunk: ([BT, BK] @ [BK, BT]) ⊙ M -> [BT, BT]; [BT, BT] @ [BT, BV] -> [BT, BV]
+                # (the [BT, BT] mask is rebuilt per chunk: a few exps, 16 fewer live registers)
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
+                b_o = tl.dot(b_s.to(b_v.dtype), b_v, b_o, input_precision=DOT_PRECISION)
+            if FEATURE_MAP == 0:
+                b_o *= scale
+            if NORMALIZE:
+                b_den = tl.sum(b_qf * b_zc, 1)
+                if FEATURE_MAP == 0:
+                    b_den *= scale
+                b_den += eps
+                b_o = b_o / b_den[:, None]
+                if i_v == 0:
+                    tl.store(den + start * H + i_h + t * H, b_den, mask=m_t)
+            tl.store(o + (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :]), b_o.to(o.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
+        if CAUSAL:
+            # S <- λ^L S + (K ⊙ λ^(L-1-j))ᵀ V: [BK, BT] @ [BT, BV] -> [BK, BV]
+            b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
+
+
+# -------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
+             NORMALIZE: tl.constexpr, dtype: tl.constexpr):
+    """The cotangent of the unnormalised output, dn = do / den, in `dtype` for the dots, and
+    dd = -(do·o) / den (0 without normalisation)."""
+    # [BT, BV]
+    b_do = tl.load(do + (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :]), mask=m_tv, other=0.)
+    b_dd = tl.zeros(m_t.shape, dtype=tl.float32)
+    if NORMALIZE:
+        b_den = tl.load(den + start * H + i_h + t * H, mask=m_t, other=1.)
+        b_dd += tl.load(delta + start * H + i_h + t * H, mask=m_t, other=0.)
+        b_do = (b_do.to(tl.float32) / b_den[:, None])
+    return b_do.to(dtype), b_dd
+
+
+@triton.heuristics({
+    "USE_DECAY": lambda args: args["decay"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+})
+@_autotune
+@triton.jit(do_not_specialize=["T", "NS"])
+def _segment_dstate_kernel(
+    q, do, den, delta, dhs, dzs, decay, seg_info, cu_seqlens, scale, T, NS, SEG,
+    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # program = (segment, state head, state block): the gradient the segment's outputs send to
+    # the state entering it, chunks walked from the last:
+    #   G_loc <- λ^L G_loc + Σ_group (φ(q) ⊙ λ^(i+1))ᵀ dn,   Gz_loc <- Gz_loc + Σ_group φ(q)ᵀ dd
+    pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
+    i_s = tl.program_id(1).to(tl.int64)
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = tl.program_id(2) // NVB, tl.program_id(2) % NVB
+    QPS: tl.constexpr = H // HS
+    o_t = tl.arange(0, BT)
+    o_k = _cols(i_k, BK, K)
+    o_v = _cols(i_v, BV, V)
+    m_k = o_k < K
+    m_v = o_v < V
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dz = tl.zeros([BK], dtype=tl.float32)
+    NT = tl.cdiv(n, BT)
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        t = i_t * BT + o_t
+        m_t = t < n
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        b_dh = b_dh * b_sd
+        for i_g in range(QPS):
+            i_h = i_s * QPS + i_g
+            b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
+            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
+                                  NORMALIZE, b_q.dtype)
+            # (Q̃ ⊙ λ^(i+1))ᵀ dN: [BK, BT] @ [BT, BV] -> [BK, BV], accumulated into the decayed G
+            b_qw = (b_qf * b_qd[:, None]).to(b_q.dtype)
+            b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
+            if NORMALIZE:
+                b_dz += tl.sum(b_qf * b_dd[:, None], 0)
+    if FEATURE_MAP == 0:
+        b_dh *= scale
+        b_dz *= scale
+    p_h = _state_ptr(dhs, pid, i_n, i_s, HS, K * V, False)
+    tl.store(p_h + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_k[:, None] & m_v[None, :])
+    if NORMALIZE:
+        if i_v == 0:
+            tl.store(_state_ptr(dzs, pid, i_n, i_s, HS, K, False) + o_k, b_dz, mask=m_k)
+
+
+@triton.heuristics({
+    "USE_DECAY": lambda args: args["decay"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+})
+@_autotune
+@triton.jit(do_not_specialize=["T", "NS"])
+def _segment_dq_kernel(
+    q, k, v, do, den, delta, dq, decay, hin, zin, seg_info, cu_seqlens, scale, T, NS, SEG,
+    H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PER_SEQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # program = (segment, state head, Dk block), Dv whole (BV >= V), so dq comes out complete:
+    #   dq̃_i = λ^(i+1) dn_i Sᵀ + Σ_j M[i,j] (dn_i·v_j) φ(k_j) [+ dd_i z_i],
+    # a forward walk of the segment's chunks from its incoming state (saved by the forward).
+    pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
+    i_s, i_k = tl.program_id(1).to(tl.int64), tl.program_id(2)
+    QPS: tl.constexpr = H // HS
+    i_hk = i_s * HK // HS
+    o_t = tl.arange(0, BT)
+    o_k = _cols(i_k, BK, K)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+
+    b_h = tl.load(_state_ptr(hin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_z = tl.zeros([BK], dtype=tl.float32)
+    if NORMALIZE:
+        b_z += tl.load(_state_ptr(zin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+    for i_t in range(0, tl.cdiv(n, BT)):
+        t = i_t * BT + o_t
+        m_t = t < n
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        if CAUSAL:
+            b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
+            # [BT, BV]
+            b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
+            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
+        if NORMALIZE:
+            b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
+            if CAUSAL:
+                b_zc += tl.cumsum(b_kf, 0)
+                b_z += tl.sum(b_kf, 0)
+        for i_g in range(QPS):
+            i_h = i_s * QPS + i_g
+            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE,
+                                  q.dtype.element_ty)
+            # [BT, BV] @ [BV, BK] -> [BT, BK]
+            b_dq = tl.dot(b_dn, tl.trans(b_h).to(b_dn.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
+            if CAUSAL:
+                # ([BT, BV] @ [BV, BT]) ⊙ M -> [BT, BT]; then [BT, BT] @ [BT, BK] -> [BT, BK]
+                b_ds = tl.dot(b_dn, tl.trans(b_v), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
+                b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PRECISION)
+            if NORMALIZE:
+                b_dq += b_dd[:, None] * b_zc
+            if FEATURE_MAP == 0:
+                b_dq *= scale
+            else:
+                b_x = tl.load(q + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), mask=m_tk, other=0.).to(tl.float32)
+                b_dq *= _phi_grad(b_x * scale, FEATURE_MAP) * scale
+            tl.store(dq + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        if CAUSAL:
+            # same state update as the forward: [BK, BT] @ [BT, BV] -> [BK, BV]
+            b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
+
+
+@triton.heuristics({
+    "USE_DECAY": lambda args: args["decay"] is not None,
+    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
+    "STORE_DK": lambda args: args["dk"] is not None,
+    "STORE_DV": lambda args: args["dv"] is not None,
+})
+@_autotune
+@triton.jit(do_not_specialize=["T", "NS"])
+def _segment_dkdv_kernel(
+    q, k, v, do, den, delta, dk, dv, decay, gin, gzin, seg_info, cu_seqlens, scale, T, NS, SEG,
+    H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PER_SEQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_DK: tl.constexpr, STORE_DV: tl.constexpr,
+):
+    # program = (segment, state head, state block): a reverse walk of the segment's chunks from
+    # the gradient G of the state after the segment (`gin`; CAUSAL=False: the sequence total):
+    #   dk̃_j = λ^(L-1-j) v_j Gᵀ + Σ_t M[t,j] (dn_t·v_j) q̃_t [+ Gz + Σ_{t>=j} dd_t q̃_t],
+    #   dv_j  = λ^(L-1-j) k̃_j G  + Σ_t M[t,j] (q̃_t·k̃_j) dn_t,
+    #   G <- λ^L G + (Q̃ ⊙ λ^(t+1))ᵀ dN.
+    # STORE_DK needs Dv whole (BV >= V), STORE_DV needs Dk whole (BK >= K): each output that
+    # sums over a head dim is computed by a program holding that dim, so it comes out complete.
+    pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
+    i_s = tl.program_id(1).to(tl.int64)
+    NVB: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = tl.program_id(2) // NVB, tl.program_id(2) % NVB
+    QPS: tl.constexpr = H // HS
+    i_hk = i_s * HK // HS
+    o_t = tl.arange(0, BT)
+    o_k = _cols(i_k, BK, K)
+    o_v = _cols(i_v, BV, V)
+    m_k = o_k < K
+    m_v = o_v < V
+
+    # [BK, BV] float32 state gradient, [BK] normaliser gradient
+    b_dh = tl.load(_state_ptr(gin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + o_k[:, None] * V + o_v[None, :],
+                   mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_dz = tl.zeros([BK], dtype=tl.float32)
+    if NORMALIZE:
+        b_dz += tl.load(_state_ptr(gzin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+    NT = tl.cdiv(n, BT)
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        t = i_t * BT + o_t
+        m_t = t < n
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
+        # [BT, BV]
+        b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
+        # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
+        if STORE_DK:
+            b_dk = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+            if NORMALIZE:
+                b_dk += b_dz[None, :]
+        if STORE_DV:
+            b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+        if CAUSAL:
+            # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per chunk (fewer live registers)
+            b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
+            if FEATURE_MAP == 0:
+                b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
+            # G <- λ^L G + Σ_group (Q̃ ⊙ λ^(t+1))ᵀ dN: the products accumulate into the decayed G
+            b_dh = b_dh * b_sd
+            for i_g in range(QPS):
+                i_h = i_s * QPS + i_g
+                b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
+                b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE, b_q.dtype)
+                b_qs = b_qd
+                if FEATURE_MAP == 0:
+                    b_qs = b_qd * scale
+                b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+                # [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃ tile dies early)
+                b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
+                if STORE_DV:
+                    # Aᵀ = (K̃ Q̃ᵀ) ⊙ Mᵀ: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += Aᵀ dN
+                    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
+                    b_dv = tl.dot(b_st.to(b_dn.dtype), b_dn, b_dv, input_precision=DOT_PRECISION)
+                if STORE_DK:
+                    # dAᵀ = (V dNᵀ) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
+                    b_dst = tl.dot(b_v, tl.trans(b_dn), input_precision=DOT_PRECISION) * b_mt
+                    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
+                    if NORMALIZE:
+                        # Σ_{t>=j} dd_t q̃_t in float32: a reverse scan over the chunk
+                        b_dzq = tl.cumsum(b_qf * b_dd[:, None], 0, reverse=True)
+                        if FEATURE_MAP == 0:
+                            b_dzq *= scale
+                        b_dk += b_dzq
+                if NORMALIZE:
+                    b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
+                    if FEATURE_MAP == 0:
+                        b_dzc *= scale
+                    b_dz += b_dzc
+        if STORE_DK:
+            if FEATURE_MAP != 0:
+                b_dk *= _phi_grad(b_kx, FEATURE_MAP)
+            tl.store(dk + (start * HS + i_s) * K + (t[:, None] * (HS * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        if STORE_DV:
+            tl.store(dv + (start * HS + i_s) * V + (t[:, None] * (HS * V) + o_v[None, :]), b_dv.to(dv.dtype.element_ty), mask=m_tv)

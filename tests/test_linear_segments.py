@@ -1,0 +1,164 @@
+"""Sequence-parallel segments of the chunked linear/lightning Triton kernels.
+
+The kernels cut every sequence into segments (local states, a scan over segments, per-segment
+output and gradients). Real inputs get segments of >= 256 tokens; here `force_segment_len` cuts
+tiny inputs into many odd-sized segments (not chunk multiples, shorter than a chunk, one token),
+so the scan, the varlen segment table and the reverse gradient scan are all exercised against the
+float64 reference. Also: the host plan's program counts (the GPU-occupancy contract).
+"""
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.ops.linear import triton_chunk, triton_register  # noqa: F401  (registers the triton backend)
+
+from .harness import DEVICE, cast_input, clone_as, compare_op, params
+
+BACKEND = "triton"
+
+
+def _data(*shape):
+    return torch.randn(*shape, dtype=torch.float64, device=DEVICE)
+
+
+def _state(x64, dt):
+    return None if x64 is None else clone_as(x64, torch.float64 if dt == torch.float64 else torch.float32,
+                                             requires_grad=True)
+
+
+def _decay(H):
+    return (torch.rand(H, device=DEVICE) * 0.3 + 0.01).float()
+
+
+class _Seg:
+    """Runs the wrapped op with segments of `seg` tokens (the reference ignores it)."""
+
+    def __init__(self, fn, seg):
+        self.fn, self.seg = fn, seg
+
+    def __call__(self, *args, **kw):
+        with triton_chunk.force_segment_len(self.seg):
+            return self.fn(*args, **kw)
+
+
+CASES = params([
+    dict(kind="lightning", B=2, T=45, H=4, Hk=2, Dk=32, Dv=48, seg=7, h0=1),
+    dict(kind="lightning", B=1, T=70, H=2, Hk=2, Dk=16, Dv=16, seg=33, h0=0),
+    dict(kind="lightning", B=1, T=29, H=2, Hk=1, Dk=160, Dv=144, seg=10, h0=1),  # dk/dv in two launches
+    dict(kind="linear", B=2, T=45, H=4, Hk=2, Dk=32, Dv=32, seg=1, h0=1, fm="elu", norm=1, causal=1),
+    dict(kind="linear", B=1, T=61, H=2, Hk=1, Dk=32, Dv=16, seg=24, h0=1, fm="relu", norm=1, causal=1),
+    dict(kind="linear", B=2, T=37, H=2, Hk=2, Dk=16, Dv=32, seg=9, h0=1, fm=None, norm=0, causal=1),
+    dict(kind="linear", B=2, T=50, H=4, Hk=2, Dk=32, Dv=32, seg=11, h0=1, fm="elu", norm=1, causal=0),
+])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_many_segments_match_reference(case, nan_empty):
+    B, T, H, Hk, Dk, Dv = (case[n] for n in ("B", "T", "H", "Hk", "Dk", "Dv"))
+    q, k, v = _data(B, T, H, Dk), _data(B, T, Hk, Dk), _data(B, T, Hk, Dv)
+    if case["kind"] == "lightning":
+        decay = _decay(H)
+        s0 = _data(B, H, Dk, Dv) if case["h0"] else None
+
+        def make_args(dt):
+            return ((cast_input(q, dt), cast_input(k, dt), cast_input(v, dt), decay),
+                    dict(scale=0.5, initial_state=_state(s0, dt), output_final_state=True))
+
+        compare_op(_Seg(attnkit.lightning_attention, case["seg"]), make_args, torch.float32, BACKEND, grad=True,
+                   output_names=["o", "S"])
+        return
+    norm = bool(case["norm"])
+    s0 = _data(B, Hk, Dk, Dv)
+    z0 = (torch.rand(B, Hk, Dk, dtype=torch.float64, device=DEVICE) + 0.5) * T if norm else None
+
+    def make_args(dt):
+        state = ((_state(s0, dt), _state(z0, dt)) if norm else _state(s0, dt)) if case["h0"] else None
+        return ((cast_input(q, dt), cast_input(k, dt), cast_input(v, dt)),
+                dict(causal=bool(case["causal"]), feature_map=case["fm"], normalize=norm, scale=0.7,
+                     initial_state=state, output_final_state=True))
+
+    compare_op(_Seg(attnkit.linear_attention, case["seg"]), make_args, torch.float32, BACKEND, grad=True,
+               output_names=["o", "S", "z"] if norm else ["o", "S"])
+
+
+CU = [0, 17, 17, 80, 81, 150]  # an empty sequence, a one-token one, lengths off the segment grid
+
+
+@pytest.mark.parametrize("kind", ["lightning", "linear-normalize", "linear-noncausal"])
+def test_many_segments_varlen(kind, nan_empty):
+    total, N, H, Hk, Dk, Dv = CU[-1], len(CU) - 1, 4, 2, 32, 16
+    q, k, v = _data(1, total, H, Dk), _data(1, total, Hk, Dk), _data(1, total, Hk, Dv)
+    cu = torch.tensor(CU, dtype=torch.int32, device=DEVICE)
+    decay = _decay(H)
+    s0 = _data(N, H if kind == "lightning" else Hk, Dk, Dv)
+    z0 = (torch.rand(N, Hk, Dk, dtype=torch.float64, device=DEVICE) + 0.5) * 10
+
+    def fn(q, k, v, state, backend=None):
+        if kind == "lightning":
+            return attnkit.lightning_attention(q, k, v, decay, scale=0.5, initial_state=state,
+                                               output_final_state=True, cu_seqlens=cu, backend=backend)
+        return attnkit.linear_attention(q, k, v, causal=kind != "linear-noncausal", feature_map="elu",
+                                        normalize=kind == "linear-normalize", scale=0.5, initial_state=state,
+                                        output_final_state=True, cu_seqlens=cu, backend=backend)
+
+    def make_args(dt):
+        state = (_state(s0, dt), _state(z0, dt)) if kind == "linear-normalize" else _state(s0, dt)
+        return (cast_input(q, dt), cast_input(k, dt), cast_input(v, dt), state), {}
+
+    compare_op(_Seg(fn, 13), make_args, torch.float32, BACKEND, grad=True)
+
+
+def test_segment_count_does_not_change_results():
+    # the same op with 1, 3 and many segments per sequence agrees to float32 rounding (segments
+    # only regroup float32 sums of the same terms: relative to each tensor's largest entry)
+    B, T, H, Dk, Dv = 1, 90, 2, 32, 32
+    q, k, v = (_data(B, T, H, d).float().requires_grad_() for d in (Dk, Dk, Dv))
+    decay = _decay(H)
+    runs = []
+    for seg in (None, 32, 5):
+        with triton_chunk.force_segment_len(seg):
+            o, S = attnkit.lightning_attention(q, k, v, decay, output_final_state=True, backend=BACKEND)
+            grads = torch.autograd.grad((o * o).sum() + S.sum(), (q, k, v))
+        runs.append((o, S, *grads))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------- host plan
+
+
+def _programs(B, T, HS, sms=132):
+    plan_seg = triton_chunk.segment_len(B * T, HS, sms)
+    return HS * B * -(-T // plan_seg), plan_seg
+
+
+@pytest.mark.parametrize("B,T,HS", [(2, 16384, 16), (1, 65536, 16), (1, 131072, 64), (8, 4096, 16)])
+def test_plan_fills_the_gpu(B, T, HS):
+    # every launch that walks tokens has >= 2 x SMs programs at the headline shapes
+    programs, seg = _programs(B, T, HS)
+    assert programs >= 2 * 132, (programs, seg)
+    assert seg % 64 == 0
+
+
+def test_plan_parallelism_flat_in_length():
+    # at a fixed number of tokens per call the program count does not fall as T grows
+    counts = [_programs(2 ** 16 // T, T, 16)[0] for T in (2048, 8192, 32768, 65536)]
+    assert min(counts) >= 264 and max(counts) == min(counts), counts
+
+
+def test_sm_count_env(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_SM_COUNT", "7")
+    assert triton_chunk.sm_count(torch.device("cpu")) == 7
+
+
+def test_varlen_plan_table():
+    q = torch.zeros(1, 150, 1, 16)
+    cu = torch.tensor(CU, dtype=torch.int32)
+    plan = triton_chunk.plan_segments(q, len(CU) - 1, 1, cu, seg=13)
+    lens = [b - a for a, b in zip(CU, CU[1:])]
+    want = [(n, g) for n, L in enumerate(lens) for g in range(-(-L // 13))]
+    got = [tuple(r) for r in plan.seg_info.tolist() if r[1] >= 0]
+    assert got == want and plan.nseg >= len(want)
+    assert plan.seg_cu.tolist() == [0] + list(torch.tensor([-(-L // 13) for L in lens]).cumsum(0).tolist())
