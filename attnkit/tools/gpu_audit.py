@@ -32,6 +32,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from . import DEFAULT_SM_COUNT, SM_COUNT_ENV  # noqa: E402
+
+#: Read by host code that prunes configs for the device's shared memory when the tensors are on
+#: the CPU/meta device (attnkit/ops/softmax/triton_attention.py); the audit sets it per arch.
+TARGET_ARCH_ENV = "ATTNKIT_TARGET_ARCH"
 from ._compile import (ResultCache, compile_launch, default_cache_dir, shared_limit, variant_key,  # noqa: E402
                        verify_launch)
 from ._recorder import TARGETS, Launch, record, triton_version  # noqa: E402
@@ -114,24 +118,35 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
     skipped: list[dict[str, Any]] = []
     variants: dict[tuple[str, str], Variant] = {}
     n_launches = 0
-    for case in cases:  # noqa: F402 - shadows the `case` filter on purpose: no longer needed
-        try:
-            launches = record(make_call(case.op, case.mode, case.dtype, case.shape, case.flags), case.name)
-        except Exception as e:  # noqa: BLE001 - reported as a finding
-            entry = dict(case=case.name, error=f"{type(e).__name__}: {e}"[:400])
-            (skipped if case.optional else failures).append(entry)
-            continue
-        for launch in launches:
-            if pattern is not None and not pattern.search(launch.kernel):
-                continue
-            n_launches += 1
-            for arch in archs:
-                key = variant_key(launch, arch)
-                v = variants.get((key, arch))
-                if v is None:
-                    v = variants[(key, arch)] = Variant(key, arch, launch, case)
-                if case.name not in v.cases:
-                    v.cases.append(case.name)
+    saved_target = os.environ.get(TARGET_ARCH_ENV)
+    try:
+        for arch in archs:
+            # host code that prunes configs by the device's shared memory reads the target arch
+            # from ATTNKIT_TARGET_ARCH when the tensors are not on a GPU: record once per arch
+            os.environ[TARGET_ARCH_ENV] = arch
+            for c in cases:
+                try:
+                    launches = record(make_call(c.op, c.mode, c.dtype, c.shape, c.flags), c.name)
+                except Exception as e:  # noqa: BLE001 - reported as a finding
+                    entry = dict(case=c.name, arch=arch, error=f"{type(e).__name__}: {e}"[:400])
+                    if not any(x["case"] == c.name for x in (skipped if c.optional else failures)):
+                        (skipped if c.optional else failures).append(entry)
+                    continue
+                for launch in launches:
+                    if pattern is not None and not pattern.search(launch.kernel):
+                        continue
+                    n_launches += 1
+                    key = variant_key(launch, arch)
+                    v = variants.get((key, arch))
+                    if v is None:
+                        v = variants[(key, arch)] = Variant(key, arch, launch, c)
+                    if c.name not in v.cases:
+                        v.cases.append(c.name)
+    finally:
+        if saved_target is None:
+            os.environ.pop(TARGET_ARCH_ENV, None)
+        else:
+            os.environ[TARGET_ARCH_ENV] = saved_target
     recorded_s = time.perf_counter() - start
     store = ResultCache(cache)
     todo = []

@@ -237,8 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--flags", default="", help="op flags, e.g. causal=false,norm=rms or selection=group")
     parser.add_argument("--sms", type=int, help=f"SM count to plan for (sets {SM_COUNT_ENV})")
+    parser.add_argument("--arch", default=None, help="target arch whose shared memory the config prunes assume "
+                        "(sets ATTNKIT_TARGET_ARCH; default: its value, else sm_90)")
     parser.add_argument("--json", metavar="OUT", help="also write the plan as JSON")
     args = parser.parse_args(argv)
+    if args.arch is not None:
+        if not (args.arch.startswith("sm_") and args.arch[3:].isdigit() and len(args.arch) >= 5):
+            parser.error(f"--arch must look like sm_90 or sm_80, got {args.arch!r}")
+        os.environ["ATTNKIT_TARGET_ARCH"] = args.arch
+    os.environ.setdefault("ATTNKIT_TARGET_ARCH", "sm_90")
     if args.sms is not None:
         if args.sms < 1:
             parser.error(f"--sms must be a positive integer, got {args.sms}")
