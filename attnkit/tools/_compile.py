@@ -271,7 +271,7 @@ def verify_launch(launch: Launch, arch: str) -> dict[str, Any]:
       must equal the audit's, which come from the ptxas log);
     * `sass_mma`: the MMA kind read from the SASS (HGMMA/HMMA) instead of the PTX;
     * `toolkit`: the CUDA toolkit's own ptxas (another version than Triton's) run on the same PTX:
-      registers and spills of an independent assembler (equal or close; spilling or not agrees).
+      registers (must be equal) and spills (reported: amounts differ between ptxas versions).
     """
     r = compile_launch(launch, arch, keep_asm=True)
     if r["error"]:
@@ -290,10 +290,14 @@ def verify_launch(launch: Launch, arch: str) -> dict[str, Any]:
         fig = parse_ptxas_log(log)
         out["toolkit"] = dict(ptxas=ptxas, ptx_version_lowered_to=lowered, registers=fig["registers"],
                               spill_stores=fig["spill_stores"], stack_frame=fig["stack_frame"])
+    # Judged: the same cubin's registers and stack frame, the SASS's MMA kind, and the register
+    # count of the other assembler. Spill amounts of two ptxas versions legitimately differ (and
+    # small spills can vanish: 32 vs 0 B), so they are reported, not judged.
     out["agree"] = dict(
         registers=res["REG"] == r["registers"],
         stack_frame=res["STACK"] == r["stack_frame"],
         mma=sass_kind[0] == r["mma"],
-        toolkit_spills=None if out["toolkit"] is None
-        else (out["toolkit"]["spill_stores"] > 0) == (r["spill_stores"] > 0))
+        toolkit_registers=None if out["toolkit"] is None else out["toolkit"]["registers"] == r["registers"])
+    out["toolkit_spills_too"] = None if out["toolkit"] is None else \
+        (out["toolkit"]["spill_stores"] > 0) == (r["spill_stores"] > 0)
     return out
