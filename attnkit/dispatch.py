@@ -347,7 +347,8 @@ def choose(op_name: str, inputs: Inputs, backend: str | None = None, env: tuple 
     Cached per (op, inputs, requested backend, environment switches): availability probes
     (imports, compiler checks, building the native extension) run once per call signature.
     """
-    key = (op_name, inputs, backend, _env_key() if env is None else env, _GENERATION)
+    # _choose is in the key so that a replaced chooser (attnkit.tools' launch recorder) is honoured
+    key = (op_name, inputs, backend, _env_key() if env is None else env, _GENERATION, _choose)
     name = _CHOICES.get(key)
     if name is not None:
         return name
@@ -383,7 +384,8 @@ _traced_choose_constant = _traced_choose
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL")
+                       if hasattr(torch._C._TorchDispatchModeKey, k))
 
 
 def _subclass(x: Any) -> bool:
@@ -391,11 +393,14 @@ def _subclass(x: Any) -> bool:
 
 
 def _traced(kwargs: dict[str, Any]) -> bool:
-    """Whether the call is being traced rather than run: an active TorchDispatchMode (make_fx,
-    FakeTensorMode, FlopCounter, a recording mode, ...) or a tensor-subclass input (FakeTensor,
-    FunctionalTensor, DTensor, ...). torch.compile/export are checked by the caller."""
-    if torch._C._len_torch_dispatch_stack() or torch._C._get_dispatch_mode(_PROXY_MODE) is not None:
-        return True
+    """Whether the call is being traced rather than run: a fake-tensor, proxy (make_fx) or
+    functionalization mode is active, or an input is a tensor subclass (FakeTensor,
+    FunctionalTensor, DTensor, ...). torch.compile/export are checked by the caller. Other
+    (observing) dispatch modes, e.g. FlopCounterMode or attnkit.tools' launch recorder, see the
+    backend's own torch calls and kernel launches."""
+    for key in _TRACING_MODES:
+        if torch._C._get_dispatch_mode(key) is not None:
+            return True
     for x in kwargs.values():
         if type(x) in _PLAIN or x is None:
             continue
@@ -407,7 +412,7 @@ def _traced(kwargs: dict[str, Any]) -> bool:
 def run(op_name: str, call: Call, backend: str | None = None) -> Any:
     """Choose a backend for a validated call (cached) and run it.
 
-    Traced (``torch.compile``, ``torch.export``, a dispatch mode, fake/functional tensors) the
+    Traced (``torch.compile``, ``torch.export``, make_fx, fake/functional tensors) the
     call goes through ``torch.ops.attnkit.<op_name>`` (an opaque node with a fake implementation
     and autograd); run eagerly it calls the backend implementation directly, with the backend's
     own autograd, because torch's Python custom-op path costs hundreds of µs per call (see

@@ -1,6 +1,7 @@
 """torch.library custom ops: every public op is ``torch.ops.attnkit.<name>``; ``opcheck`` on each.
 
-Each case calls the *public* function once under a recording dispatch mode, which captures the
+Each case calls the *public* function once under a recording dispatch mode (with
+``ATTNKIT_EAGER_CUSTOM_OPS=1``, so the eager call goes through the op), which captures the
 custom-op call exactly as the public function makes it (validated, normalised arguments and the
 chosen backend); ``torch.library.opcheck`` then checks that call: schema (declared mutation and
 aliasing), fake implementation, autograd registration and AOT dispatch (static and dynamic).
@@ -49,8 +50,10 @@ def _clone(x):
 
 
 def recorded(fn):
-    """The (op, args, kwargs) of the single attnkit custom-op call `fn()` makes."""
-    with _Record() as rec:
+    """The (op, args, kwargs) of the single attnkit custom-op call `fn()` makes (eager calls go
+    through the ops under ATTNKIT_EAGER_CUSTOM_OPS=1; traced calls always do)."""
+    with pytest.MonkeyPatch.context() as mp, _Record() as rec:
+        mp.setenv("ATTNKIT_EAGER_CUSTOM_OPS", "1")
         fn()
     assert len(rec.calls) == 1, [c[0] for c in rec.calls]
     func, args, kwargs = rec.calls[0]
