@@ -128,6 +128,12 @@ def _regs(elems_f32: int, elems_operand: int, elsize: int, num_warps: int, num_s
     return (elems_f32 + elems_operand * elsize / 4) / (32 * num_warps) + 24 * max(num_stages - 2, 0)
 
 
+def _mma_sync_regs(capability) -> int:
+    """Extra registers before sm_90: `mma.sync` takes both operands from registers (sm_80 audit:
+    dq 128 x 32 / D128 spilled 96 B at an sm_90 estimate of 160; 128 x 16 at 144 did not)."""
+    return 64 if capability is not None and capability[0] < 9 else 0
+
+
 def fwd_regs(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> float:
     """Accumulator `[BM, BDV]` and logits/probabilities `2 x [BM, BN]` in float32, `[BM, BD]` Q."""
     bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
@@ -139,7 +145,7 @@ def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[trito
     budget, the one with the fewest estimated registers that fits shared memory."""
     limit = smem_limit(capability)
     fits = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
-    kept = [c for c in fits if fwd_regs(c, BD, BDV, elsize) <= REG_BUDGET]
+    kept = [c for c in fits if fwd_regs(c, BD, BDV, elsize) + _mma_sync_regs(capability) <= REG_BUDGET]
     if kept:
         return kept
     if fits:
@@ -197,7 +203,7 @@ def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability,
     limit = smem_limit(capability)
     fits = [c for c in configs if next(iter(c.kwargs.values())) <= outer
             and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit]
-    kept = [c for c in fits if bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm) <= REG_BUDGET]
+    kept = [c for c in fits if bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm) + _mma_sync_regs(capability) <= REG_BUDGET]
     if kept:
         return kept
     if fits:
