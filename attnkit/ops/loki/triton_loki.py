@@ -52,10 +52,10 @@ MAX_SPLITS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
 # Selection: one program per (row, selecting head). A row of up to SELECT_RESIDENT slots is
-# loaded once and held in registers for every pass (16 elements per thread at 16 warps: 128
+# loaded once and held in registers for every pass (32 scores per thread at 8 warps: 128
 # registers, no spills on sm_80/sm_90); longer rows are streamed in SELECT_BLOCK-slot blocks
 # (8 warps), once per pass.
-SELECT_RESIDENT = 16384
+SELECT_RESIDENT = 8192
 SELECT_BLOCK = 8192
 
 
@@ -495,7 +495,7 @@ def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -
     else:
         blk = max(1024, row) if row <= SELECT_RESIDENT else SELECT_BLOCK
     _loki_select_kernel[(B * HSEL,)](scores, cache_seqlens, idx, Smax, top_k, HSEL=HSEL, BLK=blk,
-                                    RESIDENT=Smax <= blk, num_warps=max(4, min(16, blk // 1024)),
+                                    RESIDENT=Smax <= blk, num_warps=max(4, min(8, blk // 1024)),
                                     num_stages=1)
     return idx
 
@@ -526,7 +526,9 @@ def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache
         q_rot, k_cache_rot, v_cache, cache_seqlens, idx, o, o_part, lse_part, float(scale), n_sel, chunk, n_splits,
         *k_cache_rot.stride(), *v_cache.stride(), *s_i,
         H=H, HK=HK, G=G, D=D, DV=DV, BM=BM, BN=BN, BD=BD, BDV=BDV, SHARED=shared, SPLIT=split,
-        DOT_PRECISION=dot_precision(v_cache), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        DOT_PRECISION=dot_precision(v_cache), num_stages=NUM_STAGES,
+        # per-head tiles run float32 broadcasts: 8 warps keep a [BN, BD >= 128] tile from spilling
+        num_warps=NUM_WARPS if shared or BD < 128 else 8)
     if split:
         BR = 16
         _loki_sparse_attn_reduce_kernel[(triton.cdiv(B * H, BR),)](

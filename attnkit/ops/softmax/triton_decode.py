@@ -72,7 +72,8 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
     `BM`: packed query rows per tile (all `Tq * G` rows of a group up to 64, at least 16 for
     `tl.dot`). `BN = 128` keys per tile where a K and a V tile fit in `smem` (else 64, 32), with
     as many pipeline stages (4, 3, 2; `stages - 1` tiles buffered) as fit: decoding is bound by
-    HBM, so the aim is bytes in flight, not arithmetic. 4 warps (8 for 64-row query tiles). float32 (FMA products): 16-64 keys.
+    HBM, so the aim is bytes in flight, not arithmetic. 4 warps (8 for 64-row query tiles).
+    float32 (FMA products): 16-64 keys.
     """
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
     if interpreted():
