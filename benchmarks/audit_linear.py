@@ -152,7 +152,7 @@ def audit(cases=CASES, all_configs=False, progress=False):
             fn, tuner = _unwrap(kernel)
             configs = tuner.configs
             if not all_configs:
-                configs = kern._prune_configs(configs, {}, **cx)
+                configs = kern._prune_configs(configs, dict.fromkeys(fn.arg_names), **cx)
             for cfg in configs:
                 try:
                     ck = _compile(fn, rt, cx, cfg)
