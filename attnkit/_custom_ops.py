@@ -493,8 +493,8 @@ CALLERS["lightning_attention"] = _call_lightning_attention
                               "Tensor? decay=None, Tensor? state_indices=None, *, str recurrence, float scale, "
                               "str? feature_map=None, bool normalize=False, float eps=1e-06, "
                               "str backend='reference') -> Tensor", mutates=("state", "z"))
-def _linear_attention_step(q, k, v, state, z=None, decay=None, state_indices=None, *, recurrence, scale, feature_map=None,
-                           normalize=False, eps=1e-6, backend="reference"):
+def _linear_attention_step(q, k, v, state, z=None, decay=None, state_indices=None, *, recurrence, scale,
+                           feature_map=None, normalize=False, eps=1e-6, backend="reference"):
     with torch.no_grad():
         o = _fn("linear_attention_step", backend)(
             q=q, k=k, v=v, state=(state, z) if normalize else state, mode=recurrence, decay=decay, scale=float(scale),

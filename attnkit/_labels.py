@@ -13,7 +13,7 @@ import torch
 _WHAT = {
     ("reference", "cpu"): "PyTorch ops on the CPU",
     ("reference", "cuda"): "PyTorch ops on the GPU",
-    ("triton", "cpu"): "Triton kernels in the interpreter on the CPU (TRITON_INTERPRET=1, for tests)",
+    ("triton", "cpu"): "Triton kernels in the interpreter on the CPU, for tests (TRITON_INTERPRET=1)",
     ("triton", "cuda"): "Triton kernels on the GPU",
     ("cuda", "cpu"): "compiled C++ CPU kernels",
     ("cuda", "cuda"): "compiled CUDA kernels",

@@ -195,7 +195,7 @@ def check_index(name: str, idx: torch.Tensor, length: int, limit: int, limit_nam
     if idx.dim() != 1 or idx.shape[0] != length:
         raise ValueError(f"{name} must have shape [{length}], got {shape_str(idx)}")
     if value_checks_enabled(idx) and length > 0:
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = (int(t) for t in torch.aminmax(idx))
         if lo < 0 or hi >= limit:
             raise ValueError(f"{name} values must be in 0..{limit - 1} ({limit_name}), "
                              f"got values in {lo}..{hi}")

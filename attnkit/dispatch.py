@@ -328,18 +328,26 @@ _CHOICES: dict[tuple, str] = {}
 _WARNED: set[str] = set()
 
 
+_ENV_SWITCHES = ("ATTNKIT_BACKEND", "TRITON_INTERPRET", "ATTNKIT_DISABLE_NATIVE", "ATTNKIT_EAGER_CUSTOM_OPS")
+# os.environ's own storage (bytes keys on POSIX): a plain dict lookup, ~10x cheaper than os.environ.get
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_SWITCH_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_SWITCHES) if _ENV_DATA is not None else None
+
+
 def _env_key() -> tuple:
-    env = os.environ
-    return (env.get("ATTNKIT_BACKEND"), env.get("TRITON_INTERPRET"), env.get("ATTNKIT_DISABLE_NATIVE"))
+    if _ENV_SWITCH_KEYS is not None:
+        get = _ENV_DATA.get
+        return tuple(get(k) for k in _ENV_SWITCH_KEYS)
+    return tuple(os.environ.get(k) for k in _ENV_SWITCHES)
 
 
-def choose(op_name: str, inputs: Inputs, backend: str | None = None) -> str:
+def choose(op_name: str, inputs: Inputs, backend: str | None = None, env: tuple | None = None) -> str:
     """The backend that runs a validated call (raises :class:`BackendUnavailable` if none can).
 
     Cached per (op, inputs, requested backend, environment switches): availability probes
     (imports, compiler checks, building the native extension) run once per call signature.
     """
-    key = (op_name, inputs, backend, _env_key(), _GENERATION)
+    key = (op_name, inputs, backend, _env_key() if env is None else env, _GENERATION)
     name = _CHOICES.get(key)
     if name is not None:
         return name
@@ -367,19 +375,55 @@ def _traced_choose(op_name: str, device_type: str, device_index: int | None, dty
     return choose(op_name, inputs, backend)
 
 
-_traced_choose_constant = torch._dynamo.assume_constant_result(_traced_choose)
+# What torch._dynamo.assume_constant_result(_traced_choose) does (dynamo calls the function at
+# trace time and bakes its result in as a constant), without importing torch._dynamo (seconds)
+# when attnkit is imported.
+_traced_choose._dynamo_marked_constant = True
+_traced_choose_constant = _traced_choose
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
+
+
+def _subclass(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and type(x) not in _PLAIN
+
+
+def _traced(kwargs: dict[str, Any]) -> bool:
+    """Whether the call is being traced rather than run: an active TorchDispatchMode (make_fx,
+    FakeTensorMode, FlopCounter, a recording mode, ...) or a tensor-subclass input (FakeTensor,
+    FunctionalTensor, DTensor, ...). torch.compile/export are checked by the caller."""
+    if torch._C._len_torch_dispatch_stack() or torch._C._get_dispatch_mode(_PROXY_MODE) is not None:
+        return True
+    for x in kwargs.values():
+        if type(x) in _PLAIN or x is None:
+            continue
+        if _subclass(x) or (isinstance(x, (tuple, list)) and any(_subclass(t) for t in x)):
+            return True
+    return False
 
 
 def run(op_name: str, call: Call, backend: str | None = None) -> Any:
-    """Choose a backend for a validated call and run it through ``torch.ops.attnkit.<op_name>``."""
+    """Choose a backend for a validated call (cached) and run it.
+
+    Traced (``torch.compile``, ``torch.export``, a dispatch mode, fake/functional tensors) the
+    call goes through ``torch.ops.attnkit.<op_name>`` (an opaque node with a fake implementation
+    and autograd); run eagerly it calls the backend implementation directly, with the backend's
+    own autograd, because torch's Python custom-op path costs hundreds of µs per call (see
+    docs/compile.md). ``ATTNKIT_EAGER_CUSTOM_OPS=1`` sends eager calls through the ops too.
+    """
     inputs = call.inputs
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         name = _traced_choose_constant(op_name, inputs.device.type, inputs.device.index, inputs.dtype,
                                        tuple(inputs.head_dims), tuple(sorted(inputs.features)), backend)
     else:
-        name = choose(op_name, inputs, backend)
+        env = _env_key()
+        name = choose(op_name, inputs, backend, env)
+        if env[3] not in (b"1", "1") and not _traced(call.kwargs):  # env[3]: ATTNKIT_EAGER_CUSTOM_OPS
+            return _IMPLS[op_name][name].function()(**call.kwargs)
     caller = _custom_ops.CALLERS.get(op_name)
-    if caller is None:
+    if caller is None:  # an op registered without a custom op (yet): traced as Python
         return _IMPLS[op_name][name].function()(**call.kwargs)
     return caller(call.kwargs, name)
 

@@ -296,11 +296,14 @@ PLOTS_SKIPPED = ('plots skipped: matplotlib is not installed (pip install -e ".[
 
 def can_plot() -> bool:
     """Whether matplotlib can be imported (the ``bench`` extra); without it only the plots are skipped."""
+    import importlib.util
+
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
+
+        return importlib.util.find_spec("matplotlib.pyplot") is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def plot(path: Path, rows: list[dict[str, Any]], x: str, metric: str, title: str) -> bool:

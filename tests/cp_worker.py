@@ -6,6 +6,11 @@ failing check does not leave the ranks out of step; failures are collected and r
 (exit code 1). Each rank builds the same whole-sequence inputs from a fixed seed, runs the
 single-process op on them (float64 reference = golden; the test dtype/backend = the tolerance
 yardstick), then the context-parallel op on its shard, and compares its shard of everything.
+
+Checks (CP_CHECKS, comma list): layouts (shard/gather, bad layouts/lengths, mismatched shards),
+linear (lightning + linear attention), softmax, window (window/softcap), modules (nn layers with
+process_group=), bytes (payload per rank vs T, Hk, dtype), subgroups (4 ranks), timeout (2 ranks).
+CP_QUICK=1 runs a subset (the 4-rank launch).
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def run_case(ctx, name, fn_full, fn_cp, seq, rep, dtype, backend, layout="contig
                 continue
             y = x.detach()
             if shard:
-                y = akd.shard_sequence(y, layout=layout)
+                y = akd.shard_sequence(y, layout=layout, group=ctx.get("group"))
             y = y.to(dt).clone().requires_grad_(x.requires_grad)
             out[k] = y
         return out
@@ -117,7 +122,7 @@ def run_case(ctx, name, fn_full, fn_cp, seq, rep, dtype, backend, layout="contig
             # one cotangent per rank for the (replicated) final states; single-process: their sum
             cot_s = [[randn(g, *st.shape) for st in states] for _ in range(world)]
         if cp:
-            loss = (o.to(F64) * akd.shard_sequence(cot_o, layout=layout)).sum()
+            loss = (o.to(F64) * akd.shard_sequence(cot_o, layout=layout, group=ctx.get("group"))).sum()
             loss = loss + sum((st.to(F64) * c).sum() for st, c in zip(states, cot_s[rank]))
         else:
             loss = (o.to(F64) * cot_o).sum()
@@ -133,12 +138,18 @@ def run_case(ctx, name, fn_full, fn_cp, seq, rep, dtype, backend, layout="contig
             for k in r:
                 if k in gd:  # SPMD: each rank holds its contribution; the sum is the gradient
                     gd[k] = gd[k].clone()
-                    dist.all_reduce(gd[k])
+                    dist.all_reduce(gd[k], group=ctx.get("group"))
         results[key] = (o, states, gd)
 
     def shard(x):
-        return akd.shard_sequence(x, layout=layout)
+        return akd.shard_sequence(x, layout=layout, group=ctx.get("group"))
 
+    for i, st in enumerate(results["out"][1]):  # the final state is bit-identical on every rank
+        every = [torch.empty_like(st) for _ in range(world)]
+        dist.all_gather(every, st.detach().contiguous(), group=ctx.get("group"))
+        ctx["checked"] += 1
+        if not all(torch.equal(every[0], x) for x in every):
+            ctx["failures"].append(f"rank {rank}: {name} [state[{i}]] differs between ranks")
     checks = [("o", results["out"][0], shard(results["ref"][0]), shard(results["golden"][0]))]
     for i, st in enumerate(results["out"][1]):
         checks.append((f"state[{i}]", st, results["ref"][1][i], results["golden"][1][i]))
@@ -287,6 +298,9 @@ def check_linear(ctx):
     if not ctx["quick"]:
         run_case(ctx, "lightning f32 triton no-decay S0", full, cp, qkv(g, 1, T, 4, 1, D, D, scale=0.5),
                  {"S0": randn(g, 1, 4, D, D, scale=0.2).requires_grad_(True)}, torch.float32, "triton", seed=3)
+        # half precision: the local output is rounded before the float32 correction is added
+        run_case(ctx, "lightning f16 triton", full, cp, qkv(g, 1, T, 4, 2, D, D, scale=0.5),
+                 {"decay": torch.rand(4, generator=g, dtype=F64) * 0.2}, torch.float16, "triton", seed=4)
     # linear attention: causal / non-causal, normalised or not, feature maps, initial states
     cases = [
         (dict(causal=True, feature_map="elu", normalize=True), True, F64, "reference"),
@@ -406,6 +420,9 @@ def check_modules(ctx):
         ("GroupedQueryAttention rope qk_norm zigzag",
          lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 2, qk_norm="rms", rope_theta=1e4, **kw), "zigzag", False,
          "constructor"),
+        ("GroupedQueryAttention window softcap rope zigzag",
+         lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 2, window=(5, -1), softcap=3.0, rope_theta=1e4, **kw),
+         "zigzag", False, "forward"),
         ("GroupedQueryAttention fused qk_norm",
          lambda **kw: aknn.GroupedQueryAttention(hidden, 4, 1, qk_norm="rms", **kw),
          "contiguous", False, "forward"),
@@ -495,6 +512,50 @@ def check_window(ctx):
                      qkv(g, 2, T, 4, 2, 16, 16), {}, F64, None, layout=layout, seed=40 + i)
     finally:
         cps._api.attention, cps._local_supports = saved
+    # and through the real local op (float64 reference; the Triton kernels where they take windows)
+    x = torch.randn(1, 8, 2, 16)
+    kernels = [(F64, "reference")]
+    refusals = attnkit.explain("attention", x, x, x, causal=True, window=(3, -1), softcap=2.0).refusals
+    if not refusals.get("triton"):
+        kernels.append((torch.float32, "triton"))
+    for dt, be in kernels:
+        for i, (layout, causal, window, softcap) in enumerate([
+                ("zigzag", True, (3, -1), 2.0), ("contiguous", False, (2, 5), 0.0)]):
+            def full(s, r, be, causal=causal, window=window, softcap=softcap):
+                return attnkit.attention(s["q"], s["k"], s["v"], causal=causal, window=window, softcap=softcap,
+                                         backend=be), None
+
+            def cp(s, r, be, causal=causal, window=window, softcap=softcap, layout=layout):
+                return akd.attention(s["q"], s["k"], s["v"], causal=causal, window=window, softcap=softcap,
+                                     layout=layout, backend=be), None
+            run_case(ctx, f"window (attnkit.attention {be}) {layout} causal={causal} window={window} "
+                     f"softcap={softcap}", full, cp, qkv(g, 2, T, 4, 2, 16, 16), {}, dt, be, layout=layout,
+                     seed=60 + i)
+
+
+def check_subgroups(ctx):
+    """Two independent context-parallel groups (ranks {0, 1} and {2, 3}) in one world of 4."""
+    rank, world = ctx["rank"], ctx["world"]
+    if world != 4:
+        return
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    sub = {**ctx, "group": mine, "world": 2, "rank": dist.get_rank(mine)}
+    g = gen(8 + rank // 2)  # the two groups work on different data
+    full, _ = lightning_fns()
+
+    def cp_g(s, r, be):
+        return akd.lightning_attention(s["q"], s["k"], s["v"], r.get("decay"), group=mine, output_final_state=True,
+                                       backend=be)
+    run_case(sub, "lightning sub-group", full, cp_g, qkv(g, 1, 32, 2, 1, 16, 16, scale=0.5),
+             {"decay": (torch.rand(2, generator=g, dtype=F64) * 0.3).requires_grad_(True)}, F64, "reference", seed=50)
+    full, _ = softmax_fns("zigzag", causal=True)
+
+    def cp_s(s, r, be):
+        return akd.attention(s["q"], s["k"], s["v"], causal=True, layout="zigzag", group=mine, backend=be), None
+    run_case(sub, "attention sub-group", full, cp_s, qkv(g, 1, 16, 2, 1, 16, 16), {}, F64, "reference",
+             layout="zigzag", seed=51)
+    ctx["checked"] = sub["checked"]
 
 
 def check_timeout(ctx):

@@ -47,7 +47,9 @@ def check_compiled(fn, *args, backend="aot_eager", exact=True):
     eager_args, comp_args = _clone(args), _clone(args)
     out_e = _flat(fn(*eager_args))
     out_c = _flat(torch.compile(fn, fullgraph=True, backend=backend)(*comp_args))
-    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    # eager calls the backend directly, compiled code runs torch.ops.attnkit.* (the backward op
+    # reruns the forward under autograd): equal up to float32 rounding of a reordered reduction
+    tol = dict(rtol=1e-6, atol=1e-6) if exact else dict(rtol=1e-5, atol=1e-5)
     assert len(out_e) == len(out_c)
     for a, b in zip(out_c, out_e):
         torch.testing.assert_close(a, b, **tol)
@@ -74,11 +76,17 @@ def test_compile_attention_ops():
     check_compiled(lambda q, k, v, w: attnkit.attention(q, k, v, causal=True, qk_norm="rms", q_norm_weight=w,
                                                         k_norm_weight=w, return_lse=True), q, k, v, w)
     check_compiled(lambda x, w: attnkit.qk_norm(x, w), q, w)
+    check_compiled(lambda q, k, v: attnkit.attention(q, k, v, causal=True, window=(2, 0), softcap=5.0), q, k, v)
     kc, vc, lens = r(2, 9, 2, 16), r(2, 9, 2, 16), torch.tensor([3, 6], dtype=torch.int32, device=DEVICE)
     q1, k1, v1 = r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16)
     check_compiled(lambda q, kc, vc, lens, k1, v1: attnkit.attention_decode(q, kc, vc, lens, k_new=k1, v_new=v1),
                    q1, kc, vc, lens, k1, v1)
     check_compiled(lambda q, kc, vc, lens: attnkit.attention_decode(q, kc, vc, lens), q1, kc, vc, lens)
+    pk, pv = r(5, 4, 2, 16), r(5, 4, 2, 16)  # paged: 5 blocks of 4 tokens
+    table = torch.tensor([[3, 1], [0, 4]], dtype=torch.int32, device=DEVICE)
+    check_compiled(lambda q, pk, pv, lens, k1, v1, t: attnkit.attention_decode(
+        q, pk, pv, lens, k_new=k1, v_new=v1, block_table=t, window=(3, 0), softcap=4.0),
+        q1, pk, pv, torch.tensor([2, 5], dtype=torch.int32, device=DEVICE), k1, v1, table)
 
 
 def test_compile_linear_ops():
@@ -133,6 +141,7 @@ def _modules():
         "gqa_fused_norm": aknn.GroupedQueryAttention(64, 4, 2, qk_norm="rms"),
         "gqa_l2_rope": aknn.GroupedQueryAttention(64, 4, 2, qk_norm="l2", rope_theta=1e4),
         "mqa": aknn.MultiQueryAttention(64, 4),
+        "gqa_window_softcap": aknn.GroupedQueryAttention(64, 4, 2, rope_theta=1e4, window=(2, 0), softcap=5.0),
         "lightning": aknn.LightningAttention(64, 4, layer_idx=1, num_layers=3),
         "linear": aknn.LinearAttention(64, 4, 2),
         "linear_noncausal": aknn.LinearAttention(64, 4, feature_map="relu", normalize=False, causal=False),
@@ -174,11 +183,13 @@ def test_compile_decode_loops_do_not_recompile():
     torch.manual_seed(2)
     layers = {"gqa": aknn.GroupedQueryAttention(64, 4, 2, qk_norm="rms", rope_theta=1e4).to(DEVICE),
               "lightning": aknn.LightningAttention(64, 4).to(DEVICE),
-              "linear": aknn.LinearAttention(64, 4, 2).to(DEVICE)}
+              "linear": aknn.LinearAttention(64, 4, 2).to(DEVICE),
+              "gqa_loki": aknn.GroupedQueryAttention(64, 4, 2, rope_theta=1e4).to(DEVICE)}
+    layers["gqa_loki"].set_loki_basis(attnkit.loki_calibrate(r(64, 2, 16)), rank=4, top_k=4)
     with torch.no_grad():
         for name, m in layers.items():
             counter = CompileCounterWithBackend("aot_eager")
-            if name == "gqa":
+            if name.startswith("gqa"):
                 cache, cache_e = aknn.KVCache.for_module(m, 2, 16), aknn.KVCache.for_module(m, 2, 16)
                 step = torch.compile(lambda x, c: m(x, cache=c), fullgraph=True, backend=counter)
                 xs = [r(2, 5, 64)] + [r(2, 1, 64) for _ in range(5)]
@@ -225,10 +236,14 @@ def test_sequence_length_marked_dynamic_does_not_recompile():
     assert counter.frame_count == 1
 
 
-def test_inductor_attention_and_module():
+def test_inductor_attention():
     q, k, v = r(1, 6, 4, 16, grad=True), r(1, 6, 2, 16, grad=True), r(1, 6, 2, 16, grad=True)
     check_compiled(lambda q, k, v: attnkit.attention(q, k, v, causal=True) * 2, q, k, v, backend="inductor",
                    exact=False)
+
+
+@pytest.mark.slow  # inductor's C++ codegen of a whole layer: ~1 min on 2 cores; the op case above stays
+def test_inductor_module():
     m = aknn.LightningAttention(64, 4).to(DEVICE)
     x = r(2, 5, 64)
     with torch.no_grad():

@@ -89,6 +89,8 @@ def cases(backend: str, dtype=torch.float32, grad: bool = True):
         w = r(16, grad=g)
         out["attention"] = lambda: attnkit.attention(q, k, v, causal=True, qk_norm="rms", q_norm_weight=w,
                                                      k_norm_weight=w, return_lse=True, **kw)
+        out["attention_window_softcap"] = lambda: attnkit.attention(q, k, v, causal=True, window=(2, 0), softcap=5.0,
+                                                                    **kw)
         cu = torch.tensor([0, 2, 5], dtype=torch.int32)
         out["attention_varlen_tensor_scale"] = lambda: attnkit.attention(
             q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, scale=torch.tensor(0.3, requires_grad=g), **kw)
@@ -104,6 +106,13 @@ def cases(backend: str, dtype=torch.float32, grad: bool = True):
     q1, k1, v1 = r(2, 1, 4, 16, dtype=dtype), r(2, 1, 2, 16, dtype=dtype), r(2, 1, 2, 16, dtype=dtype)
     out["attention_decode"] = lambda: attnkit.attention_decode(q1, kc, vc, lens, **kw)
     out["attention_decode_append"] = lambda: attnkit.attention_decode(q1, kc, vc, lens, k_new=k1, v_new=v1, **kw)
+    if backend == "reference":
+        # paged cache: 5 blocks of 4 tokens, row 0 uses blocks 3, 1; row 1 uses blocks 0, 4
+        pk, pv = r(5, 4, 2, 16, dtype=dtype), r(5, 4, 2, 16, dtype=dtype)
+        table = torch.tensor([[3, 1], [0, 4]], dtype=torch.int32)
+        out["attention_decode_paged_append"] = lambda: attnkit.attention_decode(
+            q1, pk, pv, torch.tensor([2, 5], dtype=torch.int32), k_new=k1, v_new=v1, block_table=table,
+            window=(3, 0), softcap=4.0, **kw)
     S = torch.zeros(3, 4, 16, 16)
     idx = torch.tensor([2, 0], dtype=torch.int32)
     out["linear_attention_step"] = lambda: attnkit.linear_attention_step(q1, k1, v1, S, decay=torch.rand(4),

@@ -55,7 +55,7 @@ def test_context_parallel_2_ranks(tmp_path):
 
 
 def test_context_parallel_4_ranks(tmp_path):
-    outs = launch(4, "layouts,linear,softmax,window,modules,bytes", tmp_path, quick=True)
+    outs = launch(4, "layouts,linear,softmax,window,modules,bytes,subgroups", tmp_path, quick=True)
     assert all(" 0 failures" in o for o in outs), outs
 
 

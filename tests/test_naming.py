@@ -77,6 +77,7 @@ def test_public_ops_have_type_hints():
         if not inspect.isfunction(obj) or name == "explain":
             continue
         hints = typing.get_type_hints(obj)
-        params = [p for p in inspect.signature(obj).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        params = [p for p in inspect.signature(obj).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         missing = [p.name for p in params if p.name not in hints]
         assert not missing and "return" in hints, f"{name}: no type hints for {missing or 'the return value'}"

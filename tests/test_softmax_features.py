@@ -7,12 +7,15 @@ Oracles are written here from the definition, in float64, independently of attnk
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import attnkit
+from attnkit import BackendUnavailable
 
-from .harness import DEVICE
+from .harness import DEVICE, assert_close_to_golden, interpreted
 
 F64 = torch.float64
 
@@ -185,13 +188,6 @@ def test_window_off_and_causal_normalisation_are_exact():
 
 # ----------------------------------------------------------------------------------- decode
 
-import os  # noqa: E402
-
-from attnkit import BackendUnavailable  # noqa: E402
-
-from .harness import assert_close_to_golden, interpreted  # noqa: E402
-
-
 def decode_backends():
     """Backends that can run decode on this machine: reference always; the compiled extension
     when a C++ compiler exists; Triton on a GPU or under the interpreter."""
@@ -269,6 +265,8 @@ def test_decode_window_softcap_paged_matches_oracle(c, block_size):
         k_rows.append(torch.cat([kc[b, :n], kn[b]]) if c["append"] else kc[b, :n])
         v_rows.append(torch.cat([vc[b, :n], vn[b]]) if c["append"] else vc[b, :n])
     golden = oracle_decode(q, k_rows, v_rows, after, window=c["window"], softcap=c["softcap"], scale=0.3)
+    k_full = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in k_rows])
+    v_full = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in v_rows])
 
     for backend in decode_backends():
         for dtype in ((F64, torch.float32) if backend == "reference" else (torch.float32, torch.float16)):
@@ -301,10 +299,9 @@ def test_decode_window_softcap_paged_matches_oracle(c, block_size):
             if dtype == F64:
                 close64(o, golden)
             else:
-                ref = attnkit.attention_decode(cast(q), *(x.to(dtype) for x in (torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in k_rows]),
-                                                                                  torch.stack([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, Smax - r.shape[0])) for r in v_rows]))),
-                                               lens_of(after), scale=0.3, window=c["window"], softcap=c["softcap"],
-                                               backend="reference")
+                # the same-dtype reference over the same tokens (contiguous, already appended)
+                ref = attnkit.attention_decode(cast(q), cast(k_full), cast(v_full), lens_of(after), scale=0.3,
+                                               window=c["window"], softcap=c["softcap"], backend="reference")
                 assert_close_to_golden(f"{backend} {dtype}", o, ref, golden)
             # caches: the new tokens where they belong, every other element unchanged (NaN stays NaN)
             if block_size is None:
@@ -430,22 +427,25 @@ def test_paged_cache_shapes_checked():
     assert o.shape == (2, 1, 4, 8)
 
 
-def test_triton_refuses_unimplemented_features_clearly():
+def test_feature_tags_and_triton_refusal_helper():
+    """The tags backends refuse by, and the refusal the triton registration uses for a feature
+    its kernels lack (none at present: ATTENTION_LACKS / DECODE_LACKS are empty)."""
     from attnkit.ops.softmax import triton_register
     q, kc, vc, lens, kn, vn, table = _decode_args(paged=True)
     inputs = attnkit.ops.softmax.api._prepare_attention_decode(q.float(), kc.float(), vc.float(), lens,
                                                               window=(3, 0), softcap=1.0, block_table=table).inputs
     assert {"window", "softcap", "paged", "block_size=4"} <= inputs.features
-    impl = attnkit.dispatch.registered("attention_decode")["triton"]
-    reasons = " ".join(impl.check(inputs))
-    for feature in triton_register.DECODE_LACKS:
-        assert f"'{feature}' is not supported yet" in reasons
-    impl = attnkit.dispatch.registered("attention")["triton"]
-    inputs = attnkit.ops.softmax.api._prepare_attention(q.float(), kc[:2].float(), vc[:2].float(), causal=True,
-                                                       window=(2, 0), softcap=3.0).inputs
-    reasons = " ".join(impl.check(inputs))
-    for feature in triton_register.ATTENTION_LACKS:
-        assert f"'{feature}' is not supported yet" in reasons
+    reasons = list(triton_register._not_yet("attention_decode", ("window", "softcap", "paged"))(inputs))
+    assert [r.split("'")[1] for r in reasons] == ["window", "softcap", "paged"]
+    assert all("not supported yet by the triton attention_decode kernel" in r for r in reasons)
+    q2, kc2, vc2, lens2, _, _, _ = _decode_args()
+    plain = attnkit.ops.softmax.api._prepare_attention_decode(q2.float(), kc2.float(), vc2.float(), lens2).inputs
+    assert not list(triton_register._not_yet("attention_decode", ("window", "softcap", "paged"))(plain))
+    for lacking, op in ((triton_register.DECODE_LACKS, "attention_decode"),
+                        (triton_register.ATTENTION_LACKS, "attention")):
+        impl = attnkit.dispatch.registered(op)["triton"]
+        got = " ".join(impl.check(inputs))
+        assert all(f"'{f}' is not supported yet" in got for f in lacking)
 
 
 # ------------------------------------------- kernels against the float64 golden (fwd and grads)

@@ -130,7 +130,7 @@ WINDOW_CASES = params([
 @pytest.mark.parametrize("case", WINDOW_CASES)
 def test_window_softcap(case, dtype, nan_empty):
     T, S, H, Hk, D = (case[n] for n in ("T", "S", "H", "Hk", "D"))
-    data = dict(q=_data(2, T, H, D), k=_data(2, S, Hk, D), v=_data(2, S, Hk, D))
+    data = dict(q=_data(1, T, H, D), k=_data(1, S, Hk, D), v=_data(1, S, Hk, D))
     aux = []
     if case["norm"] == "rms":
         data.update(q_w=_data(D) * 0.5 + 1, k_w=_data(D) * 0.5 + 1)
@@ -173,7 +173,7 @@ TILE = 128
 def _poisoned_forward_case(dtype):
     torch.manual_seed(3)
     T = S = 3 * TILE + 64
-    q, k, v = (torch.randn(1, T, 2, 32, device=DEVICE).to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(1, T, 1, 16, device=DEVICE).to(dtype) for _ in range(3))
     return T, q, k, v
 
 
@@ -207,17 +207,43 @@ def test_queries_outside_every_window_are_never_read():
     # NaN-poisoned queries (and their upstream gradients) at t >= 3*TILE must not reach them
     T, q, k, v = _poisoned_forward_case(torch.float32)
     kw = dict(causal=True, scale=0.2, window=(64, 0), softcap=0.0)
-    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    o, lse = _kernel(qg, kg, vg, **kw)
-    do = torch.randn_like(o)
-    dk, dv = torch.autograd.grad(o, [kg, vg], do)
+    do = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEVICE)
+    k64, v64 = k.double().requires_grad_(), v.double().requires_grad_()
+    dk, dv = torch.autograd.grad(oracle(q.double(), k64, v64, **kw)[0], [k64, v64], do.double())
     qp = q.clone()
     qp[:, 3 * TILE:] = float("nan")
     dop = do.clone()
     dop[:, 3 * TILE:] = float("nan")
-    qg2, kg2, vg2 = (x.clone().requires_grad_() for x in (qp, k, v))
-    o2, _ = _kernel(qg2, kg2, vg2, **kw)
-    dk2, dv2 = torch.autograd.grad(o2, [kg2, vg2], dop)
+    kg, vg = k.clone().requires_grad_(), v.clone().requires_grad_()
+    o, _ = _kernel(qp, kg, vg, **kw)
+    dk2, dv2 = torch.autograd.grad(o, [kg, vg], dop)
     assert bool(torch.isfinite(dk2[:, :TILE]).all()) and bool(torch.isfinite(dv2[:, :TILE]).all())
-    torch.testing.assert_close(dk2[:, :TILE], dk[:, :TILE], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dv2[:, :TILE], dv[:, :TILE], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dk2[:, :TILE], dk[:, :TILE].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dv2[:, :TILE], dv[:, :TILE].float(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ configs and prune
+
+
+def test_shared_memory_prune_is_device_aware():
+    import triton
+
+    cfgs = [triton.Config({"BM": bm, "BN": bn}, num_warps=8, num_stages=s)
+            for bm in (64, 128) for bn in (64, 128) for s in (2, 3, 4)]
+    for cap, limit in (((8, 0), 166_912), ((9, 0), 232_448), ((8, 9), 101_376)):
+        assert ta.smem_limit(cap) == limit
+        for BD in (64, 128, 256):
+            kept = ta.prune_fwd(cfgs, BD, BD, 2, cap)
+            assert kept and all(ta.fwd_smem_bytes(c, BD, BD, 2) <= limit for c in kept)
+            outer = ta.bwd_outer_tile(BD, BD, 2)
+            bcfgs = [triton.Config({"BM": n}, num_warps=8, num_stages=s) for n in (16, 32, 64) for s in (2, 3)]
+            kept = ta.prune_bwd(bcfgs, outer, BD, BD, 2, cap)
+            assert kept and all(ta.bwd_smem_bytes(c, outer, BD, BD, 2) <= limit for c in kept)
+    # sm_90 keeps strictly more forward configs than sm_80 at head dim 128
+    assert len(ta.prune_fwd(cfgs, 128, 128, 2, (9, 0))) > len(ta.prune_fwd(cfgs, 128, 128, 2, (8, 0)))
+
+
+def test_length_bucket_is_coarse():
+    assert ta.len_bucket(1) == ta.len_bucket(100) == ta.len_bucket(1025) == ta.len_bucket(2048)
+    assert ta.len_bucket(2049) == ta.len_bucket(16384) != ta.len_bucket(16385)
+    assert ta.len_bucket(16385) == ta.len_bucket(1 << 20)

@@ -20,6 +20,7 @@ import inspect
 
 import torch
 
+from .._validation import check_softcap, check_window
 from ..ops.softmax import api as _api
 from . import _comm
 from .sequence import check_layout, check_local_length, chunk_ranges, reassemble
@@ -29,33 +30,6 @@ __all__ = ["attention"]
 
 def _local_supports(name: str) -> bool:
     return name in inspect.signature(_api.attention).parameters
-
-
-def _check_window(window) -> tuple[int, int] | None:
-    """None/(-1, -1) -> None (off); otherwise `(left, right)` python ints, -1 = unbounded."""
-    if window is None:
-        return None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be None or a pair (left, right) of ints, got {window!r}")
-    left, right = window
-    for name, x in (("window[0] (left)", left), ("window[1] (right)", right)):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must be an int (-1 = unbounded), got {type(x).__name__}")
-        if x < -1:
-            raise ValueError(f"{name} must be >= -1 (-1 = unbounded), got {x}")
-    if (left, right) == (-1, -1):
-        return None
-    return int(left), int(right)
-
-
-def _check_softcap(softcap) -> float | None:
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be None or a float > 0, got {type(softcap).__name__}")
-    if softcap < 0 or softcap != softcap or softcap == float("inf"):
-        raise ValueError(f"softcap must be a finite float > 0 (0 or None = off), got {softcap}")
-    return None if softcap == 0 else float(softcap)
 
 
 def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
@@ -121,7 +95,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
                                    q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps)
     kw = call.kwargs
     layout = check_layout(layout)
-    window, softcap = _check_window(window), _check_softcap(softcap)
+    window, softcap = check_window(window, kw["causal"]), check_softcap(softcap)  # (-1, -1) / 0.0: off
+    window, softcap = (None if window == (-1, -1) else window), (softcap or None)
     for name, on in (("window", window is not None), ("softcap", softcap is not None)):
         if on and not _local_supports(name):
             raise NotImplementedError(f"{name} needs attnkit.attention with {name} support, which this build "

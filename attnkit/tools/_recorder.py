@@ -20,6 +20,8 @@ of attnkit never reads kernel results on the host (no sync), which is what makes
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import sys
 import os
 from collections.abc import Callable, Iterator
@@ -244,9 +246,19 @@ def recording() -> Iterator[_State]:
                 and getattr(module, "value_checks_enabled", None) is original:
             module.value_checks_enabled = _meta_aware(original)
             patched.append(module)
+    # Calls go straight to the backend function, not through the torch.ops.attnkit custom ops:
+    # on meta tensors a custom op runs its fake implementation and no kernel would be launched.
+    # (dispatch.run calls the implementation directly for an op without a registered caller.)
+    callers = getattr(importlib.import_module("attnkit._custom_ops"), "CALLERS", None) \
+        if importlib.util.find_spec("attnkit._custom_ops") is not None else None
+    saved_callers = dict(callers) if callers is not None else None
+    if callers is not None:
+        callers.clear()
     try:
         yield state
     finally:
+        if callers is not None:
+            callers.update(saved_callers)
         JITFunction.run, Autotuner.run, dispatch._choose = saved
         for module in patched:
             module.value_checks_enabled = original

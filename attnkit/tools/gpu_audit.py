@@ -152,7 +152,8 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
 
     _compile_all(todo, jobs, progress)
     rows = sorted((v.row() for v in variants.values()),
-                  key=lambda r: (r["arch"], r["module"], r["kernel"], r["dtype"], r["head_dim"], r["case"], r["config"]))
+                  key=lambda r: (r["arch"], r["module"], r["kernel"], r["dtype"], r["head_dim"], r["case"],
+                                 r["config"]))
     for r in rows:
         if r["error"]:
             failures.append(dict(case=r["case"], kernel=r["kernel"], arch=r["arch"], config=r["config"],
@@ -236,8 +237,11 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _fmt_table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) if c[:1].isdigit() or c == "-" else c.ljust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    def line(r: list[str]) -> str:
+        # names left-aligned, numbers right-aligned
+        return "  ".join(c.rjust(w) if i >= 2 and (c[:1].isdigit() or c == "-") else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 

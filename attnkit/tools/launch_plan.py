@@ -54,6 +54,11 @@ LOOP_RULES: dict[str, tuple[str, Callable[[dict, tuple], int]]] = {
     "_loki_sparse_attn_reduce_kernel": ("splits", lambda a, g: a["n_splits"]),
     "_loki_score_kernel": ("rank tiles", lambda a, g: _cdiv(a["rank"], a["BR"])),
     "_qk_norm_bwd_kernel": ("row blocks per persistent program", lambda a, g: _cdiv(_cdiv(a["R"], a["BR"]), g[0])),
+    # one tile per program, no loop
+    "_attention_bwd_preprocess_kernel": ("no loop", lambda a, g: 1),
+    "_kv_append_kernel": ("no loop", lambda a, g: 1),
+    "_qk_norm_fwd_kernel": ("no loop", lambda a, g: 1),
+    "_loki_rotate_kernel": ("no loop", lambda a, g: 1),
 }
 
 
@@ -156,7 +161,8 @@ def plan(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], flags: d
         seen.add(key)
         span = loops.get(key)
         rows.append(dict(
-            index=index, call=x.call, phase=x.phase, kernel=x.kernel, config=x.config_str(), tune=list(x.tune) if x.tune else None,
+            index=index, call=x.call, phase=x.phase, kernel=x.kernel, config=x.config_str(),
+            tune=list(x.tune) if x.tune else None,
             grid=list(x.grid), programs=x.programs, programs_per_sm=round(x.programs / sms, 2),
             loop=loop_length(x), loop_range=[min(span), max(span)] if span else None,
             loop_meaning=LOOP_RULES.get(x.kernel, ("?",))[0],
@@ -171,6 +177,10 @@ def plan(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], flags: d
 
 def _mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _alloc_row(a: dict[str, Any]) -> list[str]:
+    return ["", a["phase"], f"  alloc {a['op']} {a['dtype']}{a['shape']}", "", "", "", "", "", _mib(a["bytes"])]
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -189,7 +199,7 @@ def format_plan(p: dict[str, Any]) -> str:
     for r in p["launches"]:
         while ai < len(allocs) and allocs[ai]["after"] <= r["index"]:
             a = allocs[ai]
-            table.append(["", a["phase"], f"  alloc {a['op']} {a['dtype']}{a['shape']}", "", "", "", "", "", _mib(a["bytes"])])
+            table.append(_alloc_row(a))
             ai += 1
         if not r["first_config"]:
             continue
@@ -203,7 +213,7 @@ def format_plan(p: dict[str, Any]) -> str:
                       f"{kept}/{declared}" + (f" {r['config']}" if kept == 1 else " e.g. " + r["config"]),
                       _mib(r["arg_bytes"])])
     for a in allocs[ai:]:
-        table.append(["", a["phase"], f"  alloc {a['op']} {a['dtype']}{a['shape']}", "", "", "", "", "", _mib(a["bytes"])])
+        table.append(_alloc_row(a))
     lines.append(_fmt_table(["#", "phase", "kernel / host allocation", "grid", "programs", "per SM", "loop",
                              "configs kept/declared", "tensor bytes"], [[c for c in row] for row in table]))
     lines.append("")

@@ -133,9 +133,11 @@ struct AttendWorker {
       const int64_t jn_end = std::min<int64_t>(j1, jb + 2 * kKeyBlock);
       for (int64_t jn = jb + kKeyBlock; jn < jn_end; ++jn) {
         const int64_t s = list != nullptr ? list[jn] : jn;
+        const T* kn = kbase + k_off(w.b, s);
+        const T* vn = vbase + v_off(w.b, s);
         for (int ih = 0; ih < shp.heads; ++ih) {
-          prefetch_row<1>(kbase + k_off(w.b, s) + (w.hk0 + ih) * p.k_sh, D);
-          prefetch_row<1>(vbase + v_off(w.b, s) + (w.hk0 + ih) * p.v_sh, Dv);
+          prefetch_row<1>(kn + (w.hk0 + ih) * p.k_sh, D);
+          prefetch_row<1>(vn + (w.hk0 + ih) * p.v_sh, Dv);
         }
       }
       for (int ih = 0; ih < shp.heads; ++ih) {

@@ -51,8 +51,11 @@ MAX_SPLITS = 64
 # kernel here can be captured in a CUDA graph on its first call.
 NUM_WARPS = 4
 NUM_STAGES = 2
-# Selection: one program per (row, selecting head) steps over its scores in blocks of up to
-# SELECT_BLOCK (a row of <= 8192 slots is one block: each pass re-reads it from L2, no loop).
+# Selection: one program per (row, selecting head). A row of up to SELECT_RESIDENT slots is
+# loaded once and held in registers for every pass (16 elements per thread at 16 warps: 128
+# registers, no spills on sm_80/sm_90); longer rows are streamed in SELECT_BLOCK-slot blocks
+# (8 warps), once per pass.
+SELECT_RESIDENT = 16384
 SELECT_BLOCK = 8192
 
 
@@ -193,8 +196,19 @@ def _score_key(x):
     return bits ^ flip
 
 
+@triton.jit
+def _select_digit(hist, k_rem, bins):
+    """The digit `d` of the k_rem-th largest among the histogram's scores, and how many lie above
+    it: `ge[d]` = scores with digit >= d; d = the largest digit with ge[d] >= k_rem."""
+    ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    d = tl.max(tl.where(ge[None, :] >= k_rem[:, None], bins[None, :], 0), 1)  # [1]
+    above = tl.sum(tl.where(bins[None, :] > d[:, None], hist[None, :], 0), 1)
+    return d, above
+
+
 @triton.jit(do_not_specialize=["Smax", "top_k"])
-def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.constexpr, BLK: tl.constexpr):
+def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.constexpr, BLK: tl.constexpr,
+                        RESIDENT: tl.constexpr):
     # program = one (batch row, selecting head): the positions of its top_k scores, exactly, in
     # increasing position order, without sorting. Radix select on the order-preserving uint32 key:
     # four passes build a 256-bin histogram of the next 8 key bits among the scores that share the
@@ -202,6 +216,7 @@ def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.conste
     # k. That gives the k-th largest key `tau` and how many of the scores equal to it are needed
     # (`need`). A last pass writes every position with key > tau and the first `need` positions
     # with key == tau (ties: lowest positions first), compacted by a running prefix sum.
+    # RESIDENT (Smax <= BLK): the row is loaded once and every pass runs on registers.
     pid = tl.program_id(0).to(tl.int64)
     i_b = pid // HSEL
     seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
@@ -212,37 +227,48 @@ def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.conste
     bins = tl.arange(0, 256)
     prefix = tl.zeros([1], dtype=tl.uint32)
     k_rem = tl.zeros([1], dtype=tl.int32) + k
+    if RESIDENT:
+        m_row = o < seq_len
+        key_row = _score_key(tl.load(base + o, mask=m_row, other=0.))
     for r in tl.static_range(4):
         shift = 24 - 8 * r
-        hist = tl.zeros([256], dtype=tl.int32)
+        if RESIDENT:
+            m = m_row
+            if r > 0:
+                m = m & ((key_row >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist = tl.histogram(((key_row >> shift) & 255).to(tl.int32), 256, mask=m)
+        else:
+            hist = tl.zeros([256], dtype=tl.int32)
+            for n0 in range(0, seq_len, BLK):
+                cols = n0 + o
+                m = cols < seq_len
+                key = _score_key(tl.load(base + cols, mask=m, other=0.))
+                if r > 0:
+                    m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
+        d, above = _select_digit(hist, k_rem, bins)
+        k_rem -= above
+        prefix = prefix | (d.to(tl.uint32) << shift)
+    # tau = prefix; k_rem = how many scores equal to tau are taken
+    if RESIDENT:
+        gt = m_row & (key_row > prefix)
+        eq = (m_row & (key_row == prefix)).to(tl.int32)
+        take = gt | ((eq == 1) & (tl.cumsum(eq, 0) <= k_rem))
+        tl.store(out + tl.cumsum(take.to(tl.int32), 0) - 1, o, mask=take)
+    else:
+        n_out = tl.zeros([1], dtype=tl.int32)
+        n_tie = tl.zeros([1], dtype=tl.int32)
         for n0 in range(0, seq_len, BLK):
             cols = n0 + o
             m = cols < seq_len
             key = _score_key(tl.load(base + cols, mask=m, other=0.))
-            if r > 0:
-                m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
-        # ge[d]: scores (sharing the prefix) whose digit is >= d; the digit of the k-th largest is
-        # the largest d with ge[d] >= k_rem
-        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-        d = tl.max(tl.where(ge[None, :] >= k_rem[:, None], bins[None, :], 0), 1)  # [1]
-        above = tl.sum(tl.where(bins[None, :] > d[:, None], hist[None, :], 0), 1)
-        k_rem -= above
-        prefix = prefix | (d.to(tl.uint32) << shift)
-    # tau = prefix; k_rem = how many scores equal to tau are taken
-    n_out = tl.zeros([1], dtype=tl.int32)
-    n_tie = tl.zeros([1], dtype=tl.int32)
-    for n0 in range(0, seq_len, BLK):
-        cols = n0 + o
-        m = cols < seq_len
-        key = _score_key(tl.load(base + cols, mask=m, other=0.))
-        gt = m & (key > prefix)
-        eq = (m & (key == prefix)).to(tl.int32)
-        take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
-        t32 = take.to(tl.int32)
-        tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
-        n_out += tl.sum(t32, 0)
-        n_tie += tl.sum(eq, 0)
+            gt = m & (key > prefix)
+            eq = (m & (key == prefix)).to(tl.int32)
+            take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
+            t32 = take.to(tl.int32)
+            tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
+            n_out += tl.sum(t32, 0)
+            n_tie += tl.sum(eq, 0)
     # a row shorter than top_k: the remaining slots point past its length (masked by index later)
     for j0 in range(k, top_k, BLK):
         tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
@@ -463,9 +489,14 @@ def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -
     idx = torch.empty(B, HSEL, top_k, device=scores.device, dtype=torch.int32)
     if idx.numel() == 0:
         return idx
-    blk = 128 if interpreted() else min(max(1024, triton.next_power_of_2(Smax)), SELECT_BLOCK)
+    row = triton.next_power_of_2(Smax)
+    if interpreted():
+        blk = max(16, row) if row <= 256 else 128
+    else:
+        blk = max(1024, row) if row <= SELECT_RESIDENT else SELECT_BLOCK
     _loki_select_kernel[(B * HSEL,)](scores, cache_seqlens, idx, Smax, top_k, HSEL=HSEL, BLK=blk,
-                                    num_warps=max(4, min(16, blk // 512)), num_stages=1)
+                                    RESIDENT=Smax <= blk, num_warps=max(4, min(16, blk // 1024)),
+                                    num_stages=1)
     return idx
 
 

@@ -20,11 +20,11 @@ product keeps the outer tile as its M dimension (the dk/dv kernel works on trans
 that sm_90 can run them on `wgmma`. The backward is deterministic (no atomics): dq and dk/dv are
 separate kernels, and weight/scale gradients are per-program partials summed by the launcher.
 
-QK-norm: with `q̂ = r_q x_q ⊙ w_q`, `k̂ = r_k x_k ⊙ w_k`, `q̂·k̂ = ((r_q x_q ⊙ w_q ⊙ w_k) · x_k) r_k`.
-The forward normalises its resident Q tile once (weights of both sides folded in), a pre-pass
-computes `r_k` once per key, and `r_k` multiplies the logit scale per key column: the loop has the
-same products as plain attention. The backward materialises the normalised queries once for the
-dk/dv kernel; the norms' own backward runs in the epilogues. Derivations: docs/softmax_kernels.md.
+QK-norm: with `q̂ = r_q x_q ⊙ w_q`, `k̂ = r_k x_k ⊙ w_k`, `q̂·k̂ = r_q r_k ((x_q ⊙ w_q ⊙ w_k) · x_k)`.
+A pre-pass computes `r_q` once per query, `r_k` once per key and (with weights) the query operand
+`x_q ⊙ w_q ⊙ w_k`; the rstds scale the float32 logits per row and per key column, so the loops
+have the same products as plain attention. The norms' own backward runs in the epilogues.
+Derivations: docs/softmax_kernels.md.
 
 Variable lengths run in one launch without a host sync: sequence `i` owns the row blocks
 `[cu[i]·G // BM + i, cu[i+1]·G // BM + i + 1)` (at least `cdiv(len_i·G, BM)` of them) and a
@@ -34,6 +34,7 @@ program finds its sequence by a binary search over `cu_seqlens`.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -81,9 +82,15 @@ def smem_limit(capability: tuple[int, int] | None) -> int:
 
 
 def _capability(t: torch.Tensor) -> tuple[int, int] | None:
-    if t.device.type != "cuda":
+    """The compute capability the configs are pruned for: the tensor's CUDA device; for CPU/meta
+    tensors (a static audit recording launches) `$ATTNKIT_TARGET_ARCH` (`sm_90`, `sm_80`, ...),
+    else sm_80, the smallest shared memory of the supported data-centre GPUs."""
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_capability(t.device)
+    if interpreted():
         return None
-    return torch.cuda.get_device_capability(t.device)
+    arch = os.environ.get("ATTNKIT_TARGET_ARCH", "sm_80").removeprefix("sm_")
+    return (int(arch[:-1]), int(arch[-1])) if arch.isdigit() and len(arch) >= 2 else (8, 0)
 
 
 def len_bucket(n: int) -> int:
@@ -98,7 +105,8 @@ def fwd_configs() -> list[triton.Config]:
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3),
-                                 (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2))]
+                                 (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                                 (64, 64, 8, 2), (64, 32, 8, 2))]
 
 
 def fwd_smem_bytes(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> int:
@@ -108,10 +116,35 @@ def fwd_smem_bytes(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> int:
     return elsize * (bm * BD + max(cfg.num_stages, 1) * bn * (BD + BDV) + bm * bn)
 
 
+# Registers per thread a config may plan for (estimate below); ptxas has 255. Calibrated on the
+# sm_90 compile audit (bf16, D = 64/128): configs estimated <= 208 compiled without spills, those
+# above spilled (e.g. forward 128 x 128 x D128 / 8 warps: 224, 144 B spilled).
+REG_BUDGET = 208
+
+
+def _regs(elems_f32: int, elems_operand: int, elsize: int, num_warps: int, num_stages: int) -> float:
+    """Registers per thread: float32 tiles (accumulators, logits) count 1 per element, input-dtype
+    operands held in registers `elsize / 4`, plus 24 per pipeline stage beyond 2."""
+    return (elems_f32 + elems_operand * elsize / 4) / (32 * num_warps) + 24 * max(num_stages - 2, 0)
+
+
+def fwd_regs(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> float:
+    """Accumulator `[BM, BDV]` and logits/probabilities `2 x [BM, BN]` in float32, `[BM, BD]` Q."""
+    bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
+    return _regs(bm * BDV + 2 * bm * bn, bm * BD, elsize, cfg.num_warps, cfg.num_stages)
+
+
 def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
+    """Configs that fit the device's shared memory and the register budget; when none fits the
+    budget, the one with the fewest estimated registers that fits shared memory."""
     limit = smem_limit(capability)
-    kept = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
-    return kept or [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
+    fits = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
+    kept = [c for c in fits if fwd_regs(c, BD, BDV, elsize) <= REG_BUDGET]
+    if kept:
+        return kept
+    if fits:
+        return [min(fits, key=lambda c: fwd_regs(c, BD, BDV, elsize))]
+    return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -136,7 +169,7 @@ def bwd_configs(inner: str) -> list[triton.Config]:
     if interpreted():
         return [triton.Config({inner: 16}, num_warps=4, num_stages=1)]
     return [triton.Config({inner: n}, num_warps=w, num_stages=s)
-            for n in (64, 32) for w in (8, 4) for s in (2, 3)]
+            for n in (64, 32, 16) for w in (8, 4) for s in (2, 3)]
 
 
 def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int) -> int:
@@ -146,24 +179,43 @@ def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: in
     return elsize * (outer * (BD + BDV) + (max(cfg.num_stages, 1) + 1) * inner * (BD + BDV))
 
 
-def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
+def bwd_regs(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int, dkdv: bool,
+             norm: bool = False) -> float:
+    """dk/dv: two float32 accumulators `[outer, BD + BDV]`, resident K, V and `4 x [outer, inner]`
+    transposed tiles (`Sᵀ`, `Pᵀ`, `dPᵀ`, `dSᵀ`: the audit's 128 x 64 / D64 config spilled 188 B with
+    2); dq: one `[outer, BD]` accumulator, resident Q, dO and `2 x [outer, inner]` logits/dp;
+    +24 with a QK-norm (the row and column rstd scales; dq 128 x 64 / D128 spilled 48 B with it)."""
+    inner = next(iter(cfg.kwargs.values()))
+    acc = outer * (BD + BDV) + 4 * outer * inner if dkdv else outer * BD + 2 * outer * inner
+    return _regs(acc, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
+
+
+def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability,
+              dkdv: bool = True, norm: bool = False) -> list[triton.Config]:
+    """Inner tiles up to the outer tile that fit shared memory and the register budget; when none
+    fits the budget, the one with the fewest estimated registers that fits shared memory."""
     limit = smem_limit(capability)
-    kept = [c for c in configs if next(iter(c.kwargs.values())) <= outer
+    fits = [c for c in configs if next(iter(c.kwargs.values())) <= outer
             and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit]
+    kept = [c for c in fits if bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm) <= REG_BUDGET]
     if kept:
         return kept
+    if fits:
+        return [min(fits, key=lambda c: bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm))]
     name = next(iter(configs[0].kwargs))
     return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
 
 
 def _prune_bwd_dkdv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    return prune_bwd(configs, args["BN"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]))
+    return prune_bwd(configs, args["BN"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
+                     norm=args["NORM"] != 0)
 
 
 def _prune_bwd_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]))
+    return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
+                     dkdv=False, norm=args["NORM"] != 0)
 
 
 # ----------------------------------------------------------------------------------- jit helpers
@@ -289,6 +341,23 @@ def row_norm_bwd(g, y, r, w, o_d, m_d, D: tl.constexpr, NORM: tl.constexpr, HAS_
         c = c / D
     dx = r[:, None] * (gy - y * c[:, None])
     dw = tl.sum(g * y, 0)
+    return dx, dw
+
+
+@triton.jit
+def row_norm_bwd_x(g, x, r, w, o_d, m_d, D: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr):
+    """`row_norm_bwd` from the raw input tile `x` (any dtype) and `r`, with `y = x·r` formed inside
+    the elementwise expressions instead of as a float32 tile of its own (registers, in the
+    attention epilogues). Returns (`dx`, `Σ_rows g ⊙ y`)."""
+    if HAS_W:
+        gy = g * tl.load(w + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
+    else:
+        gy = g
+    c = tl.sum(gy * x.to(tl.float32), 1) * r
+    if NORM == 1:
+        c = c / D
+    dx = r[:, None] * (gy - x.to(tl.float32) * (r * c)[:, None])
+    dw = tl.sum(g * x.to(tl.float32) * r[:, None], 0)
     return dx, dw
 
 
@@ -501,7 +570,7 @@ def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_ro
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_fwd_kernel(
-    q, k, v, o, lse, rk, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
+    q, k, v, o, lse, rq, rk, scale_ptr, q_w, k_w, cu_seqlens_q, cu_seqlens_k, scale, softcap, eps,
     T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -539,16 +608,12 @@ def _attention_fwd_kernel(
     if NORM != 0:
         rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] queries; the norm once here: r_q per row (float32, into the row scale) and the
-    # weights of both sides folded into the operand (x_q ⊙ w_q ⊙ w_k)
+    # [BM, BD] query operand: with a norm, `q` is x_q ⊙ w_q ⊙ w_k (weights) or x_q, and r_q
+    # (float32, from the pre-pass) enters the row scale; nothing is normalised in registers
     b_q = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
     b_rs = sc1
     if NORM != 0:
-        b_xq = b_q.to(tl.float32)
-        b_rs = row_rstd(b_xq, m_row, eps, D, NORM) * sc1
-        if HAS_QW or HAS_KW:
-            b_u = load_weight(q_w, o_d, m_d, HAS_QW) * load_weight(k_w, o_d, m_d, HAS_KW)
-            b_q = (b_xq * b_u[None, :]).to(b_q.dtype)
+        b_rs = tl.load(rq + (i_b * T + bos + t) * H + h, mask=m_row, other=0.) * sc1
 
     # keys of the block's positions [t0, t1]; row p = t + s_len - t_len sees p - WL <= s <= p + WR
     shift = s_len - t_len
@@ -757,14 +822,15 @@ def _attention_bwd_dkdv_kernel(
                                 shift, t_len, sc2, WL, WR, i_hk, o_d, m_d, o_dv, m_dv, s_qt, s_qh, s_qd, T, H, G, DV,
                                 BM, True, HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
 
+    # dv first: its registers are free before the norm's backward needs a float32 tile
+    p_kv = (i_b * S + bos_k + cols) * HK + i_hk
+    tl.store(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_col[:, None] & m_dv[None, :])
     b_dk = b_dk * scale
     if NORM != 0:
         # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward
-        b_dk, _ = row_norm_bwd(b_dk, b_k.to(tl.float32) * r_k[:, None], r_k, k_base, o_d, m_d, D, NORM, False)
-    p_kv = (i_b * S + bos_k + cols) * HK + i_hk
+        b_dk, _ = row_norm_bwd_x(b_dk, b_k, r_k, k_base, o_d, m_d, D, NORM, False)
     tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_col[:, None] & m_d[None, :])
-    tl.store(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_col[:, None] & m_dv[None, :])
 
 
 @triton.jit
@@ -820,13 +886,14 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
     return b_acc, b_dsr, b_dss, b_pr
 
 
-@triton.heuristics({**_HEURISTICS, "HAS_DLSE": lambda args: args["dlse"] is not None})
+@triton.heuristics({**_HEURISTICS, "HAS_DLSE": lambda args: args["dlse"] is not None,
+                    "HAS_QOP": lambda args: args["qop"] is not None})
 @triton.autotune(configs=bwd_configs("BN"),
                  key=["BD", "BDV", "G", "HAS_WL", "HAS_WR", "NORM", "SOFTCAP", "BM", "LEN_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_bwd_dq})
 @triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
 def _attention_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dlse, dq, rk, dqw_part, dkw_part, dscale_part, scale_ptr, q_w, k_w,
+    q, k, v, do, lse, delta, dlse, dq, qop, rq, rk, dqw_part, dkw_part, dscale_part, scale_ptr, q_w, k_w,
     cu_seqlens_q, cu_seqlens_k, scale, softcap, eps, T, S, N, WL, WR, LEN_BUCKET,
     s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -834,6 +901,7 @@ def _attention_bwd_dq_kernel(
     SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
     IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_QOP: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BM packed query rows), as in the forward. It also
     # writes the partials of both norm weights' gradients and of the tensor scale's: per row,
@@ -867,18 +935,17 @@ def _attention_bwd_dq_kernel(
     if NORM != 0:
         rk_base = rk + (i_b * S + bos_k) * HK + i_hk
 
-    # [BM, BD] query operand and r_q as in the forward, [BM, BDV], [BM]
-    b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
-    b_q = b_xq
+    # [BM, BD] query operand and r_q as in the forward (pre-pass: `qop` contiguous x_q ⊙ w_q ⊙ w_k
+    # when weights exist, `rq`), [BM, BDV], [BM]
+    p_row = (i_b * T + bos + t) * H + h
+    if HAS_QOP:
+        b_q = tl.load(qop + p_row.to(tl.int64)[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :],
+                      other=0.)
+    else:
+        b_q = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
     r_q = sc1  # unused without a norm
     if NORM != 0:
-        b_xqf = b_xq.to(tl.float32)
-        r_q = row_rstd(b_xqf, m_row, eps, D, NORM)
-        b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
-        b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
-        if HAS_QW or HAS_KW:
-            b_q = (b_xqf * (b_wq * b_wk)[None, :]).to(b_xq.dtype)
-    p_row = (i_b * T + bos + t) * H + h
+        r_q = tl.load(rq + p_row, mask=m_row, other=0.)
     b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_row[:, None] & m_dv[None, :], other=0.)
     p_lse = (i_b * H + h) * T + bos + t
     b_lse2 = tl.load(lse + p_lse, mask=m_row, other=0.) * 1.4426950408889634
@@ -918,11 +985,15 @@ def _attention_bwd_dq_kernel(
             b_fix += tl.load(dlse + p_lse, mask=m_row, other=0.)
         tl.store(dscale_part + i_prog, tl.sum(b_dsr + b_fix * b_pr, 0))
     if NORM != 0:
-        # dL/dq̂ = scale · w_k ⊙ acc; dL/dw_k = scale · Σ_rows acc ⊙ q̂ (q̂ = x_q·r_q ⊙ w_q)
-        b_yq = b_xqf * r_q[:, None]
+        # dL/dq̂ = scale · w_k ⊙ acc; dL/dw_k = scale · Σ_rows acc ⊙ q̂ (q̂ = x_q·r_q ⊙ w_q);
+        # the raw queries are read again here rather than kept through the loop
+        b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
+        b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
+        b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
         if HAS_KW:
-            tl.store(dkw_part + i_prog * D + o_d, tl.sum(b_acc * (b_yq * b_wq[None, :]), 0) * scale, mask=m_d)
-        b_dq, b_dqw = row_norm_bwd(b_acc * (b_wk * scale)[None, :], b_yq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
+            tl.store(dkw_part + i_prog * D + o_d,
+                     tl.sum(b_acc * b_xq.to(tl.float32) * r_q[:, None], 0) * b_wq * scale, mask=m_d)
+        b_dq, b_dqw = row_norm_bwd_x(b_acc * (b_wk * scale)[None, :], b_xq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
         if HAS_QW:
             tl.store(dqw_part + i_prog * D + o_d, b_dqw, mask=m_d)
     else:
@@ -977,36 +1048,45 @@ def attention_fwd(q, k, v, *, causal: bool, scale: float | torch.Tensor, norm: s
     """Runs the forward kernel (no autograd). Any strides are accepted.
 
     Returns `o [B, T, H, DV]` (q's dtype, contiguous), `lse [B, H, T]` float32 (natural log) and
-    the keys' rstd `[B, S, Hk]` float32 (None without a norm), which the backward reuses.
+    the rstd of the queries `[B, T, H]` and keys `[B, S, Hk]` (float32; None without a norm),
+    which the backward reuses.
     """
     B, T, H, _ = q.shape
     HK, DV = k.shape[2], v.shape[3]
     G = H // HK
     o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    rk = norm_prep(k, norm, eps)[0] if norm is not None else None
+    rq = rk = None
+    q_op = {}
+    if norm is not None:
+        # QK-norm pre-pass: r_k once per key, r_q once per query and, with weights, the query
+        # operand x_q ⊙ w_q ⊙ w_k (one rounding; without weights the operand is q itself)
+        rk = norm_prep(k, norm, eps)[0]
+        rq, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=q_w is not None or k_w is not None)
+        if qn is not None:
+            q_op = dict(q=qn, **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(qn))))
     if o.numel() == 0:
-        return o, lse.fill_(float("-inf")), rk
+        return o, lse.fill_(float("-inf")), rq, rk
     n_seq = None if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
 
     def grid(meta):
         return (_row_blocks(T * G, n_seq, meta["BM"]) * B * HK,)
 
     with device_guard(q):
-        _attention_fwd_kernel[grid](
-            o=o, lse=lse, rk=rk,
-            **_common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k,
-                           window_bounds(window, causal), norm))
-    return o, lse, rk
+        args = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k,
+                            window_bounds(window, causal), norm)
+        _attention_fwd_kernel[grid](o=o, lse=lse, rq=rq, rk=rk, **{**args, **q_op})
+    return o, lse, rq, rk
 
 
 def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | torch.Tensor, norm: str | None,
                   q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float,
                   cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, rk: torch.Tensor | None = None):
+                  window: tuple[int, int] = (-1, -1), softcap: float = 0.0, rq: torch.Tensor | None = None,
+                  rk: torch.Tensor | None = None):
     """Runs the backward kernels (no autograd). `o`, `do` contiguous `[B, T, H, DV]`; `dlse`
-    (`[B, H, T]` float32 contiguous) may be None; `rk` is the forward's key rstd (recomputed when
-    None and a norm is on).
+    (`[B, H, T]` float32 contiguous) may be None; `rq`/`rk` are the forward's query/key rstd
+    (recomputed when None and a norm is on).
 
     Returns `(dq, dk, dv, dq_w, dk_w, dscale)`: dq/dk/dv in the input dtype, the weight gradients
     in float32 (None without weights), `dscale` a float32 0-dim tensor (None for a float scale).
@@ -1038,13 +1118,15 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
         BT = 32 if interpreted() else 64
         wb = window_bounds(window, causal)
         common = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k, wb, norm)
-        rq = None
         dkdv_q = {}
+        qn = None
         if norm is not None:
             if rk is None:
                 rk = norm_prep(k, norm, eps)[0]
             # the dk/dv kernel streams the query operand the forward used (x_q ⊙ w_q ⊙ w_k) and r_q
-            rq, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=q_w is not None or k_w is not None)
+            has_w = q_w is not None or k_w is not None
+            rq_new, qn = norm_prep(q, norm, eps, q_w, k_w, write_y=has_w) if rq is None or has_w else (None, None)
+            rq = rq if rq is not None else rq_new
             if qn is not None:
                 dkdv_q = dict(q=qn, **dict(zip(("s_qb", "s_qt", "s_qh", "s_qd"), strides4(qn))))
         dkdv_args = {**common, **dkdv_q}
@@ -1056,7 +1138,7 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
             _attention_bwd_dkdv_kernel[(n_k,)](
                 do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile, **dkdv_args)
             _attention_bwd_dq_kernel[(n_q,)](
-                do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
+                do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, qop=qn, rq=rq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
                 dscale_part=dscale_part, BM=tile, **common)
     dq_w = dqw_part.sum(0) if dqw_part is not None else None
     dk_w = dkw_part.sum(0) if dkw_part is not None else None
@@ -1074,11 +1156,11 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, scale_tensor, q_w, k_w, scale, causal, norm, eps, cu_seqlens_q, cu_seqlens_k,
                 window, softcap):
         ctx.set_materialize_grads(False)
-        o, lse, rk = attention_fwd(
+        o, lse, rq, rk = attention_fwd(
             q, k, v, causal=causal, scale=scale_tensor if scale_tensor is not None else scale, norm=norm,
             q_w=q_w, k_w=k_w, eps=eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             window=window, softcap=softcap)
-        ctx.save_for_backward(q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rk)
+        ctx.save_for_backward(q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rq, rk)
         ctx.scale = scale
         ctx.causal = causal
         ctx.norm = norm
@@ -1089,14 +1171,14 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rk = ctx.saved_tensors
+        q, k, v, o, lse, scale_tensor, q_w, k_w, cu_seqlens_q, cu_seqlens_k, rq, rk = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv, dq_w, dk_w, dscale = attention_bwd(
             q, k, v, o, lse, do.contiguous(), dlse.contiguous() if dlse is not None else None,
             causal=ctx.causal, scale=scale_tensor if scale_tensor is not None else ctx.scale,
             norm=ctx.norm, q_w=q_w, k_w=k_w, eps=ctx.eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            window=ctx.window, softcap=ctx.softcap, rk=rk)
+            window=ctx.window, softcap=ctx.softcap, rq=rq, rk=rk)
         if dscale is not None:
             dscale = dscale.to(scale_tensor.dtype)
         if dq_w is not None:

@@ -29,12 +29,11 @@ touched.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ...tools import sm_count as _tools_sm_count
 from ..common.triton_utils import device_guard, dot_precision, interpreted
 
 MAX_SPLITS = 128
@@ -42,25 +41,13 @@ LOG2E = 1.4426950408889634
 # Shared memory a launch may plan on when the device cannot be asked (the CPU interpreter, a
 # static compile): the smaller of sm_80 (163 KB opt-in) and sm_90 (227 KB).
 DEFAULT_SMEM = 163 * 1024
-CPU_SM_COUNT = 132  # the documented default of attnkit.tools.sm_count off CUDA (an H100/H200)
+CPU_SM_COUNT = 132  # attnkit.tools.DEFAULT_SM_COUNT: what a plan assumes off CUDA (an H100/H200)
 
 
 def sm_count(device: torch.device | None = None) -> int:
-    """Streaming multiprocessors to size the split count for. Uses `attnkit.tools.sm_count`
-    when present; otherwise the same rule: `ATTNKIT_SM_COUNT` if set, the CUDA device's count,
-    else 132 (an H100/H200) off CUDA."""
-    try:
-        from ...tools import sm_count as shared_sm_count  # noqa: PLC0415
-    except ImportError:
-        shared_sm_count = None
-    if shared_sm_count is not None:
-        return int(shared_sm_count(device))
-    env = os.environ.get("ATTNKIT_SM_COUNT")
-    if env:
-        return int(env)
-    if device is not None and torch.device(device).type == "cuda":
-        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
-    return CPU_SM_COUNT
+    """Streaming multiprocessors to size the split count for: `attnkit.tools.sm_count`
+    (`ATTNKIT_SM_COUNT` if set, the CUDA device's count, else 132 off CUDA)."""
+    return int(_tools_sm_count(device))
 
 
 def _smem_budget(device: torch.device) -> int:
@@ -83,9 +70,9 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
     """The launch configuration of the split-KV kernel, from shapes only (no tuning).
 
     `BM`: packed query rows per tile (all `Tq * G` rows of a group up to 64, at least 16 for
-    `tl.dot`). `BN = 128` keys per tile where a K and a V tile fit twice in `smem` (else 64, 32),
-    with as many pipeline stages (4, 3, 2) as fit: decoding is bound by HBM, so the aim is bytes in
-    flight, not arithmetic. 4 warps (8 for 64-row query tiles). float32 (FMA products): 16-64 keys.
+    `tl.dot`). `BN = 128` keys per tile where a K and a V tile fit in `smem` (else 64, 32), with
+    as many pipeline stages (4, 3, 2; `stages - 1` tiles buffered) as fit: decoding is bound by
+    HBM, so the aim is bytes in flight, not arithmetic. 4 warps (8 for 64-row query tiles). float32 (FMA products): 16-64 keys.
     """
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
     if interpreted():
@@ -96,10 +83,12 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
         bn = max(16, min(64, 2048 // bd))
         return dict(BM=bm, BN=bn, num_warps=8 if bd >= 128 or bm >= 64 else 4, num_stages=2)
     budget = smem - 8 * 1024  # query tile, reduction scratch, barriers
-    for bn in (128, 64, 32):
+    # a 128 x 256 key tile at 4 warps needs more than 255 registers around the dot: cap BN at 64
+    for bn in ((128, 64, 32) if bd + bdv <= 256 else (64, 32)):
         stage = bn * (bd + bdv) * elt
         for stages in (4, 3, 2):
-            if stages * stage <= budget:
+            # Triton's pipeliner keeps `num_stages - 1` K/V tiles in flight in shared memory
+            if (stages - 1) * stage <= budget:
                 return dict(BM=bm, BN=bn, num_warps=8 if bm >= 64 else 4, num_stages=stages)
     return dict(BM=bm, BN=16, num_warps=4, num_stages=1)
 
@@ -144,7 +133,7 @@ def decode_plan(B: int, Tq: int, H: int, HK: int, D: int, DV: int, Smax: int, el
 @triton.jit
 def _softcap_tanh(x):
     """tanh(x) from exp2, stable for any x (saturates to +-1; absolute error ~1 ulp of 1)."""
-    e = tl.exp2(tl.abs(x) * 2.8853900817779268)  # exp(2|x|)
+    e = tl.exp2(tl.minimum(tl.abs(x), 20.) * 2.8853900817779268)  # exp(2|x|); tanh(20) == 1 in float32
     t = 1. - 2. / (e + 1.)
     return tl.where(x < 0, -t, t)
 

@@ -1,0 +1,125 @@
+"""Dispatch overhead: what the public op adds on top of calling a backend implementation.
+
+For tiny inputs (so the kernel itself costs little), each op is timed four ways:
+
+* ``direct``: the backend implementation called with already-prepared keyword arguments
+  (``attnkit.dispatch.implementation(op, backend)(**call.kwargs)``), no validation, no custom op;
+* ``custom op``: the ``torch.ops.attnkit.<op>`` call the public function makes (torch's
+  dispatcher, the op's autograd wrapper), no validation;
+* ``public``: ``attnkit.<op>(..., backend=<backend>)``: validation (shape, dtype and, on CPU
+  tensors, value checks), cached backend choice, then the custom op;
+* ``public auto``: the same with the automatic backend choice (``backend=None``);
+* ``validate``: the prepare step alone (shape/dtype/option checks; on CPU tensors also the value
+  checks, which run small torch reductions and read them on the host).
+
+The table shows medians in µs and the overheads ``public - direct`` and ``custom op - direct``.
+Each timing is the median of `--reps` batches of `--inner` calls after `--warmup` calls.
+Other processes sharing the CPU inflate wall-clock times: ``--clock process`` measures this
+process's CPU time instead (``time.process_time``; CPU tensors only, 1 thread), which contention
+inflates far less.
+
+Examples:
+    python benchmarks/bench_dispatch_overhead.py
+    python benchmarks/bench_dispatch_overhead.py --ops qk_norm attention_decode --reps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import attnkit  # noqa: E402
+from attnkit import _custom_ops, dispatch  # noqa: E402
+from attnkit.native import _build  # noqa: E402
+
+
+def _native() -> str:
+    return "cuda" if not _build.static_reasons("cpu") else "reference"
+
+
+def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
+    """op -> (backend, public function, tiny arguments)."""
+    r = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+    lens = torch.tensor([5, 9], dtype=torch.int32, device=device)
+    native = "cuda" if device == "cuda" else _native()
+    return {
+        "qk_norm": ("reference", attnkit.qk_norm, dict(args=(r(2, 1, 4, 16), r(16)))),
+        "attention": ("reference", attnkit.attention,
+                      dict(args=(r(1, 4, 2, 16), r(1, 4, 2, 16), r(1, 4, 2, 16)), kwargs=dict(causal=True))),
+        "attention_decode": (native, attnkit.attention_decode,
+                             dict(args=(r(2, 1, 4, 16), r(2, 16, 2, 16), r(2, 16, 2, 16), lens))),
+        "linear_attention_step": (native, attnkit.linear_attention_step,
+                                  dict(args=(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), torch.zeros(
+                                      2, 2, 16, 16, device=device)))),
+    }
+
+
+CLOCK = time.perf_counter
+
+
+def _time(fn, warmup: int, reps: int, inner: int, sync) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(reps):
+        t0 = CLOCK()
+        for _ in range(inner):
+            fn()
+        sync()
+        samples.append((CLOCK() - t0) / inner)
+    return statistics.median(samples) * 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ops", nargs="*", default=None)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--reps", type=int, default=21)
+    p.add_argument("--inner", type=int, default=200)
+    p.add_argument("--clock", choices=("wall", "process"), default="wall")
+    args = p.parse_args(argv)
+    global CLOCK
+    if args.clock == "process":
+        if args.device != "cpu":
+            p.error("--clock process measures CPU time: CPU tensors only")
+        CLOCK = time.process_time
+    torch.set_num_threads(1)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    all_cases = cases(args.device)
+    names = args.ops or list(all_cases)
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"clock={args.clock} (median of {args.reps} x {args.inner} calls, µs per call)")
+    head = f"{'op':24s} {'backend':10s} {'direct':>8s} {'custom op':>10s} {'public':>8s} {'auto':>8s}" \
+           f" {'validate':>9s} {'public-direct':>14s} {'op-direct':>10s}"
+    print(head)
+    print("-" * len(head))
+    with torch.no_grad():
+        for name in names:
+            backend, public, a = all_cases[name]
+            pos, kw = a["args"], a.get("kwargs", {})
+            call = dispatch._OPS[name](*pos, **kw)
+            impl = dispatch.implementation(name, backend)
+            caller = _custom_ops.CALLERS[name]
+            public(*pos, **kw, backend=backend)  # builds/loads what the backend needs, fills the choice cache
+            t_direct = _time(lambda: impl(**call.kwargs), args.warmup, args.reps, args.inner, sync)
+            t_op = _time(lambda: caller(call.kwargs, backend), args.warmup, args.reps, args.inner, sync)
+            t_pub = _time(lambda: public(*pos, **kw, backend=backend), args.warmup, args.reps, args.inner, sync)
+            t_auto = _time(lambda: public(*pos, **kw), args.warmup, args.reps, args.inner, sync)
+            prepare = dispatch._OPS[name]
+            t_val = _time(lambda: prepare(*pos, **kw), args.warmup, args.reps, args.inner, sync)
+            print(f"{name:24s} {backend:10s} {t_direct:8.1f} {t_op:10.1f} {t_pub:8.1f} {t_auto:8.1f}"
+                  f" {t_val:9.1f} {t_pub - t_direct:14.1f} {t_op - t_direct:10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
