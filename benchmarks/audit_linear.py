@@ -145,14 +145,14 @@ def _ptxas(ptx: str) -> tuple[int, int, int]:
     return regs, int(st.group(1)) if st else 0, int(ld.group(1)) if ld else 0
 
 
-def audit(cases=CASES, all_configs=False):
+def audit(cases=CASES, all_configs=False, progress=False):
     rows = []
     for name, op, D in cases:
         for kname, kernel, rt, cx in _launches(op, D):
             fn, tuner = _unwrap(kernel)
             configs = tuner.configs
             if not all_configs:
-                configs = kern._prune_configs(configs, {}, **cx)
+                configs = kern._prune_configs(configs, dict.fromkeys(fn.arg_names), **cx)
             for cfg in configs:
                 try:
                     ck = _compile(fn, rt, cx, cfg)
@@ -165,6 +165,8 @@ def audit(cases=CASES, all_configs=False):
                                  warps=cfg.num_warps, stages=cfg.num_stages, regs=regs, spill_stores=spill_st,
                                  spill_loads=spill_ld, shared=ck.metadata.shared,
                                  wgmma=ptx.count("wgmma.mma_async"), mma_sync=len(re.findall(r"\bmma\.sync", ptx))))
+                if progress:
+                    print("  ..", rows[-1], flush=True)
     return rows
 
 
@@ -173,9 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--all-configs", action="store_true", help="also the configs the prune drops")
     ap.add_argument("--d", type=int, nargs="*", help="only these head dims")
+    ap.add_argument("--op", choices=["lightning", "linear"], help="only this op's cases")
+    ap.add_argument("--progress", action="store_true", help="print each row as it is compiled")
     args = ap.parse_args(argv)
-    cases = [c for c in CASES if not args.d or c[2] in args.d]
-    rows = audit(cases, args.all_configs)
+    cases = [c for c in CASES if (not args.d or c[2] in args.d) and (not args.op or c[1] == args.op)]
+    rows = audit(cases, args.all_configs, args.progress)
     bad = 0
     hdr = f"{'case':18} {'D':>4} {'kernel':7} {'BK':>4} {'BV':>4} {'BT':>3} {'w':>2} {'s':>2} {'regs':>4} " \
           f"{'spill':>6} {'smem':>7} {'wgmma':>5} {'mma.sync':>8}"

@@ -50,13 +50,14 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """A `[BK, BV]` float32 state of more than 64x64 needs 8 warps to stay out of local memory
-    (audited with ptxas, docs/linear_attention.md)."""
+    """Keep the configs that do not spill (ptxas on sm_90, `benchmarks/audit_linear.py`): the
+    token-tile passes (they take both q and k: output, dq, dk/dv) need 8 warps at every head dim;
+    the state passes need 8 warps once the state block is larger than 64x64."""
     args = {**named_args, **kwargs}
     bk, bv = args.get("BK"), args.get("BV")
     if bk is None or bv is None or interpreted():
         return configs
-    if bk * bv > 64 * 64:
+    if ("q" in args and "k" in args) or bk * bv > 64 * 64:
         kept = [c for c in configs if c.num_warps >= 8]
         return kept or configs[:1]
     return configs
