@@ -76,6 +76,21 @@ def _autotune(fn):
                            prune_configs_by={"early_config_prune": _prune_configs})(fn)
 
 
+def _segment_kernel(autotune: bool = True, **flags: str):
+    """Jit a segment kernel (`T`, `NS` not specialised), autotuned on `_KEY` unless told not to,
+    with the heuristics every segment kernel has (`USE_DECAY`, `IS_VARLEN`) plus `flags`:
+    `FLAG="arg"` sets the constexpr FLAG to whether the argument `arg` is given (not None)."""
+    present = {"USE_DECAY": "decay", "IS_VARLEN": "cu_seqlens", **flags}
+
+    def deco(fn):
+        kernel = triton.jit(do_not_specialize=["T", "NS"])(fn)
+        if autotune:
+            kernel = _autotune(kernel)
+        return triton.heuristics({flag: (lambda args, name=name: args[name] is not None)
+                                  for flag, name in present.items()})(kernel)
+    return deco
+
+
 # ----------------------------------------------------------------------------------- jit helpers
 
 
@@ -192,6 +207,30 @@ def _state_ptr(hin, pid, i_n, i_s, HS: tl.constexpr, D: tl.constexpr, PER_SEQ: t
 
 
 @triton.jit
+def _incoming_state(hin, zin, decay, pid, i_n, i_s, o_k, o_v, m_k, m_v, HS: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr, BK: tl.constexpr, PER_SEQ: tl.constexpr, NORMALIZE: tl.constexpr,
+                    USE_DECAY: tl.constexpr):
+    """A segment's incoming `[BK, BV]` float32 state block, its `[BK]` normaliser (zeros without
+    NORMALIZE) and the head's decay rate `a` (λ = exp(-a); 0. without USE_DECAY)."""
+    b_h = tl.load(_state_ptr(hin, pid, i_n, i_s, HS, K * V, PER_SEQ) + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_z = tl.zeros([BK], dtype=tl.float32)
+    if NORMALIZE:
+        b_z += tl.load(_state_ptr(zin, pid, i_n, i_s, HS, K, PER_SEQ) + o_k, mask=m_k, other=0.)
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+    return b_h, b_z, b_a
+
+
+@triton.jit
+def _running_normaliser(b_z, b_kf):
+    """Per-token normaliser of a causal chunk, z_i = z_prev + Σ_{j<=i} φ(k_j) in float32 (a scan,
+    not a product), and the normaliser carried to the next chunk."""
+    return b_z[None, :] + tl.cumsum(b_kf, 0), b_z + tl.sum(b_kf, 0)
+
+
+@triton.jit
 def _cols(i_b, BD: tl.constexpr, D: tl.constexpr):
     """Columns of block `i_b` of a head dim; a block that covers the dim is a constant range, so
     its bounds mask folds away at compile time."""
@@ -217,12 +256,7 @@ def _intra_mask_t(b_a, o_t, USE_DECAY: tl.constexpr):
 # --------------------------------------------------------------------------------------- forward
 
 
-@triton.heuristics({
-    "USE_DECAY": lambda args: args["decay"] is not None,
-    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-})
-@_autotune
-@triton.jit(do_not_specialize=["T", "NS"])
+@_segment_kernel()
 def _segment_state_kernel(
     k, v, hs, zs, decay, seg_info, cu_seqlens, T, NS, SEG,
     HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -269,13 +303,7 @@ def _segment_state_kernel(
             tl.store(_state_ptr(zs, pid, i_n, i_s, HS, K, False) + o_k, b_z, mask=m_k)
 
 
-@triton.heuristics({
-    "USE_DECAY": lambda args: args["decay"] is not None,
-    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-    "USE_H0": lambda args: args["h0"] is not None,
-    "STORE_HT": lambda args: args["ht"] is not None,
-})
-@triton.jit(do_not_specialize=["T", "NS"])
+@_segment_kernel(autotune=False, USE_H0="h0", STORE_HT="ht")
 def _segment_scan_kernel(
     hs, h0, ht, decay, seg_cu, cu_seqlens, T, NS, SEG,
     HS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
@@ -318,12 +346,7 @@ def _segment_scan_kernel(
         tl.store(ht + (i_n * HS + i_s) * D + o, b_r, mask=m)
 
 
-@triton.heuristics({
-    "USE_DECAY": lambda args: args["decay"] is not None,
-    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-})
-@_autotune
-@triton.jit(do_not_specialize=["T", "NS"])
+@_segment_kernel()
 def _segment_output_kernel(
     q, k, v, o, den, decay, hin, zin, seg_info, cu_seqlens, scale, eps, T, NS, SEG,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -345,14 +368,8 @@ def _segment_output_kernel(
     m_v = o_v < V
 
     # [BK, BV] float32 state, [BK] normaliser
-    b_h = tl.load(_state_ptr(hin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.)
-    b_z = tl.zeros([BK], dtype=tl.float32)
-    if NORMALIZE:
-        b_z += tl.load(_state_ptr(zin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
-    b_a = 0.
-    if USE_DECAY:
-        b_a = tl.load(decay + i_s).to(tl.float32)
+    b_h, b_z, b_a = _incoming_state(hin, zin, decay, pid, i_n, i_s, o_k, o_v, m_k, m_v, HS, K, V, BK,
+                                    STATE_PER_SEQ, NORMALIZE, USE_DECAY)
     for i_t in range(0, tl.cdiv(n, BT)):
         t = i_t * BT + o_t
         m_t = t < n
@@ -365,11 +382,10 @@ def _segment_output_kernel(
             # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early
             b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
         if NORMALIZE:
-            # per-token normaliser z_i = z_prev + Σ_{j<=i} φ(k_j) in float32 (a scan, not a product)
-            b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
             if CAUSAL:
-                b_zc += tl.cumsum(b_kf, 0)
-                b_z += tl.sum(b_kf, 0)
+                b_zc, b_z = _running_normaliser(b_z, b_kf)
+            else:  # the sequence totals
+                b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
             b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_t[:, None] & m_k[None, :], scale, H, K, FEATURE_MAP)
@@ -415,12 +431,7 @@ def _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: 
     return b_do.to(dtype), b_dd
 
 
-@triton.heuristics({
-    "USE_DECAY": lambda args: args["decay"] is not None,
-    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-})
-@_autotune
-@triton.jit(do_not_specialize=["T", "NS"])
+@_segment_kernel()
 def _segment_dstate_kernel(
     q, do, den, delta, dhs, dzs, decay, seg_info, cu_seqlens, scale, T, NS, SEG,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -475,12 +486,7 @@ def _segment_dstate_kernel(
             tl.store(_state_ptr(dzs, pid, i_n, i_s, HS, K, False) + o_k, b_dz, mask=m_k)
 
 
-@triton.heuristics({
-    "USE_DECAY": lambda args: args["decay"] is not None,
-    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-})
-@_autotune
-@triton.jit(do_not_specialize=["T", "NS"])
+@_segment_kernel()
 def _segment_dq_kernel(
     q, k, v, do, den, delta, dq, decay, hin, zin, seg_info, cu_seqlens, scale, T, NS, SEG,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -501,14 +507,8 @@ def _segment_dq_kernel(
     m_k = o_k < K
     m_v = o_v < V
 
-    b_h = tl.load(_state_ptr(hin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.)
-    b_z = tl.zeros([BK], dtype=tl.float32)
-    if NORMALIZE:
-        b_z += tl.load(_state_ptr(zin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
-    b_a = 0.
-    if USE_DECAY:
-        b_a = tl.load(decay + i_s).to(tl.float32)
+    b_h, b_z, b_a = _incoming_state(hin, zin, decay, pid, i_n, i_s, o_k, o_v, m_k, m_v, HS, K, V, BK,
+                                    STATE_PER_SEQ, NORMALIZE, USE_DECAY)
     for i_t in range(0, tl.cdiv(n, BT)):
         t = i_t * BT + o_t
         m_t = t < n
@@ -521,10 +521,10 @@ def _segment_dq_kernel(
             b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
             b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
         if NORMALIZE:
-            b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
             if CAUSAL:
-                b_zc += tl.cumsum(b_kf, 0)
-                b_z += tl.sum(b_kf, 0)
+                b_zc, b_z = _running_normaliser(b_z, b_kf)
+            else:  # the sequence totals
+                b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
             b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE,
@@ -548,14 +548,7 @@ def _segment_dq_kernel(
             b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
 
 
-@triton.heuristics({
-    "USE_DECAY": lambda args: args["decay"] is not None,
-    "IS_VARLEN": lambda args: args["cu_seqlens"] is not None,
-    "STORE_DK": lambda args: args["dk"] is not None,
-    "STORE_DV": lambda args: args["dv"] is not None,
-})
-@_autotune
-@triton.jit(do_not_specialize=["T", "NS"])
+@_segment_kernel(STORE_DK="dk", STORE_DV="dv")
 def _segment_dkdv_kernel(
     q, k, v, do, den, delta, dk, dv, decay, gin, gzin, seg_info, cu_seqlens, scale, T, NS, SEG,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
