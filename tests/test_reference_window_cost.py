@@ -13,31 +13,8 @@ import attnkit
 from attnkit.ops.softmax import reference
 
 from .harness import DEVICE
-from .test_softmax_features import F64, close64, oracle_attention, oracle_decode, rand
-
-
-def _check_attention(c, qk_norm=None, B=2, D=8, Dv=6):
-    q = rand(B, c["T"], c["H"], D, requires_grad=True)
-    k = rand(B, c["S"], c["Hk"], D, requires_grad=True)
-    v = rand(B, c["S"], c["Hk"], Dv, requires_grad=True)
-    scale = torch.tensor(0.6, dtype=F64, device=DEVICE, requires_grad=True)
-    wq = rand(D, requires_grad=True) if qk_norm else None
-    wk = rand(D, requires_grad=True) if qk_norm else None
-    leaves = [x for x in (q, k, v, scale, wq, wk) if x is not None]
-    kw = dict(causal=c["causal"], window=c["window"], softcap=c["softcap"])
-    o, lse = attnkit.attention(q, k, v, scale=scale, qk_norm=qk_norm, q_norm_weight=wq, k_norm_weight=wk,
-                               return_lse=True, backend="reference", **kw)
-    o_ref, lse_ref = oracle_attention(q, k, v, scale=scale, qk_norm=qk_norm, wq=wq, wk=wk, **kw)
-    close64(o, o_ref)
-    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
-    close64(lse.nan_to_num(neginf=0.0), lse_ref.nan_to_num(neginf=0.0))
-    cot, cot_l = torch.randn_like(o), torch.randn_like(lse)
-    finite = torch.isfinite(lse_ref)
-    loss = (o * cot).sum() + (lse.nan_to_num(neginf=0.0) * cot_l * finite).sum()
-    loss_ref = (o_ref * cot).sum() + (lse_ref.nan_to_num(neginf=0.0) * cot_l * finite).sum()
-    for a, b in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(loss_ref, leaves)):
-        assert torch.isfinite(a).all()
-        close64(a, b)
+from .test_softmax_features import close64, oracle_attention, oracle_decode, rand
+from .test_softmax_features import test_attention_float64_matches_oracle_with_gradients as check_against_oracle
 
 
 # T large enough for several query blocks (MIN_BOUNDED_ROWS = 32 rows or more per block)
@@ -58,13 +35,13 @@ LONG_CASES = [
 @pytest.mark.parametrize("qk_norm", [None, "rms"])
 @pytest.mark.parametrize("c", [pytest.param(c, id="-".join(f"{k}{v}" for k, v in c.items())) for c in LONG_CASES])
 def test_skipping_reference_matches_dense_oracle_with_gradients(c, qk_norm):
-    _check_attention(c, qk_norm)
+    check_against_oracle(c, qk_norm)  # B=2, D=8, Dv=6, forward, lse and every gradient
 
 
 def test_skipping_with_batch_row_blocks(monkeypatch):
     # a budget of one query row of one batch row per block: the batch-row blocking path
     monkeypatch.setattr(reference, "MAX_SCORE_ELEMENTS", 4 * 90)
-    _check_attention(dict(T=70, S=90, H=4, Hk=2, causal=True, window=(6, 0), softcap=1.0), B=3)
+    check_against_oracle(dict(T=70, S=90, H=4, Hk=2, causal=True, window=(6, 0), softcap=1.0), "rms")
 
 
 def test_skipping_with_varlen():
