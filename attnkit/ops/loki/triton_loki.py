@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..common.triton_utils import device_guard, dot_precision, interpreted
-from ..softmax.triton_decode import num_splits_heuristic, sm_count
+from ..softmax.triton_decode import _token_rows, num_splits_heuristic, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -91,18 +91,21 @@ def _num_splits(programs: int, n_sel: int, BN: int, device: torch.device) -> int
     "HAS_OFFSETS": lambda args: args["cache_seqlens"] is not None,
     "HAS_LOWRANK": lambda args: args["y_low"] is not None,
     "HAS_V": lambda args: args["v_new"] is not None,
+    "PAGED": lambda args: args["block_table"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "Smax", "n_t", "n_e"])
 def _loki_rotate_kernel(
-    x, comps, y, y_low, v_new, v_cache, cache_seqlens, T, Smax, n_t, n_e,
+    x, comps, y, y_low, v_new, v_cache, cache_seqlens, block_table, T, Smax, n_t, n_e,
     s_xb, s_xt, s_xh, s_xd, s_yb, s_yt, s_yh, s_yd, s_lb, s_lh, s_lt, s_ld,
-    s_nvb, s_nvt, s_nvh, s_nvd, s_vb, s_vt, s_vh, s_vd,
+    s_nvb, s_nvt, s_nvh, s_nvd, s_vb, s_vt, s_vh, s_vd, s_btb,
     HK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
     HAS_OFFSETS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_V: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BT rows, block of BE output dims), folded on axis 0
-    # x [B, T, HK, D] rows -> y[b, pos, hk, :] = x[b, t, hk, :] @ comps[hk], pos = t (+ cache_seqlens[b])
+    # x [B, T, HK, D] rows -> y[b, pos, hk, :] = x[b, t, hk, :] @ comps[hk], pos = t (+ cache_seqlens[b]);
+    # PAGED: position pos of row b is slot (block_table[b, pos // PAGE], pos % PAGE) of the caches
     pid = tl.program_id(0).to(tl.int64)
     i_e = pid % n_e
     i_t = (pid // n_e) % n_t
@@ -129,28 +132,33 @@ def _loki_rotate_kernel(
         b_c = tl.load(c_base + o_k[:, None] * D, mask=m_k[:, None] & m_e[None, :], other=0.)
         b_y += tl.dot(b_x, b_c, input_precision="ieee")
     b_y = b_y.to(y.dtype.element_ty)
-    tl.store(y + i_b * s_yb + i_hk * s_yh + pos[:, None] * s_yt + o_e[None, :] * s_yd, b_y,
-             mask=m_row[:, None] & m_e[None, :])
+    # [BT] element offsets of the rows' slots (table entries read only for rows written)
+    p_y = _token_rows(pos, m_row, i_b, block_table, s_btb, s_yb, s_yt, PAGED, PAGE)
+    tl.store(y + i_hk * s_yh + p_y[:, None] + o_e[None, :] * s_yd, b_y, mask=m_row[:, None] & m_e[None, :])
     if HAS_LOWRANK:
         # the same rounded values as the full cache, so both layouts score identically
-        tl.store(y_low + i_b * s_lb + i_hk * s_lh + pos[:, None] * s_lt + o_e[None, :] * s_ld,
+        p_l = _token_rows(pos, m_row, i_b, block_table, s_btb, s_lb, s_lt, PAGED, PAGE)
+        tl.store(y_low + i_hk * s_lh + p_l[:, None] + o_e[None, :] * s_ld,
                  b_y.to(y_low.dtype.element_ty), mask=m_row[:, None] & (o_e < R)[None, :])
     if HAS_V:
         # values are copied unchanged, columns of this program's block
         m_v = m_row[:, None] & (o_e < DV)[None, :]
         b_v = tl.load(v_new + i_b * s_nvb + i_hk * s_nvh + rows[:, None] * s_nvt + o_e[None, :] * s_nvd, mask=m_v)
-        tl.store(v_cache + i_b * s_vb + i_hk * s_vh + pos[:, None] * s_vt + o_e[None, :] * s_vd, b_v, mask=m_v)
+        p_v = _token_rows(pos, m_row, i_b, block_table, s_btb, s_vb, s_vt, PAGED, PAGE)
+        tl.store(v_cache + i_hk * s_vh + p_v[:, None] + o_e[None, :] * s_vd, b_v, mask=m_v)
 
 
+@triton.heuristics({"PAGED": lambda args: args["block_table"] is not None})
 @triton.jit(do_not_specialize=["Smax", "rank", "n_blocks"])
 def _loki_score_kernel(
-    q_rot, k, cache_seqlens, scores, Smax, rank, n_blocks,
-    s_kb, s_kh, s_kt, s_kd,
+    q_rot, k, cache_seqlens, block_table, scores, Smax, rank, n_blocks,
+    s_kb, s_kh, s_kt, s_kd, s_btb,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BN positions) folded on axis 0; the G query heads
-    # share each key load
+    # share each key load. Keys [B, HK, Smax, >= rank] by strides, or paged [num_blocks, HK, PAGE, .]
     pid = tl.program_id(0).to(tl.int64)
     i_n, i_bh = pid % n_blocks, pid // n_blocks
     i_b, i_hk = i_bh // HK, i_bh % HK
@@ -160,7 +168,8 @@ def _loki_score_kernel(
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     q_base = q_rot + (i_b * H + i_hk * G) * D
-    k_base = k + i_b * s_kb + i_hk * s_kh
+    # [BN] element offsets of the positions' keys (table entries read only for valid positions)
+    p_k = k + i_hk * s_kh + _token_rows(cols, m_col, i_b, block_table, s_btb, s_kb, s_kt, PAGED, PAGE)
     # blocks past the row's length load nothing
     r_end = tl.where(i_n * BN < seq_len, rank, 0)
     acc = tl.zeros([BG, BN], dtype=tl.float32)
@@ -169,7 +178,7 @@ def _loki_score_kernel(
         m_r = o_r < rank
         # [BG, BR] float32 rotated queries, [BN, BR] leading key dims
         b_q = tl.load(q_base + o_g[:, None] * D + o_r[None, :], mask=m_g[:, None] & m_r[None, :], other=0.)
-        b_k = tl.load(k_base + cols[:, None] * s_kt + o_r[None, :] * s_kd, mask=m_col[:, None] & m_r[None, :],
+        b_k = tl.load(p_k[:, None] + o_r[None, :] * s_kd, mask=m_col[:, None] & m_r[None, :],
                       other=0.).to(tl.float32)
         # [BG, 1, BR] * [1, BN, BR] -> [BG, BN]: exact float32 products, no tile padding for small G
         acc += tl.sum(b_q[:, None, :] * b_k[None, :, :], axis=2)
@@ -295,14 +304,16 @@ def _rows_mm(p, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return out
 
 
-@triton.heuristics({"HAS_INDEX": lambda args: args["idx"] is not None})
+@triton.heuristics({"HAS_INDEX": lambda args: args["idx"] is not None,
+                    "PAGED": lambda args: args["block_table"] is not None})
 @triton.jit(do_not_specialize=["n_sel", "chunk", "n_splits"])
 def _loki_sparse_attn_fwd_kernel(
-    q_rot, k, v, cache_seqlens, idx, o, o_part, lse_part, scale, n_sel, chunk, n_splits,
-    s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_ib, s_ih, s_ij,
+    q_rot, k, v, cache_seqlens, block_table, idx, o, o_part, lse_part, scale, n_sel, chunk, n_splits,
+    s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_ib, s_ih, s_ij, s_btb,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     SHARED: tl.constexpr, SPLIT: tl.constexpr, HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     # program = (split of `chunk` selected slots, batch row x selecting head).
     # SHARED: the selecting head is KV head i_sel; the BM rows are its G query heads (one gather each).
@@ -329,8 +340,8 @@ def _loki_sparse_attn_fwd_kernel(
     b_q = tl.load(q_rot + (i_b * H + heads)[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.)
     if SHARED:
         b_q = b_q.to(k.dtype.element_ty)  # tensor-core operands, as flash attention
-    k_base = k + i_b * s_kb + i_hk * s_kh
-    v_base = v + i_b * s_vb + i_hk * s_vh
+    k_base = k + i_hk * s_kh
+    v_base = v + i_hk * s_vh
 
     j_start = i_s * chunk
     j_end = tl.minimum(j_start + chunk, n_sel)
@@ -348,10 +359,12 @@ def _loki_sparse_attn_fwd_kernel(
             m_j = m_j & (pos < seq_len)
         else:
             pos = o_j
+        # [BN] offsets of the slots (paged: through the table, entries of valid slots only)
+        p_k = _token_rows(pos, m_j, i_b, block_table, s_btb, s_kb, s_kt, PAGED, PAGE)
+        p_v = _token_rows(pos, m_j, i_b, block_table, s_btb, s_vb, s_vt, PAGED, PAGE)
         # [BN, BD], [BN, BDV]: gathered rows, each one contiguous span of the cache
-        b_k = tl.load(k_base + pos[:, None] * s_kt + o_d[None, :] * s_kd, mask=m_j[:, None] & m_d[None, :], other=0.)
-        b_v = tl.load(v_base + pos[:, None] * s_vt + o_dv[None, :] * s_vd, mask=m_j[:, None] & m_dv[None, :],
-                      other=0.)
+        b_k = tl.load(k_base + p_k[:, None] + o_d[None, :] * s_kd, mask=m_j[:, None] & m_d[None, :], other=0.)
+        b_v = tl.load(v_base + p_v[:, None] + o_dv[None, :] * s_vd, mask=m_j[:, None] & m_dv[None, :], other=0.)
         # [BM, BD] . [BN, BD]^T -> [BM, BN] logits in log2 units
         b_s = _rows_dot(b_q, b_k, SHARED, DOT_PRECISION) * qk_scale
         b_s = tl.where(m_j[None, :], b_s, float("-inf"))
@@ -406,11 +419,22 @@ def _loki_sparse_attn_reduce_kernel(o_part, lse_part, o, n_rows, n_splits,
 # ---------------------------------------------------------------------------- host launchers
 
 
+def _paging(block_table: torch.Tensor | None, k_cache_rot: torch.Tensor) -> tuple[int, int, int]:
+    """(page size, capacity Smax, row stride of the table): a paged cache is `[num_blocks, page,
+    Hk, D]` with capacity `max_blocks * page`; a padded one `[B, Smax, Hk, D]` (page 1: unused)."""
+    if block_table is None:
+        return 1, k_cache_rot.shape[1], 0
+    page = k_cache_rot.shape[1]
+    return page, block_table.shape[1] * page, block_table.stride(0)
+
+
 def _rotate_launch(x_view: tuple, y_view: tuple, components: torch.Tensor, T: int, B: int, HK: int,
                    low_view: tuple | None = None, v_views: tuple | None = None,
-                   cache_seqlens: torch.Tensor | None = None, Smax: int = 0, R: int = 0, DV: int = 0) -> None:
+                   cache_seqlens: torch.Tensor | None = None, Smax: int = 0, R: int = 0, DV: int = 0,
+                   block_table: torch.Tensor | None = None, page: int = 1) -> None:
     """Launch `_loki_rotate_kernel`; views are `(tensor, s_b, s_t, s_h, s_d)` (low: `s_b, s_h,
-    s_t, s_d`), so one kernel serves queries (`T` = query heads of a group) and appended keys."""
+    s_t, s_d`), so one kernel serves queries (`T` = query heads of a group) and appended keys
+    (through `block_table` when the cache is paged: `s_b` is then the stride of a block)."""
     D = components.shape[-1]
     BK = 16
     BE = min(_pow2(D, 16), 64)
@@ -423,9 +447,9 @@ def _rotate_launch(x_view: tuple, y_view: tuple, components: torch.Tensor, T: in
     y_low, *s_l = low_view if low_view is not None else (None, *none4)
     (v_new, *s_nv), (v_cache, *s_v) = v_views if v_views is not None else ((None, *none4), (None, *none4))
     _loki_rotate_kernel[(B * HK * n_t * n_e,)](
-        x, components, y, y_low, v_new, v_cache, cache_seqlens, T, Smax, n_t, n_e,
-        *s_x, *s_y, *s_l, *s_nv, *s_v,
-        HK=HK, D=D, DV=DV, R=R, BT=BT, BK=BK, BE=BE, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        x, components, y, y_low, v_new, v_cache, cache_seqlens, block_table, T, Smax, n_t, n_e,
+        *s_x, *s_y, *s_l, *s_nv, *s_v, block_table.stride(0) if block_table is not None else 0,
+        HK=HK, D=D, DV=DV, R=R, BT=BT, BK=BK, BE=BE, PAGE=page, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def rotate_queries(q: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
@@ -443,13 +467,16 @@ def rotate_queries(q: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
 
 def loki_append_fwd(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                     cache_seqlens: torch.Tensor, components: torch.Tensor,
-                    k_lowrank: torch.Tensor | None = None) -> None:
+                    k_lowrank: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> None:
     """Rotates `k_new [B, T, Hk, D]` and writes it at `cache_seqlens[b] + t` into `k_cache_rot`
-    (and its first `R` dims into `k_lowrank [B, Hk, Smax, R]`), and `v_new` into `v_cache`, in place."""
+    (and its first `R` dims into `k_lowrank [B, Hk, Smax, R]`), and `v_new` into `v_cache`, in place;
+    through `block_table [B, max_blocks]` into paged caches `[num_blocks, page, Hk, D]` (`k_lowrank
+    [num_blocks, Hk, page, R]`) when given."""
     B, T, HK, D = k_new.shape
     if B == 0 or T == 0 or HK == 0:
         return
-    Smax, DV = k_cache_rot.shape[1], v_cache.shape[3]
+    page, Smax, _ = _paging(block_table, k_cache_rot)
+    DV = v_cache.shape[3]
     s_nk, s_k, s_nv, s_v = k_new.stride(), k_cache_rot.stride(), v_new.stride(), v_cache.stride()
     low = None
     if k_lowrank is not None:
@@ -460,23 +487,27 @@ def loki_append_fwd(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch
                        components.contiguous(), T, B, HK, low_view=low,
                        v_views=((v_new, s_nv[0], s_nv[1], s_nv[2], s_nv[3]), (v_cache, s_v[0], s_v[1], s_v[2], s_v[3])),
                        cache_seqlens=cache_seqlens, Smax=Smax, R=k_lowrank.shape[3] if k_lowrank is not None else 0,
-                       DV=DV)
+                       DV=DV, block_table=block_table, page=page)
 
 
 def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, HK: int, *, rank: int,
-                    group: bool) -> torch.Tensor:
+                    group: bool, block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Approximate scores from `q̃ [B, H, D]` and `keys`, a `[B, Hk, Smax, >= rank]` view by
-    strides (the low-rank buffer, or `k_cache_rot.transpose(1, 2)`). Returns float32
-    `[B, H or Hk, Smax]`, `-inf` at positions `>= cache_seqlens[b]`."""
+    strides (the low-rank buffer, or `k_cache_rot.transpose(1, 2)`; paged: `[num_blocks, Hk, page,
+    >= rank]` read through `block_table`). Returns float32 `[B, H or Hk, Smax]`, `-inf` at
+    positions `>= cache_seqlens[b]`."""
     B, H, D = q_rot.shape
-    Smax = keys.shape[2]
+    page = keys.shape[2]
+    Smax = keys.shape[2] if block_table is None else block_table.shape[1] * page
     G = H // HK
     scores = torch.empty(B, HK if group else H, Smax, device=q_rot.device, dtype=torch.float32)
     BG, BN, BR = _score_blocks(G, rank)
     n_blocks = triton.cdiv(Smax, BN)
     _loki_score_kernel[(n_blocks * B * HK,)](
-        q_rot, keys, cache_seqlens, scores, Smax, rank, n_blocks, *keys.stride(),
-        H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        q_rot, keys, cache_seqlens, block_table, scores, Smax, rank, n_blocks, *keys.stride(),
+        block_table.stride(0) if block_table is not None else 0,
+        H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group, PAGE=page if block_table is not None else 1,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return scores
 
 
@@ -502,12 +533,14 @@ def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -
 
 def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                          cache_seqlens: torch.Tensor, idx: torch.Tensor | None, *, scale: float, out_dtype: torch.dtype,
-                         num_splits: int | None = None) -> torch.Tensor:
-    """Exact attention of `q̃ [B, H, D]` over the selected slots `idx [B, H or Hk, n_sel]` (int64
+                         num_splits: int | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention of `q̃ [B, H, D]` over the selected slots `idx [B, H or Hk, n_sel]` (int32
     positions; `None`: every position, dense). `idx` with `Hk` heads (or dense with `G > 1`) lets
-    a group's query heads share each gathered key. Returns `o [B, 1, H, Dv]` in `out_dtype`."""
+    a group's query heads share each gathered key. Paged caches are read through `block_table`.
+    Returns `o [B, 1, H, Dv]` in `out_dtype`."""
     B, H, D = q_rot.shape
-    Smax, HK, DV = v_cache.shape[1], v_cache.shape[2], v_cache.shape[3]
+    page, Smax, s_btb = _paging(block_table, k_cache_rot)
+    HK, DV = v_cache.shape[2], v_cache.shape[3]
     G = H // HK
     shared = G > 1 and (idx is None or idx.shape[1] == HK)
     n_sel = Smax if idx is None else idx.shape[2]
@@ -523,9 +556,9 @@ def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache
     lse_part = torch.empty(B * H, n_splits, device=q_rot.device, dtype=torch.float32) if split else None
     s_i = idx.stride() if idx is not None else (0, 0, 0)
     _loki_sparse_attn_fwd_kernel[(n_splits * n_prog,)](
-        q_rot, k_cache_rot, v_cache, cache_seqlens, idx, o, o_part, lse_part, float(scale), n_sel, chunk, n_splits,
-        *k_cache_rot.stride(), *v_cache.stride(), *s_i,
-        H=H, HK=HK, G=G, D=D, DV=DV, BM=BM, BN=BN, BD=BD, BDV=BDV, SHARED=shared, SPLIT=split,
+        q_rot, k_cache_rot, v_cache, cache_seqlens, block_table, idx, o, o_part, lse_part, float(scale), n_sel, chunk,
+        n_splits, *k_cache_rot.stride(), *v_cache.stride(), *s_i, s_btb,
+        H=H, HK=HK, G=G, D=D, DV=DV, BM=BM, BN=BN, BD=BD, BDV=BDV, SHARED=shared, SPLIT=split, PAGE=page,
         DOT_PRECISION=dot_precision(v_cache), num_stages=NUM_STAGES,
         # per-head tiles run float32 broadcasts: 8 warps keep a [BN, BD >= 128] tile from spilling
         num_warps=NUM_WARPS if shared or BD < 128 else 8)
@@ -538,11 +571,15 @@ def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache
 
 def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                     components: torch.Tensor, *, rank: int, top_k: int, scale: float, selection: str,
-                    k_lowrank: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    k_lowrank: torch.Tensor | None = None, num_splits: int | None = None,
+                    block_table: torch.Tensor | None = None) -> torch.Tensor:
     """One Loki decoding step (no host synchronisation). Scores come from `k_lowrank [B, Hk, Smax,
-    R >= rank]` when given, else from `k_cache_rot[..., :rank]`. Returns `o [B, 1, H, Dv]`."""
+    R >= rank]` when given, else from `k_cache_rot[..., :rank]`. With `block_table [B, max_blocks]`
+    the caches are paged (`[num_blocks, page, Hk, D]`, `k_lowrank [num_blocks, Hk, page, R]`).
+    Returns `o [B, 1, H, Dv]`."""
     B, _, H, D = q.shape
-    Smax, HK, DV = k_cache_rot.shape[1], k_cache_rot.shape[2], v_cache.shape[3]
+    _, Smax, _ = _paging(block_table, k_cache_rot)
+    HK, DV = k_cache_rot.shape[2], v_cache.shape[3]
     if B == 0 or H == 0 or Smax == 0:
         return torch.zeros(B, 1, H, DV, device=q.device, dtype=q.dtype)
     with device_guard(q):
@@ -550,34 +587,37 @@ def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.T
         idx = None
         if top_k < Smax:  # else every row is dense: no scoring, no selection
             keys = k_lowrank if k_lowrank is not None else k_cache_rot.transpose(1, 2)
-            scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=selection == "group")
+            scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=selection == "group",
+                                     block_table=block_table)
             idx = loki_select(scores, cache_seqlens, top_k)  # [B, H or Hk, top_k] int32, position order
         return loki_sparse_attn_fwd(q_rot, k_cache_rot, v_cache, cache_seqlens, idx, scale=scale, out_dtype=q.dtype,
-                                    num_splits=num_splits)
+                                    num_splits=num_splits, block_table=block_table)
 
 
 # ----------------------------------------------------------------------- backend entry points
 
 
 @torch.no_grad()
-def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale, selection):
+def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale, selection,
+                          block_table=None):
     """Triton backend of `attnkit.loki_attention_decode` (docs/contracts.md): the portable layout,
-    scores read from `k_cache_rot[..., :rank]`."""
+    scores read from `k_cache_rot[..., :rank]` (paged through `block_table` when given)."""
     return loki_decode_fwd(q, k_cache_rot, v_cache, cache_seqlens, components, rank=rank, top_k=top_k, scale=scale,
-                           selection=selection)
+                           selection=selection, block_table=block_table)
 
 
 @torch.no_grad()
 def loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale,
-                                  selection):
+                                  selection, block_table=None):
     """Triton backend of `loki_attention_decode_lowrank` (attnkit/ops/loki/cache.py): scores read
-    from the contiguous low-rank key buffer."""
+    from the contiguous (or paged) low-rank key buffer."""
     return loki_decode_fwd(q, k_cache_rot, v_cache, cache_seqlens, components, rank=rank, top_k=top_k, scale=scale,
-                           selection=selection, k_lowrank=k_lowrank)
+                           selection=selection, k_lowrank=k_lowrank, block_table=block_table)
 
 
 @torch.no_grad()
-def loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank):
+def loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank, block_table=None):
     """Triton backend of `loki_cache_append` (attnkit/ops/loki/cache.py): one fused launch rotates
-    the new keys and writes the rotated cache, the low-rank buffer and the values."""
-    loki_append_fwd(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank)
+    the new keys and writes the rotated cache, the low-rank buffer and the values (through the
+    block table when paged)."""
+    loki_append_fwd(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank, block_table)
