@@ -57,6 +57,11 @@ NUM_STAGES = 2
 # (8 warps), once per pass.
 SELECT_RESIDENT = 8192
 SELECT_BLOCK = 8192
+# Segmented selection (few rows, e.g. B = 1): each row is cut into segments of SEGMENT_MIN or more
+# slots (a power of two) so that the selection launches run about SEGMENT_WAVES programs per SM;
+# used when the rows alone leave SMs idle (fewer rows than SMs).
+SEGMENT_MIN = 512
+SEGMENT_WAVES = 4
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -281,6 +286,125 @@ def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.conste
     # a row shorter than top_k: the remaining slots point past its length (masked by index later)
     for j0 in range(k, top_k, BLK):
         tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
+
+
+@triton.jit
+def _radix_state(hist, row, k, PASSES: tl.constexpr):
+    """Digits chosen by the first `PASSES` radix passes of selecting row `row` from their complete
+    histograms `hist[row, r, :]`: (the key prefix so far, how many of the k largest are still to be
+    found among the scores that share it). Every program of the row derives the same values."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([1], dtype=tl.uint32)
+    k_rem = tl.zeros([1], dtype=tl.int32) + k
+    for r in tl.static_range(PASSES):
+        h = tl.load(hist + (row * 4 + r) * 256 + bins)
+        d, above = _select_digit(h, k_rem, bins)
+        k_rem -= above
+        prefix = prefix | (d.to(tl.uint32) << (24 - 8 * r))
+    return prefix, k_rem
+
+
+@triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
+def _loki_select_hist_kernel(scores, cache_seqlens, hist, Smax, top_k, n_seg, seg_len, HSEL: tl.constexpr,
+                             BLK: tl.constexpr, PASS: tl.constexpr):
+    # program = (selecting row, segment of seg_len slots), folded on axis 0. Radix pass PASS of the
+    # segmented selection: the 256-bin histogram of key digit PASS among the segment's scores that
+    # share the digits chosen by the earlier passes, added to the row's histogram hist[row, PASS].
+    # Integer additions: the counts (and everything derived from them) do not depend on the order
+    # in which the segments add them.
+    pid = tl.program_id(0).to(tl.int64)
+    i_seg, row = pid % n_seg, pid // n_seg
+    i_b = row // HSEL
+    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
+    k = tl.minimum(top_k, seq_len)
+    prefix, k_rem = _radix_state(hist, row, k, PASS)
+    shift = 24 - 8 * PASS
+    base = scores + row * Smax
+    o = tl.arange(0, BLK)
+    local = tl.zeros([256], dtype=tl.int32)
+    start = i_seg * seg_len
+    end = tl.minimum(start + seg_len, seq_len)
+    for n0 in range(start, end, BLK):
+        cols = n0 + o
+        m = cols < end
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        if PASS > 0:
+            m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+        local += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
+    bins = tl.arange(0, 256)
+    tl.atomic_add(hist + (row * 4 + PASS) * 256 + bins, local, mask=local > 0)
+
+
+@triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
+def _loki_select_count_kernel(scores, cache_seqlens, hist, counts, Smax, top_k, n_seg, seg_len,
+                              HSEL: tl.constexpr, BLK: tl.constexpr):
+    # program = (selecting row, segment): with the threshold key tau of the four passes, the
+    # segment's number of scores above tau and equal to it -> counts[row, seg, 0:2]
+    pid = tl.program_id(0).to(tl.int64)
+    i_seg, row = pid % n_seg, pid // n_seg
+    i_b = row // HSEL
+    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
+    k = tl.minimum(top_k, seq_len)
+    tau, k_rem = _radix_state(hist, row, k, 4)
+    base = scores + row * Smax
+    o = tl.arange(0, BLK)
+    n_gt = tl.zeros([1], dtype=tl.int32)
+    n_eq = tl.zeros([1], dtype=tl.int32)
+    start = i_seg * seg_len
+    end = tl.minimum(start + seg_len, seq_len)
+    for n0 in range(start, end, BLK):
+        cols = n0 + o
+        m = cols < end
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        n_gt += tl.sum((m & (key > tau)).to(tl.int32), 0)
+        n_eq += tl.sum((m & (key == tau)).to(tl.int32), 0)
+    c = tl.arange(0, 2)
+    tl.store(counts + pid * 2 + c, tl.where(c == 0, n_gt, n_eq))
+
+
+@triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
+def _loki_select_write_kernel(scores, cache_seqlens, hist, counts, idx, Smax, top_k, n_seg, seg_len,
+                              HSEL: tl.constexpr, BLK: tl.constexpr, SB: tl.constexpr):
+    # program = (selecting row, segment): writes the segment's selected positions (key > tau, and
+    # key == tau while the row still needs ties, lowest positions first) at its place in the row's
+    # output, after those of the earlier segments (an exclusive prefix sum of their counts): the
+    # indices come out in increasing position order, as the single-program selection writes them.
+    pid = tl.program_id(0).to(tl.int64)
+    i_seg, row = pid % n_seg, pid // n_seg
+    i_b = row // HSEL
+    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
+    k = tl.minimum(top_k, seq_len)
+    tau, k_rem = _radix_state(hist, row, k, 4)
+    o_s = tl.arange(0, SB)
+    gt_before = tl.zeros([1], dtype=tl.int32)
+    eq_before = tl.zeros([1], dtype=tl.int32)
+    for s0 in range(0, i_seg, SB):
+        m_s = s0 + o_s < i_seg
+        p_c = counts + (row * n_seg + s0 + o_s) * 2
+        gt_before += tl.sum(tl.load(p_c, mask=m_s, other=0), 0)
+        eq_before += tl.sum(tl.load(p_c + 1, mask=m_s, other=0), 0)
+    n_tie = eq_before
+    n_out = gt_before + tl.minimum(eq_before, k_rem)
+    base = scores + row * Smax
+    out = idx + row * top_k
+    o = tl.arange(0, BLK)
+    start = i_seg * seg_len
+    end = tl.minimum(start + seg_len, seq_len)
+    for n0 in range(start, end, BLK):
+        cols = n0 + o
+        m = cols < end
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        gt = m & (key > tau)
+        eq = (m & (key == tau)).to(tl.int32)
+        take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
+        t32 = take.to(tl.int32)
+        tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
+        n_out += tl.sum(t32, 0)
+        n_tie += tl.sum(eq, 0)
+    if i_seg == 0:
+        # a row shorter than top_k: the remaining slots point past its length (masked by index later)
+        for j0 in range(k, top_k, BLK):
+            tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
 
 
 @triton.jit
@@ -511,14 +635,58 @@ def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torc
     return scores
 
 
-def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -> torch.Tensor:
+def select_segments(rows: int, Smax: int, num_sms: int) -> tuple[int, int]:
+    """(segment length, segments per row) of the selection, from shapes only. One segment (the
+    single-program radix select) when the rows alone give every SM a program; else segments of a
+    power of two >= SEGMENT_MIN slots, enough for about SEGMENT_WAVES programs per SM."""
+    if rows >= num_sms or Smax <= SEGMENT_MIN:
+        return Smax, 1
+    seg_len = max(SEGMENT_MIN, triton.next_power_of_2(triton.cdiv(rows * Smax, SEGMENT_WAVES * num_sms)))
+    n_seg = triton.cdiv(Smax, seg_len)
+    return (Smax, 1) if n_seg == 1 else (seg_len, n_seg)
+
+
+def _select_segmented(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int, idx: torch.Tensor,
+                      seg_len: int, n_seg: int) -> None:
+    """The radix select of `loki_select` spread over `n_seg` programs per row: four histogram
+    launches (one per 8-bit digit; segments add integer counts into the row's histogram), one that
+    counts each segment's scores above / at the threshold, one that writes each segment's positions
+    after those of the earlier segments. Exactly the single-program result."""
+    B, HSEL, Smax = scores.shape
+    rows = B * HSEL
+    hist = torch.zeros(rows, 4, 256, device=scores.device, dtype=torch.int32)
+    counts = torch.empty(rows, n_seg, 2, device=scores.device, dtype=torch.int32)
+    blk = min(seg_len, 128 if interpreted() else SELECT_BLOCK)
+    warps = max(4, min(8, blk // 1024))
+    grid = (rows * n_seg,)
+    for r in range(4):
+        _loki_select_hist_kernel[grid](scores, cache_seqlens, hist, Smax, top_k, n_seg, seg_len, HSEL=HSEL, BLK=blk,
+                                       PASS=r, num_warps=warps, num_stages=1)
+    _loki_select_count_kernel[grid](scores, cache_seqlens, hist, counts, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
+                                    BLK=blk, num_warps=warps, num_stages=1)
+    _loki_select_write_kernel[grid](scores, cache_seqlens, hist, counts, idx, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
+                                    BLK=blk, SB=128, num_warps=warps, num_stages=1)
+
+
+def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int,
+                segment: int | None = None) -> torch.Tensor:
     """Positions of the `min(top_k, cache_seqlens[b])` largest valid scores of each `[B, Hsel,
     Smax]` row, int32 `[B, Hsel, top_k]` in increasing position order (ties at the threshold: the
-    lowest positions); slots past a short row's count hold `Smax`. One radix-select program per
-    row: no sort, no host synchronisation."""
+    lowest positions); slots past a short row's count hold `Smax`. Radix select, no sort, no host
+    synchronisation: one program per row, or (few rows: :func:`select_segments`; or `segment`
+    slots per program if given) several programs per row."""
     B, HSEL, Smax = scores.shape
     idx = torch.empty(B, HSEL, top_k, device=scores.device, dtype=torch.int32)
     if idx.numel() == 0:
+        return idx
+    if segment is not None:
+        if segment < 1 or segment & (segment - 1):
+            raise ValueError(f"segment must be a power of two, got {segment}")
+        seg_len, n_seg = segment, triton.cdiv(Smax, segment)
+    else:
+        seg_len, n_seg = select_segments(B * HSEL, Smax, sm_count(scores.device))
+    if n_seg > 1:
+        _select_segmented(scores, cache_seqlens, top_k, idx, seg_len, n_seg)
         return idx
     row = triton.next_power_of_2(Smax)
     if interpreted():
