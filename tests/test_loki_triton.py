@@ -338,3 +338,48 @@ def test_select_segments_fill_the_device_at_batch_one():
     seg_len, n_seg = triton_loki.select_segments(8, 32768, 132)
     assert 8 * n_seg >= 2 * 132 and seg_len * n_seg >= 32768
     assert triton_loki.select_segments(256, 32768, 132) == (32768, 1)  # rows fill the device already
+
+
+def test_launch_plan_selection_fills_the_device_and_grids_fit():
+    # Recorded on meta tensors in a subprocess without the interpreter (nothing compiles): at
+    # B = 1, S = 32k, H = 32, Hk = 8, D = 128, rank = 32, top_k = 4096 with group selection, every
+    # selection launch runs >= 2 programs per SM of an H100 and there is no sort/top-k pass; up to
+    # B * H = 65,536 no launch of the decode or Loki ops puts more than 65,535 programs on axis 1/2.
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = textwrap.dedent("""
+        import json, torch
+        from attnkit.tools.launch_plan import plan
+        out = {"target": plan("loki_attention_decode", "decode", torch.bfloat16,
+                              dict(B=1, S=32768, H=32, Hk=8, D=128, rank=32, top_k=4096), {"selection": "group"})}
+        grids = []
+        for B, H, Hk in ((65536, 1, 1), (2048, 32, 8)):
+            shape = dict(B=B, S=4096, H=H, Hk=Hk, D=128, rank=32, top_k=512)
+            for op, flags in (("loki_attention_decode", {"selection": "head"}),
+                              ("loki_attention_decode", {"selection": "group"}),
+                              ("loki_cache_attend", {"selection": "group"}), ("loki_cache_append", {}),
+                              ("attention_decode", {}), ("attention_decode", {"paged": 256})):
+                grids += [(op, x["kernel"], x["grid"]) for x in plan(op, "decode", torch.bfloat16, shape,
+                                                                    flags)["launches"]]
+        out["grids"] = grids
+        print(json.dumps(out))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env["ATTNKIT_SM_COUNT"] = "132"
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    kernels = [x["kernel"] for x in out["target"]["launches"]]
+    select = [x for x in out["target"]["launches"] if "select" in x["kernel"]]
+    assert select and all(x["programs"] >= 2 * 132 for x in select), select
+    assert not any("sort" in k or "topk" in k for k in kernels)
+    assert out["grids"] and all(g[1] <= 65535 and g[2] <= 65535 for _, _, g in out["grids"]), out["grids"]
+    assert any(g[0] >= 65536 for _, _, g in out["grids"])  # the B * H programs are there, on axis 0

@@ -152,16 +152,18 @@ def _token_rows(cols, m_col, i_b, block_table, s_btb, s_kb, s_kt, PAGED: tl.cons
     return off
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "Smax"])
 def _kv_append_kernel(
-    k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Smax,
+    k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Tq, Smax,
     s_nkb, s_nkt, s_nkh, s_nkd, s_nvb, s_nvt, s_nvh, s_nvd,
     s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_btb,
     HK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
-    # program = (new token t, batch row b); writes all HK heads of token t at cache_seqlens[b] + t
-    i_t, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # program = (batch row b, new token t) folded on grid axis 0 (B may exceed the 65,535 programs of
+    # axes 1 and 2); writes all HK heads of token t at cache_seqlens[b] + t
+    pid = tl.program_id(0).to(tl.int64)
+    i_t, i_b = pid % Tq, pid // Tq
     pos = tl.load(cache_seqlens + i_b).to(tl.int64) + i_t
     o_h = tl.arange(0, BH)
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
@@ -330,8 +332,8 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch
         return
     page, Smax, s_btb = _paging(block_table, k_cache)
     with device_guard(k_cache):
-        _kv_append_kernel[(Tq, B)](
-            k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Smax,
+        _kv_append_kernel[(B * Tq,)](
+            k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Tq, Smax,
             *strides4(k_new), *strides4(v_new), *strides4(k_cache), *strides4(v_cache), s_btb,
             HK=HK, D=D, DV=DV, BH=triton.next_power_of_2(HK), BD=triton.next_power_of_2(D),
             BDV=triton.next_power_of_2(DV), PAGED=block_table is not None, PAGE=page)
