@@ -290,7 +290,11 @@ def test_decode_launches_no_sort_and_fit_grid_limits(monkeypatch):
     attnkit.loki_attention_decode(q, attnkit.loki_rotate(k, basis), v, lens, basis, rank=8, top_k=12,
                                   selection="group", backend="triton")
     seg = [g for n, g in calls if n == "_loki_select_hist_kernel"]
-    assert len(seg) == 4 and seg[0] == (2 * Hk * 3,)  # 96 slots in segments of 32
+    # 96 slots in segments of 32; the first radix pass is fused into the score kernel
+    assert len(seg) == 3 and seg[0] == (2 * Hk * 3,)
+    attnkit.loki_attention_decode(q, attnkit.loki_rotate(k, basis), v, lens, basis, rank=8, top_k=12,
+                                  selection="head", backend="triton")
+    assert len([g for n, g in calls if n == "_loki_select_hist_kernel"]) == 3 + 4  # per head: all four
     assert {"_loki_select_count_kernel", "_loki_select_write_kernel"} <= {n for n, _ in calls}
     assert all(len(g) == 1 for _, g in calls)
 

@@ -43,6 +43,15 @@ from ..softmax.triton_decode import _token_rows, num_splits_heuristic, sm_count
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 
+# Checked by `python -m attnkit.tools.gpu_audit` (CI: `--quick`, whose Loki cases are bf16 D = 128:
+# the portable op at B = 8 and B = 1 with the segmented selection, the low-rank and paged layouts,
+# the appends): every Loki kernel variant compiled for sm_90 spills nothing.
+AUDIT_REQUIREMENTS = [
+    dict(kernel=r"^_loki_", arch="sm_90", dtypes=("bfloat16",), head_dims=(128,), max_spill_stores=0,
+         why="issue 12: the Loki kernels (rotate/append, score, selection, sparse attention, reduce) spill "
+             "nothing at D = 128"),
+]
+
 
 # ------------------------------------------------------------------------------------ blocks
 
@@ -153,14 +162,15 @@ def _loki_rotate_kernel(
         tl.store(v_cache + i_hk * s_vh + p_v[:, None] + o_e[None, :] * s_vd, b_v, mask=m_v)
 
 
-@triton.heuristics({"PAGED": lambda args: args["block_table"] is not None})
+@triton.heuristics({"PAGED": lambda args: args["block_table"] is not None,
+                    "HIST0": lambda args: args["hist"] is not None})
 @triton.jit(do_not_specialize=["Smax", "rank", "n_blocks"])
 def _loki_score_kernel(
-    q_rot, k, cache_seqlens, block_table, scores, Smax, rank, n_blocks,
+    q_rot, k, cache_seqlens, block_table, scores, hist, Smax, rank, n_blocks,
     s_kb, s_kh, s_kt, s_kd, s_btb,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, HIST0: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BN positions) folded on axis 0; the G query heads
     # share each key load. Keys [B, HK, Smax, >= rank] by strides, or paged [num_blocks, HK, PAGE, .]
@@ -195,6 +205,12 @@ def _loki_score_kernel(
         b_s = tl.max(tl.where(m_g[:, None], acc, float("-inf")), axis=0)
         b_s = tl.where(m_col, b_s, float("-inf"))
         tl.store(scores + i_bh * Smax + cols, b_s, mask=m_out)
+        if HIST0:
+            # the segmented selection's first radix pass, fused: this block's 256-bin histogram of
+            # the top 8 key bits of its valid scores, added (integer counts) to the row's histogram
+            bins = tl.arange(0, 256)
+            h0 = tl.histogram((_score_key(b_s) >> 24).to(tl.int32), 256, mask=m_col & m_out)
+            tl.atomic_add(hist + i_bh * 4 * 256 + bins, h0, mask=h0 > 0)
     else:
         b_s = tl.where(m_col[None, :], acc, float("-inf"))
         p_s = scores + (i_b * H + i_hk * G + o_g)[:, None] * Smax + cols[None, :]
@@ -615,11 +631,14 @@ def loki_append_fwd(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch
 
 
 def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, HK: int, *, rank: int,
-                    group: bool, block_table: torch.Tensor | None = None) -> torch.Tensor:
+                    group: bool, block_table: torch.Tensor | None = None,
+                    hist: torch.Tensor | None = None) -> torch.Tensor:
     """Approximate scores from `q̃ [B, H, D]` and `keys`, a `[B, Hk, Smax, >= rank]` view by
     strides (the low-rank buffer, or `k_cache_rot.transpose(1, 2)`; paged: `[num_blocks, Hk, page,
     >= rank]` read through `block_table`). Returns float32 `[B, H or Hk, Smax]`, `-inf` at
-    positions `>= cache_seqlens[b]`."""
+    positions `>= cache_seqlens[b]`. With `hist` (zeroed int32 `[B * Hk, 4, 256]`, group selection
+    only) the first radix pass of the segmented selection is added into `hist[:, 0]`."""
+    assert hist is None or group, "the fused first radix pass serves group selection"
     B, H, D = q_rot.shape
     page = keys.shape[2]
     Smax = keys.shape[2] if block_table is None else block_table.shape[1] * page
@@ -628,7 +647,7 @@ def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torc
     BG, BN, BR = _score_blocks(G, rank)
     n_blocks = triton.cdiv(Smax, BN)
     _loki_score_kernel[(n_blocks * B * HK,)](
-        q_rot, keys, cache_seqlens, block_table, scores, Smax, rank, n_blocks, *keys.stride(),
+        q_rot, keys, cache_seqlens, block_table, scores, hist, Smax, rank, n_blocks, *keys.stride(),
         block_table.stride(0) if block_table is not None else 0,
         H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group, PAGE=page if block_table is not None else 1,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
@@ -647,19 +666,22 @@ def select_segments(rows: int, Smax: int, num_sms: int) -> tuple[int, int]:
 
 
 def _select_segmented(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int, idx: torch.Tensor,
-                      seg_len: int, n_seg: int) -> None:
+                      seg_len: int, n_seg: int, hist: torch.Tensor | None = None) -> None:
     """The radix select of `loki_select` spread over `n_seg` programs per row: four histogram
     launches (one per 8-bit digit; segments add integer counts into the row's histogram), one that
     counts each segment's scores above / at the threshold, one that writes each segment's positions
-    after those of the earlier segments. Exactly the single-program result."""
+    after those of the earlier segments. Exactly the single-program result. `hist` given: the
+    first pass is already in it (fused into the score kernel), three histogram launches remain."""
     B, HSEL, Smax = scores.shape
     rows = B * HSEL
-    hist = torch.zeros(rows, 4, 256, device=scores.device, dtype=torch.int32)
+    first = 0 if hist is None else 1
+    if hist is None:
+        hist = torch.zeros(rows, 4, 256, device=scores.device, dtype=torch.int32)
     counts = torch.empty(rows, n_seg, 2, device=scores.device, dtype=torch.int32)
     blk = min(seg_len, 128 if interpreted() else SELECT_BLOCK)
     warps = max(4, min(8, blk // 1024))
     grid = (rows * n_seg,)
-    for r in range(4):
+    for r in range(first, 4):
         _loki_select_hist_kernel[grid](scores, cache_seqlens, hist, Smax, top_k, n_seg, seg_len, HSEL=HSEL, BLK=blk,
                                        PASS=r, num_warps=warps, num_stages=1)
     _loki_select_count_kernel[grid](scores, cache_seqlens, hist, counts, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
@@ -669,12 +691,13 @@ def _select_segmented(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: 
 
 
 def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int,
-                segment: int | None = None) -> torch.Tensor:
+                segment: int | None = None, hist: torch.Tensor | None = None) -> torch.Tensor:
     """Positions of the `min(top_k, cache_seqlens[b])` largest valid scores of each `[B, Hsel,
     Smax]` row, int32 `[B, Hsel, top_k]` in increasing position order (ties at the threshold: the
     lowest positions); slots past a short row's count hold `Smax`. Radix select, no sort, no host
     synchronisation: one program per row, or (few rows: :func:`select_segments`; or `segment`
-    slots per program if given) several programs per row."""
+    slots per program if given) several programs per row. `hist`: the row histograms with the
+    first radix pass done by the score kernel (segmented selection only)."""
     B, HSEL, Smax = scores.shape
     idx = torch.empty(B, HSEL, top_k, device=scores.device, dtype=torch.int32)
     if idx.numel() == 0:
@@ -686,8 +709,9 @@ def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int,
     else:
         seg_len, n_seg = select_segments(B * HSEL, Smax, sm_count(scores.device))
     if n_seg > 1:
-        _select_segmented(scores, cache_seqlens, top_k, idx, seg_len, n_seg)
+        _select_segmented(scores, cache_seqlens, top_k, idx, seg_len, n_seg, hist)
         return idx
+    assert hist is None, "a histogram from the scorer serves the segmented selection only"
     row = triton.next_power_of_2(Smax)
     if interpreted():
         blk = max(16, row) if row <= 256 else 128
@@ -755,9 +779,15 @@ def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.T
         idx = None
         if top_k < Smax:  # else every row is dense: no scoring, no selection
             keys = k_lowrank if k_lowrank is not None else k_cache_rot.transpose(1, 2)
-            scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=selection == "group",
-                                     block_table=block_table)
-            idx = loki_select(scores, cache_seqlens, top_k)  # [B, H or Hk, top_k] int32, position order
+            group = selection == "group"
+            hist = None
+            if group and select_segments(B * HK, Smax, sm_count(q.device))[1] > 1:
+                # few rows, group selection: the scorer does the selection's first radix pass
+                hist = torch.zeros(B * HK, 4, 256, device=q.device, dtype=torch.int32)
+            scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=group,
+                                     block_table=block_table, hist=hist)
+            # [B, H or Hk, top_k] int32, position order
+            idx = loki_select(scores, cache_seqlens, top_k, hist=hist)
         return loki_sparse_attn_fwd(q_rot, k_cache_rot, v_cache, cache_seqlens, idx, scale=scale, out_dtype=q.dtype,
                                     num_splits=num_splits, block_table=block_table)
 

@@ -43,6 +43,14 @@ LOG2E = 1.4426950408889634
 DEFAULT_SMEM = 163 * 1024
 CPU_SM_COUNT = 132  # attnkit.tools.DEFAULT_SM_COUNT: what a plan assumes off CUDA (an H100/H200)
 
+# Checked by `python -m attnkit.tools.gpu_audit` (CI: `--quick` audits bf16 D = 128 decode at B = 8
+# and the split B = 1 MQA case): no decode kernel variant compiled for sm_90 spills.
+AUDIT_REQUIREMENTS = [
+    dict(kernel=r"^(_attention_decode_fwd_kernel|_attention_decode_reduce_kernel|_kv_append_kernel)$",
+         arch="sm_90", dtypes=("bfloat16",), head_dims=(128,), max_spill_stores=0,
+         why="issue 12: the decode kernels (split-KV forward, split merge, KV append) spill nothing at D = 128"),
+]
+
 
 def sm_count(device: torch.device | None = None) -> int:
     """Streaming multiprocessors to size the split count for: `attnkit.tools.sm_count`
