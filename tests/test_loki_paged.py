@@ -270,3 +270,41 @@ def test_custom_op_schema_takes_the_block_table():
     want = attnkit.loki_attention_decode(q, pk, pv, lens, basis, block_table=table, rank=2, top_k=3, scale=0.25,
                                          backend="reference")
     torch.testing.assert_close(o, want, rtol=0, atol=0)
+
+
+def test_paged_custom_ops_pass_opcheck():
+    basis, q, pk, pv, table, lens = _small()
+    comps = basis.components
+    pl = torch.randn(6, 2, 4, 4, device=DEVICE)
+    opts = dict(rank=2, top_k=3, scale=0.25, selection="group", backend="reference")
+    torch.library.opcheck(torch.ops.attnkit.loki_attention_decode.default, (q, pk, pv, lens, comps, table), opts)
+    torch.library.opcheck(torch.ops.attnkit.loki_attention_decode_lowrank.default,
+                          (q, pl, pk, pv, lens, comps, table), opts)
+    k_new, v_new = torch.randn(2, 1, 2, 16, device=DEVICE), torch.randn(2, 1, 2, 8, device=DEVICE)
+    lens2 = torch.tensor([3, 2], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.attnkit.loki_cache_append.default,
+                          (k_new, v_new, pk, pv, lens2, comps, pl, table), dict(backend="reference"))
+
+
+def test_paged_ops_compile_without_graph_breaks():
+    basis, q, pk, pv, table, lens = _small()
+    pl = torch.randn(6, 2, 4, 4, device=DEVICE)
+
+    def step(q, pk, pv, pl, lens, table):
+        k_new = q[:, :, :2] * 0.5  # [B, 1, Hk, D]
+        v_new = q[:, :, 2:, :8]
+        loki_cache_append(k_new, v_new, pk, pv, lens, basis, k_lowrank=pl, block_table=table)
+        o1 = attnkit.loki_attention_decode(q, pk, pv, lens + 1, basis, rank=2, top_k=3, block_table=table)
+        o2 = loki_attention_decode_lowrank(q, pl, pk, pv, lens + 1, basis, rank=2, top_k=3, block_table=table,
+                                           selection="group")
+        return o1, o2
+
+    lens = torch.tensor([7, 5], dtype=torch.int32, device=DEVICE)
+    eager_bufs = (pk.clone(), pv.clone(), pl.clone())
+    want = step(q, *eager_bufs, lens, table)
+    comp_bufs = (pk.clone(), pv.clone(), pl.clone())
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, *comp_bufs, lens, table)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(comp_bufs, eager_bufs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
