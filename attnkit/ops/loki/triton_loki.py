@@ -320,14 +320,22 @@ def _radix_state(hist, row, k, PASSES: tl.constexpr):
     return prefix, k_rem
 
 
+SEG_STATS = 258  # per segment: suffix counts of the last digit (257, the last one 0) and the count above
+
+
 @triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
-def _loki_select_hist_kernel(scores, cache_seqlens, hist, Smax, top_k, n_seg, seg_len, HSEL: tl.constexpr,
+def _loki_select_hist_kernel(scores, cache_seqlens, hist, stats, Smax, top_k, n_seg, seg_len, HSEL: tl.constexpr,
                              BLK: tl.constexpr, PASS: tl.constexpr):
     # program = (selecting row, segment of seg_len slots), folded on axis 0. Radix pass PASS of the
     # segmented selection: the 256-bin histogram of key digit PASS among the segment's scores that
     # share the digits chosen by the earlier passes, added to the row's histogram hist[row, PASS].
     # Integer additions: the counts (and everything derived from them) do not depend on the order
     # in which the segments add them.
+    # The last pass also keeps what the write pass needs of this segment, whatever the last digit
+    # d turns out to be: stats[row, seg, j] = its scores sharing the first three digits whose last
+    # digit is >= j (j = 0..256), stats[row, seg, 257] = its scores whose first three digits are
+    # above the chosen ones. Then #(key > tau) = stats[257] + stats[d + 1] and #(key == tau) =
+    # stats[d] - stats[d + 1].
     pid = tl.program_id(0).to(tl.int64)
     i_seg, row = pid % n_seg, pid // n_seg
     i_b = row // HSEL
@@ -338,67 +346,52 @@ def _loki_select_hist_kernel(scores, cache_seqlens, hist, Smax, top_k, n_seg, se
     base = scores + row * Smax
     o = tl.arange(0, BLK)
     local = tl.zeros([256], dtype=tl.int32)
+    n_above = tl.zeros([1], dtype=tl.int32)
     start = i_seg * seg_len
     end = tl.minimum(start + seg_len, seq_len)
     for n0 in range(start, end, BLK):
         cols = n0 + o
         m = cols < end
         key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        if PASS == 3:
+            n_above += tl.sum((m & ((key >> 8) > (prefix >> 8))).to(tl.int32), 0)
         if PASS > 0:
             m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
         local += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
     bins = tl.arange(0, 256)
     tl.atomic_add(hist + (row * 4 + PASS) * 256 + bins, local, mask=local > 0)
+    if PASS == 3:
+        p_st = stats + pid * 258
+        tl.store(p_st + bins, tl.sum(local, 0) - tl.cumsum(local, 0) + local)
+        c = tl.arange(0, 2)
+        tl.store(p_st + 256 + c, tl.where(c == 0, 0, n_above))
 
 
 @triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
-def _loki_select_count_kernel(scores, cache_seqlens, hist, counts, Smax, top_k, n_seg, seg_len,
-                              HSEL: tl.constexpr, BLK: tl.constexpr):
-    # program = (selecting row, segment): with the threshold key tau of the four passes, the
-    # segment's number of scores above tau and equal to it -> counts[row, seg, 0:2]
-    pid = tl.program_id(0).to(tl.int64)
-    i_seg, row = pid % n_seg, pid // n_seg
-    i_b = row // HSEL
-    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
-    k = tl.minimum(top_k, seq_len)
-    tau, k_rem = _radix_state(hist, row, k, 4)
-    base = scores + row * Smax
-    o = tl.arange(0, BLK)
-    n_gt = tl.zeros([1], dtype=tl.int32)
-    n_eq = tl.zeros([1], dtype=tl.int32)
-    start = i_seg * seg_len
-    end = tl.minimum(start + seg_len, seq_len)
-    for n0 in range(start, end, BLK):
-        cols = n0 + o
-        m = cols < end
-        key = _score_key(tl.load(base + cols, mask=m, other=0.))
-        n_gt += tl.sum((m & (key > tau)).to(tl.int32), 0)
-        n_eq += tl.sum((m & (key == tau)).to(tl.int32), 0)
-    c = tl.arange(0, 2)
-    tl.store(counts + pid * 2 + c, tl.where(c == 0, n_gt, n_eq))
-
-
-@triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
-def _loki_select_write_kernel(scores, cache_seqlens, hist, counts, idx, Smax, top_k, n_seg, seg_len,
+def _loki_select_write_kernel(scores, cache_seqlens, hist, stats, idx, Smax, top_k, n_seg, seg_len,
                               HSEL: tl.constexpr, BLK: tl.constexpr, SB: tl.constexpr):
     # program = (selecting row, segment): writes the segment's selected positions (key > tau, and
     # key == tau while the row still needs ties, lowest positions first) at its place in the row's
-    # output, after those of the earlier segments (an exclusive prefix sum of their counts): the
-    # indices come out in increasing position order, as the single-program selection writes them.
+    # output, after those of the earlier segments (an exclusive prefix sum of their counts, read
+    # from the last histogram pass's stats): the indices come out in increasing position order, as
+    # the single-program selection writes them.
     pid = tl.program_id(0).to(tl.int64)
     i_seg, row = pid % n_seg, pid // n_seg
     i_b = row // HSEL
     seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
     k = tl.minimum(top_k, seq_len)
     tau, k_rem = _radix_state(hist, row, k, 4)
+    d = (tau & 255).to(tl.int64)  # [1] the last digit
     o_s = tl.arange(0, SB)
     gt_before = tl.zeros([1], dtype=tl.int32)
     eq_before = tl.zeros([1], dtype=tl.int32)
     for s0 in range(0, i_seg, SB):
         m_s = s0 + o_s < i_seg
-        p_c = counts + (row * n_seg + s0 + o_s) * 2
-        gt_before += tl.sum(tl.load(p_c, mask=m_s, other=0), 0)
-        eq_before += tl.sum(tl.load(p_c + 1, mask=m_s, other=0), 0)
+        p_st = stats + (row * n_seg + s0 + o_s) * 258  # [SB] earlier segments
+        at_d = tl.load(p_st + d, mask=m_s, other=0)
+        above_d = tl.load(p_st + d + 1, mask=m_s, other=0)
+        gt_before += tl.sum(tl.load(p_st + 257, mask=m_s, other=0) + above_d, 0)
+        eq_before += tl.sum(at_d - above_d, 0)
     n_tie = eq_before
     n_out = gt_before + tl.minimum(eq_before, k_rem)
     base = scores + row * Smax
@@ -668,25 +661,23 @@ def select_segments(rows: int, Smax: int, num_sms: int) -> tuple[int, int]:
 def _select_segmented(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int, idx: torch.Tensor,
                       seg_len: int, n_seg: int, hist: torch.Tensor | None = None) -> None:
     """The radix select of `loki_select` spread over `n_seg` programs per row: four histogram
-    launches (one per 8-bit digit; segments add integer counts into the row's histogram), one that
-    counts each segment's scores above / at the threshold, one that writes each segment's positions
-    after those of the earlier segments. Exactly the single-program result. `hist` given: the
-    first pass is already in it (fused into the score kernel), three histogram launches remain."""
+    launches (one per 8-bit digit; segments add integer counts into the row's histogram; the last
+    also keeps per-segment counts), then one that writes each segment's positions after those of
+    the earlier segments. Exactly the single-program result. `hist` given: the first pass is
+    already in it (fused into the score kernel), three histogram launches remain."""
     B, HSEL, Smax = scores.shape
     rows = B * HSEL
     first = 0 if hist is None else 1
     if hist is None:
         hist = torch.zeros(rows, 4, 256, device=scores.device, dtype=torch.int32)
-    counts = torch.empty(rows, n_seg, 2, device=scores.device, dtype=torch.int32)
+    stats = torch.empty(rows, n_seg, SEG_STATS, device=scores.device, dtype=torch.int32)
     blk = min(seg_len, 128 if interpreted() else SELECT_BLOCK)
     warps = max(4, min(8, blk // 1024))
     grid = (rows * n_seg,)
     for r in range(first, 4):
-        _loki_select_hist_kernel[grid](scores, cache_seqlens, hist, Smax, top_k, n_seg, seg_len, HSEL=HSEL, BLK=blk,
-                                       PASS=r, num_warps=warps, num_stages=1)
-    _loki_select_count_kernel[grid](scores, cache_seqlens, hist, counts, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
-                                    BLK=blk, num_warps=warps, num_stages=1)
-    _loki_select_write_kernel[grid](scores, cache_seqlens, hist, counts, idx, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
+        _loki_select_hist_kernel[grid](scores, cache_seqlens, hist, stats, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
+                                       BLK=blk, PASS=r, num_warps=warps, num_stages=1)
+    _loki_select_write_kernel[grid](scores, cache_seqlens, hist, stats, idx, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
                                     BLK=blk, SB=128, num_warps=warps, num_stages=1)
 
 
