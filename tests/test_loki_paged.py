@@ -90,20 +90,25 @@ def test_reference_paged_equals_contiguous(case):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)
-@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in CASES])
-def test_triton_paged_equals_contiguous_and_reference(case, dtype):
-    c = case
+def _check_paged_backend(c, dtype, backend):
+    """`backend`'s paged call equals its contiguous call bit for bit and is close to float64."""
     q, k_rot, v, lens, basis = _data(c["B"], c["S"], c["H"], c["Hk"], c["D"], c["Dv"], c["lens"])
     kw = dict(rank=c["rank"], top_k=c["top_k"], selection=c["sel"])
     golden = attnkit.loki_attention_decode(q, k_rot, v, lens, basis, backend="reference", **kw)
     pk, pv, table, _ = _paged_args(c, q, k_rot, v, lens, basis)
     qd, pk, pv = q.to(dtype), pk.to(dtype), pv.to(dtype)
-    contiguous = attnkit.loki_attention_decode(qd, k_rot.to(dtype), v.to(dtype), lens, basis, backend="triton", **kw)
-    out = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend="triton", **kw)
+    contiguous = attnkit.loki_attention_decode(qd, k_rot.to(dtype), v.to(dtype), lens, basis, backend=backend, **kw)
+    out = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend=backend, **kw)
+    assert not torch.isnan(out).any()
     torch.testing.assert_close(out, contiguous, rtol=0, atol=0)
     ref = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend="reference", **kw)
     assert_close_to_golden("o", out, ref, golden)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)
+@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in CASES])
+def test_triton_paged_equals_contiguous_and_reference(case, dtype):
+    _check_paged_backend(case, dtype, "triton")
 
 
 def test_table_entries_past_the_length_are_not_read():
@@ -361,18 +366,7 @@ def native():
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
 @pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in NATIVE_CASES])
 def test_native_paged_equals_contiguous_and_reference(native, case, dtype):
-    c = case
-    q, k_rot, v, lens, basis = _data(c["B"], c["S"], c["H"], c["Hk"], c["D"], c["Dv"], c["lens"])
-    kw = dict(rank=c["rank"], top_k=c["top_k"], selection=c["sel"])
-    golden = attnkit.loki_attention_decode(q, k_rot, v, lens, basis, backend="reference", **kw)
-    pk, pv, table, _ = _paged_args(c, q, k_rot, v, lens, basis)
-    qd, pk, pv = q.to(dtype), pk.to(dtype), pv.to(dtype)
-    contiguous = attnkit.loki_attention_decode(qd, k_rot.to(dtype), v.to(dtype), lens, basis, backend="cuda", **kw)
-    out = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend="cuda", **kw)
-    assert not torch.isnan(out).any()
-    torch.testing.assert_close(out, contiguous, rtol=0, atol=0)
-    ref = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend="reference", **kw)
-    assert_close_to_golden("o", out, ref, golden)
+    _check_paged_backend(case, dtype, "cuda")
 
 
 def test_native_table_entries_past_the_length_are_not_read(native):
