@@ -154,17 +154,45 @@ def _attention_outputs(res, q: Tensor, return_lse: bool) -> tuple[Tensor, Tensor
     return o, (lse if lse is not None else _empty(q, _state_dtype(q.dtype)))
 
 
-@_op("attention", f"({_ATTN_TENSORS}, *, {_ATTN_OPTIONS}) -> (Tensor, Tensor)")
+def _triton_attention():
+    from .ops.softmax import triton_attention
+
+    return triton_attention
+
+
+def _triton_attention_args(q, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k, *, causal,
+                           scale, qk_norm, norm_eps, window, softcap) -> dict:
+    """The options of the Triton attention kernels' launchers (what the backend entry derives)."""
+    return dict(causal=causal, scale=scale_tensor if scale_tensor is not None else
+                (float(scale) if scale is not None else q.shape[-1] ** -0.5),
+                norm=qk_norm, q_w=q_norm_weight if qk_norm is not None else None,
+                k_w=k_norm_weight if qk_norm is not None else None, eps=norm_eps, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, window=(int(window[0]), int(window[1])), softcap=float(softcap))
+
+
+@_op("attention", f"({_ATTN_TENSORS}, *, {_ATTN_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)")
 def _attention(q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
                cu_seqlens_k=None, *, causal=False, scale=None, qk_norm=None, norm_eps=1e-6, return_lse=False,
                window=_NO_WINDOW, softcap=0.0, backend="reference"):
+    """Outputs `(o, lse, rq, rk)`. With the `triton` backend the kernels' own residuals: `lse`
+    always (the forward kernel writes it anyway), and the query/key rstd of the QK-norm
+    (`[B, T, H]`, `[B, S, Hk]`, empty without a norm), so the backward op runs only the backward
+    kernels. Other backends: `lse` only with `return_lse`, `rq`/`rk` empty."""
+    ins = (q, k, v, scale_tensor, q_norm_weight, k_norm_weight)
+    if backend == "triton":
+        with torch.no_grad():
+            o, lse, rq, rk = _triton_attention().attention_fwd(
+                q, k, v, **_triton_attention_args(q, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q,
+                                                  cu_seqlens_k, causal=causal, scale=scale, qk_norm=qk_norm,
+                                                  norm_eps=norm_eps, window=window, softcap=softcap))
+        return (_own(o, *ins), _own(lse, *ins), _own(rq, *ins) if rq is not None else _empty(q, torch.float32),
+                _own(rk, *ins) if rk is not None else _empty(q, torch.float32))
     kw = _attention_kwargs(q, k, v, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k,
                            causal=causal, scale=scale, qk_norm=qk_norm, norm_eps=norm_eps, return_lse=return_lse,
                            window=window, softcap=softcap)
     with torch.no_grad():
         o, lse = _attention_outputs(_fn("attention", backend)(**kw), q, return_lse)
-    ins = (q, k, v, scale_tensor, q_norm_weight, k_norm_weight)
-    return _own(o, *ins), _own(lse, *ins)
+    return _own(o, *ins), _own(lse, *ins), _empty(q, torch.float32), _empty(q, torch.float32)
 
 
 @_attention.register_fake
@@ -173,15 +201,39 @@ def _(q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seq
       backend="reference"):
     B, T, H, _ = q.shape
     o = q.new_empty(B, T, H, v.shape[3])
+    f32 = torch.float32
+    if backend == "triton":
+        lse = q.new_empty(B, H, T, dtype=f32)
+        norm = qk_norm is not None
+        rq = q.new_empty(B, T, H, dtype=f32) if norm else _empty(q, f32)
+        rk = q.new_empty(B, k.shape[1], k.shape[2], dtype=f32) if norm else _empty(q, f32)
+        return o, lse, rq, rk
     lse = q.new_empty(B, H, T, dtype=_state_dtype(q.dtype)) if return_lse else _empty(q, _state_dtype(q.dtype))
-    return o, lse
+    return o, lse, _empty(q, f32), _empty(q, f32)
 
 
-@_op("attention_backward", f"(Tensor do, Tensor dlse, {_ATTN_TENSORS}, *, bool[6] needs, {_ATTN_OPTIONS}) "
-                           "-> Tensor[]")
-def _attention_backward(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None,
+@_op("attention_backward", f"(Tensor do, Tensor dlse, Tensor o, Tensor lse, Tensor rq, Tensor rk, {_ATTN_TENSORS}, "
+                           f"*, bool[6] needs, {_ATTN_OPTIONS}) -> Tensor[]")
+def _attention_backward(do, dlse, o, lse, rq, rk, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None,
                         cu_seqlens_q=None, cu_seqlens_k=None, *, needs, causal=False, scale=None, qk_norm=None,
                         norm_eps=1e-6, return_lse=False, window=_NO_WINDOW, softcap=0.0, backend="reference"):
+    """Gradients of the forward op. `o`, `lse`, `rq`, `rk` are its outputs: the `triton` backend
+    runs its backward kernels on them; other backends rerun their forward with autograd on and
+    differentiate it (see docs/compile.md)."""
+    if backend == "triton":
+        xs = (q, k, v, scale_tensor, q_norm_weight, k_norm_weight)
+        with torch.no_grad():
+            got = _triton_attention().attention_bwd(
+                q, k, v, o, lse, do.contiguous(), dlse.contiguous() if return_lse else None,
+                rq=rq if rq.numel() else None, rk=rk if rk.numel() else None,
+                **_triton_attention_args(q, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k,
+                                         causal=causal, scale=scale, qk_norm=qk_norm, norm_eps=norm_eps,
+                                         window=window, softcap=softcap))
+        dq, dk, dv, dq_w, dk_w, dscale = got
+        got = (dq, dk, dv, dscale, dq_w if qk_norm is not None else None, dk_w if qk_norm is not None else None)
+        return [g.to(x.dtype).contiguous() if (n and x is not None and g is not None)
+                else (torch.zeros_like(x) if (n and x is not None) else (_empty(x) if x is not None else torch.empty(0)))
+                for x, n, g in zip(xs, needs, got)]
     with _autograd_on():
         leaves = _leaves((q, k, v, scale_tensor, q_norm_weight, k_norm_weight), needs)
         kw = _attention_kwargs(*leaves, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, qk_norm=qk_norm,
@@ -191,7 +243,7 @@ def _attention_backward(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None
 
 
 @_attention_backward.register_fake
-def _(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
+def _(do, dlse, o, lse, rq, rk, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
       cu_seqlens_k=None, *, needs, **_):
     return _fake_grads((q, k, v, scale_tensor, q_norm_weight, k_norm_weight), needs)
 
@@ -202,20 +254,27 @@ def _save(ctx, inputs, keyword_only_inputs, n_diff: int) -> None:
     ctx.needs = [isinstance(x, Tensor) and x.requires_grad for x in inputs[:n_diff]]
 
 
-def _attention_bwd(ctx, do, dlse):
-    xs = ctx.saved_tensors
-    got = _attention_backward(do, dlse, *xs, needs=ctx.needs, **ctx.options)
+def _attention_bwd(ctx, do, dlse, drq, drk):
+    *xs, o, lse, rq, rk = ctx.saved_tensors
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    got = _attention_backward(do, dlse, o, lse, rq, rk, *xs, needs=ctx.needs, **ctx.options)
     return (*_as_grads(xs[:6], ctx.needs, got), None, None)
 
 
-_attention.register_autograd(_attention_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
-                             _save(ctx, inputs, keyword_only_inputs, 6))
+def _attention_setup(ctx, inputs, keyword_only_inputs, output):
+    """Saves the inputs and the forward's outputs (`o`, `lse` and the Triton residuals; the
+    backward op of the `triton` backend needs them, the others get them for free)."""
+    _save(ctx, (*inputs, *output), keyword_only_inputs, 6)
+
+
+_attention.register_autograd(_attention_bwd, setup_context=_attention_setup)
 
 
 def _call_attention(kw: dict, backend: str):
     scale = kw["scale"]
     st = scale if isinstance(scale, Tensor) else None
-    o, lse = _attention(kw["q"], kw["k"], kw["v"], st, kw["q_norm_weight"], kw["k_norm_weight"], kw["cu_seqlens_q"],
+    o, lse, _, _ = _attention(kw["q"], kw["k"], kw["v"], st, kw["q_norm_weight"], kw["k_norm_weight"], kw["cu_seqlens_q"],
                         kw["cu_seqlens_k"], causal=kw["causal"], scale=None if st is not None else float(scale),
                         qk_norm=kw["qk_norm"], norm_eps=kw["norm_eps"], return_lse=kw["return_lse"],
                         window=list(kw.get("window") or _NO_WINDOW), softcap=float(kw.get("softcap") or 0.0),

@@ -242,6 +242,38 @@ def test_inductor_attention():
                    exact=False)
 
 
+@pytest.mark.parametrize("qk_norm", [None, "rms"])
+def test_compiled_triton_attention_backward_does_not_rerun_forward(monkeypatch, qk_norm):
+    """The forward op of the triton backend returns the kernels' residuals (lse, the QK-norm
+    rstd); the backward op runs only the backward kernels: one forward launch per fwd+bwd."""
+    from attnkit.ops.softmax import triton_attention as ta
+
+    fwd_calls, bwd_calls = [], []
+    real_fwd, real_bwd = ta.attention_fwd, ta.attention_bwd
+    monkeypatch.setattr(ta, "attention_fwd", lambda *a, **kw: fwd_calls.append(1) or real_fwd(*a, **kw))
+    monkeypatch.setattr(ta, "attention_bwd", lambda *a, **kw: bwd_calls.append(1) or real_bwd(*a, **kw))
+    q, k, v = r(1, 5, 4, 16, grad=True), r(1, 5, 2, 16, grad=True), r(1, 5, 2, 16, grad=True)
+    w = torch.ones(16, device=DEVICE).add_(r(16), alpha=0.1).requires_grad_(qk_norm is not None)
+
+    def fn(q, k, v, w):
+        return attnkit.attention(q, k, v, causal=True, qk_norm=qk_norm, q_norm_weight=w if qk_norm else None,
+                                 backend="triton")
+
+    f = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    xs_c = _clone((q, k, v, w))
+    o = f(*xs_c)
+    assert len(fwd_calls) == 1 and not bwd_calls
+    g = torch.randn_like(o)
+    o.backward(g)
+    assert len(fwd_calls) == 1 and len(bwd_calls) == 1
+    # the same gradients as eager (the backend's autograd.Function: the same kernels)
+    xs_e = _clone((q, k, v, w))
+    fn(*xs_e).backward(g)
+    for a, b in zip(xs_c, xs_e):
+        if b.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow  # inductor's C++ codegen of a whole layer: ~1 min on 2 cores; the op case above stays
 def test_inductor_module():
     m = aknn.LightningAttention(64, 4).to(DEVICE)
