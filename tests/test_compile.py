@@ -274,6 +274,51 @@ def test_compiled_triton_attention_backward_does_not_rerun_forward(monkeypatch, 
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["lightning", "lightning_varlen", "linear_normalize", "linear_noncausal"])
+def test_compiled_triton_linear_backward_does_not_rerun_forward(monkeypatch, case):
+    """The chunked Triton forward op returns the backward's residuals (segment states,
+    denominators, segment tables); the backward op runs only the backward kernels."""
+    from attnkit.ops.linear import triton_chunk as tc
+
+    fwd_calls, bwd_calls = [], []
+    real_fwd, real_bwd = tc.chunk_linear_fwd, tc.chunk_linear_bwd
+    monkeypatch.setattr(tc, "chunk_linear_fwd", lambda *a, **kw: fwd_calls.append(1) or real_fwd(*a, **kw))
+    monkeypatch.setattr(tc, "chunk_linear_bwd", lambda *a, **kw: bwd_calls.append(1) or real_bwd(*a, **kw))
+    T = 7
+    q, k, v = r(1, T, 4, 16, grad=True), r(1, T, 2, 16, grad=True), r(1, T, 2, 16, grad=True)
+    if case.startswith("lightning"):
+        cu = torch.tensor([0, 3, T], dtype=torch.int32, device=DEVICE) if case.endswith("varlen") else None
+        N = 2 if cu is not None else 1
+        s0 = r(N, 4, 16, 16, grad=True)
+        decay = torch.tensor([0.1, 0.3, 0.5, 0.9], device=DEVICE)
+
+        def fn(q, k, v, s0):
+            return attnkit.lightning_attention(q, k, v, decay, initial_state=s0, output_final_state=True,
+                                               cu_seqlens=cu, backend="triton")
+    else:
+        s0 = (r(1, 2, 16, 16, grad=True).abs(), r(1, 2, 16, grad=True).abs())
+        causal = case != "linear_noncausal"
+
+        def fn(q, k, v, s0):
+            return attnkit.linear_attention(q, k, v, feature_map="elu", normalize=True, causal=causal,
+                                            initial_state=s0, output_final_state=True, backend="triton")
+
+    flat0 = list(s0) if isinstance(s0, tuple) else [s0]
+    xs_c, xs_e = _clone((q, k, v, *flat0)), _clone((q, k, v, *flat0))
+    pack = (lambda xs: (*xs[:3], tuple(xs[3:]))) if isinstance(s0, tuple) else (lambda xs: tuple(xs))
+    out_c = _flat(torch.compile(fn, fullgraph=True, backend="aot_eager")(*pack(xs_c)))
+    assert len(fwd_calls) == 1 and not bwd_calls
+    gs = [torch.randn_like(o) for o in out_c]
+    torch.autograd.backward(out_c, gs)
+    assert len(fwd_calls) == 1 and len(bwd_calls) == 1
+    out_e = _flat(fn(*pack(xs_e)))
+    torch.autograd.backward(out_e, gs)
+    for a, b in zip(out_c, out_e):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(xs_c, xs_e):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow  # inductor's C++ codegen of a whole layer: ~1 min on 2 cores; the op case above stays
 def test_inductor_module():
     m = aknn.LightningAttention(64, 4).to(DEVICE)
