@@ -131,6 +131,26 @@ def test_compile_loki_ops():
                    q2, k_rot, v_c, cache.seqlens.clone())
 
 
+def test_compile_loki_calibrate_and_rotate():
+    """Not custom ops (compositions of torch ops, no backend to dispatch; docs/compile.md): they
+    trace as ordinary torch code, with fullgraph=True, and equal eager."""
+    keys = r(40, 2, 16)
+    for center in (False, True):
+        calib = torch.compile(lambda k: attnkit.loki_calibrate(k, center=center), fullgraph=True, backend="aot_eager")
+        got, want = calib(keys), attnkit.loki_calibrate(keys, center=center)
+        assert isinstance(got, attnkit.LokiBasis)
+        for a, b in zip((got.components, got.explained_variance_ratio, got.mean),
+                        (want.components, want.explained_variance_ratio, want.mean)):
+            if b is None:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    basis = attnkit.loki_calibrate(keys)
+    check_compiled(lambda x: attnkit.loki_rotate(x, basis), r(2, 3, 2, 16, grad=True))
+    with pytest.raises(Exception, match="basis must have components of shape"):
+        torch.compile(lambda x: attnkit.loki_rotate(x, basis), fullgraph=True, backend="aot_eager")(r(2, 3, 4, 16))
+
+
 # -------------------------------------------------------------------------------------- modules
 
 
