@@ -11,9 +11,11 @@ is one opaque node with:
 * a fake implementation (output shapes and dtypes from the contract, never reading values);
 * for the differentiable ops (``attention``, ``qk_norm``, ``linear_attention``,
   ``lightning_attention``) autograd registered with ``register_autograd``, whose backward is the
-  op ``<name>_backward``: it reruns the chosen backend's forward with autograd on and
-  differentiates it, so every backend's own backward (the Triton backward kernels, autograd
-  through the reference) computes the gradients (the cost: one extra forward in the backward);
+  op ``<name>_backward``. With the ``triton`` backend the forward ops of ``attention``,
+  ``linear_attention`` and ``lightning_attention`` also return the backward kernels' residuals
+  (lse, QK-norm rstd, segment states, ...) and the backward op runs only the backward kernels on
+  them; otherwise the backward op reruns the chosen backend's forward with autograd on and
+  differentiates it (autograd through the reference; the cost: one extra forward);
 * for the in-place ops (``attention_decode_append``, ``linear_attention_step``,
   ``loki_cache_append``) the mutated tensors declared in the schema (``Tensor(a!)``).
 

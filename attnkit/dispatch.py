@@ -18,6 +18,10 @@ environment switches it depends on) and caches the choice, then calls the op's
 ``torch.ops.attnkit.<name>`` custom op (:mod:`attnkit._custom_ops`) with the chosen backend's
 name, so that ``torch.compile``/``torch.export`` see one opaque op with a fake implementation and
 registered autograd. Under ``torch.compile`` the choice is made once, at trace time.
+
+The public functions call :class:`FastOp` rather than ``run`` directly: run eagerly, it caches the
+prepare step's result and the choice per call signature, so a repeated signature costs a key
+lookup, the op's value checks and the backend call (docs/compile.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
