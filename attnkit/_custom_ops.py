@@ -740,46 +740,56 @@ def _loki_fake(q, v_cache):
     return q.new_empty(B, 1, H, v_cache.shape[3])
 
 
+def _paged(kw: dict, block_table: Tensor | None) -> dict:
+    """`block_table` (a paged Loki cache) reaches the backend only when set."""
+    if block_table is not None:
+        kw["block_table"] = block_table
+    return kw
+
+
 @_op("loki_attention_decode", "(Tensor q, Tensor k_cache_rot, Tensor v_cache, Tensor cache_seqlens, "
-                              f"Tensor components, *, {_LOKI_OPTIONS}) -> Tensor")
-def _loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, *, rank, top_k, scale,
-                           selection="head", backend="reference"):
+                              f"Tensor components, Tensor? block_table=None, *, {_LOKI_OPTIONS}) -> Tensor")
+def _loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, block_table=None, *, rank, top_k,
+                           scale, selection="head", backend="reference"):
     with torch.no_grad():
-        o = _fn("loki_attention_decode", backend)(
+        o = _fn("loki_attention_decode", backend)(**_paged(dict(
             q=q, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens, components=components,
-            rank=rank, top_k=top_k, scale=float(scale), selection=selection)
+            rank=rank, top_k=top_k, scale=float(scale), selection=selection), block_table))
     return _own(o, q, k_cache_rot, v_cache)
 
 
 @_loki_attention_decode.register_fake
-def _(q, k_cache_rot, v_cache, cache_seqlens, components, **_):
+def _(q, k_cache_rot, v_cache, cache_seqlens, components, block_table=None, **_):
     return _loki_fake(q, v_cache)
 
 
 @_op("loki_attention_decode_lowrank", "(Tensor q, Tensor k_lowrank, Tensor k_cache_rot, Tensor v_cache, "
-                                      f"Tensor cache_seqlens, Tensor components, *, {_LOKI_OPTIONS}) -> Tensor")
-def _loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, *, rank, top_k,
-                                   scale, selection="head", backend="reference"):
+                                      "Tensor cache_seqlens, Tensor components, Tensor? block_table=None, *, "
+                                      f"{_LOKI_OPTIONS}) -> Tensor")
+def _loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, block_table=None,
+                                   *, rank, top_k, scale, selection="head", backend="reference"):
     with torch.no_grad():
-        o = _fn("loki_attention_decode_lowrank", backend)(
+        o = _fn("loki_attention_decode_lowrank", backend)(**_paged(dict(
             q=q, k_lowrank=k_lowrank, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
-            components=components, rank=rank, top_k=top_k, scale=float(scale), selection=selection)
+            components=components, rank=rank, top_k=top_k, scale=float(scale), selection=selection), block_table))
     return _own(o, q, k_lowrank, k_cache_rot, v_cache)
 
 
 @_loki_attention_decode_lowrank.register_fake
-def _(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, **_):
+def _(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, block_table=None, **_):
     return _loki_fake(q, v_cache)
 
 
 @_op("loki_cache_append", "(Tensor k_new, Tensor v_new, Tensor(a!) k_cache_rot, Tensor(b!) v_cache, "
-                          "Tensor cache_seqlens, Tensor components, Tensor(c!)? k_lowrank=None, *, "
-                          "str backend='reference') -> ()", mutates=("k_cache_rot", "v_cache", "k_lowrank"))
-def _loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank=None, *,
-                       backend="reference"):
+                          "Tensor cache_seqlens, Tensor components, Tensor(c!)? k_lowrank=None, "
+                          "Tensor? block_table=None, *, str backend='reference') -> ()",
+     mutates=("k_cache_rot", "v_cache", "k_lowrank"))
+def _loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank=None,
+                       block_table=None, *, backend="reference"):
     with torch.no_grad():
-        _fn("loki_cache_append", backend)(k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache,
-                                          cache_seqlens=cache_seqlens, components=components, k_lowrank=k_lowrank)
+        _fn("loki_cache_append", backend)(**_paged(dict(
+            k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
+            components=components, k_lowrank=k_lowrank), block_table))
 
 
 @_loki_cache_append.register_fake
@@ -795,19 +805,20 @@ def _loki_decode_args(kw: dict, backend: str) -> dict:
 def _call_loki_attention_decode(kw: dict, backend: str):
     with torch.no_grad():
         return _loki_attention_decode(kw["q"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
-                                      kw["components"], **_loki_decode_args(kw, backend))
+                                      kw["components"], kw.get("block_table"), **_loki_decode_args(kw, backend))
 
 
 def _call_loki_attention_decode_lowrank(kw: dict, backend: str):
     with torch.no_grad():
         return _loki_attention_decode_lowrank(kw["q"], kw["k_lowrank"], kw["k_cache_rot"], kw["v_cache"],
-                                              kw["cache_seqlens"], kw["components"], **_loki_decode_args(kw, backend))
+                                              kw["cache_seqlens"], kw["components"], kw.get("block_table"),
+                                              **_loki_decode_args(kw, backend))
 
 
 def _call_loki_cache_append(kw: dict, backend: str):
     with torch.no_grad():
         _loki_cache_append(kw["k_new"], kw["v_new"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
-                           kw["components"], kw["k_lowrank"], backend=backend)
+                           kw["components"], kw["k_lowrank"], kw.get("block_table"), backend=backend)
 
 
 CALLERS["loki_attention_decode"] = _call_loki_attention_decode

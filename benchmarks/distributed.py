@@ -9,8 +9,9 @@ TCP rendezvous on localhost), NCCL when there is one GPU per rank, gloo on CPUs 
 every `T` it reports, on rank 0: the median time of the context-parallel call (each repeat starts
 after a barrier and ends when every rank is done), the payload bytes each rank contributes to the
 collectives and the bytes it sends on the wire (ring algorithms: `(P-1)×` the payload, counted by
-wrapping the `torch.distributed` collectives), the time of the single-process op over the whole
-sequence on one rank, and the ratio of the two. Results also go to
+`attnkit.distributed._comm.ByteCounter`, the wrapper of the `torch.distributed` collectives that
+tests/cp_worker.py uses too), the time of the single-process op over the whole sequence on one
+rank, and the ratio of the two. Results also go to
 `<out>/<op>_<mode>_np<N>_<device>.json`. Method and volume model: docs/distributed.md.
 """
 
@@ -87,29 +88,6 @@ def launch(argv: list[str], nproc: int, timeout_s: float) -> int:
 # ---------------------------------------------------------------------------------- measuring
 
 
-class Bytes:
-    """Payload bytes this rank contributes to the wrapped collectives since the last `take()`."""
-
-    def __init__(self) -> None:
-        self.payload = 0
-        for name in ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor"):
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                setattr(dist, name, self._wrap(name, fn))
-
-    def _wrap(self, name, fn):
-        def wrapped(output, input, *args, **kwargs):
-            t = input if name.startswith("all_gather") else output
-            if t.is_floating_point():
-                self.payload += t.numel() * t.element_size()
-            return fn(output, input, *args, **kwargs)
-        return wrapped
-
-    def take(self) -> int:
-        n, self.payload = self.payload, 0
-        return n
-
-
 def _inputs(op: str, args, T: int, dtype, device, grad: bool):
     g = torch.Generator().manual_seed(0)
     H = args.H
@@ -166,6 +144,7 @@ def _time(fn, inputs, mode: str, reps: int, warmup: int, device, barrier: bool) 
 
 def run_rank(args) -> int:
     import attnkit.distributed as akd
+    from attnkit.distributed._comm import ByteCounter  # the payload counter tests/cp_worker.py uses too
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if use_cuda:
@@ -176,7 +155,7 @@ def run_rank(args) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if use_cuda else "gloo",
                             timeout=datetime.timedelta(seconds=args.timeout_s))
-    counter = Bytes()
+    counter = ByteCounter()
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         args.dtype or ("bfloat16" if use_cuda else "float32")]
     Ts = [int(t) for t in args.T.split(",")] if args.T else ([16384, 65536] if use_cuda else [1024, 4096])
@@ -189,11 +168,11 @@ def run_rank(args) -> int:
             grad = args.mode == "fwd+bwd"
             full = _inputs(op, args, T, dtype, device, False)
             local = [akd.shard_sequence(x, layout=layout).detach().requires_grad_(grad) for x in full]
-            counter.take()
+            counter.take_bytes()
             out = cp(*local)
             if grad:
                 out.float().sum().backward()
-            payload = counter.take()
+            payload = counter.take_bytes()
             t_cp = _time(cp, local, args.mode, args.reps, args.warmup, device, barrier=True)
             t_single = None
             if rank == 0:  # the whole sequence on one device, while the other ranks wait

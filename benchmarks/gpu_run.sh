@@ -9,8 +9,8 @@
 #
 # Parts (name: time box in seconds):
 #   header 20, install 90, tests 150, sanitizer 75, lightning 60, attention_fwd 45,
-#   attention_fwdbwd 60, decode 30, qk_norm 30, loki 30, audit 60 (the static audit under the
-#   machine's triton, last: the least important)
+#   attention_fwdbwd 60, decode 30, qk_norm 30, loki 30, window 45, paged 30, audit 60 (the
+#   static audit under the machine's triton, last: the least important)
 # The total budget (default 480 s) is checked before each part. See docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,6 +112,10 @@ part attention_fwdbwd 60 "$RUN --op attention --mode fwd+bwd --causal 1 --D 128 
 part decode 30 "$RUN --op attention_decode --B 8 --S 65536 --D 128"
 part qk_norm 30 "$RUN --op qk_norm_attention --T 4096 --D 128"
 part loki 30 "$RUN --op loki_decode --B 8 --S 65536 --D 128"
+# issue 15: sliding window at fixed W (time vs T/W causal chunks and full causal, cost/full, the
+# kernel's key tiles per query tile) and paged vs contiguous decode GB/s
+part window 45 "$RUN --op window_attention --T 8192,32768 --W 4096 --H 16 --D 128"
+part paged 30 "$RUN --op paged_decode --B 8 --S 65536 --D 128"
 
 # The static audit under this machine's triton (cheap compared to its value: the same figures
 # from the GPU's toolchain; the real SM count via torch).

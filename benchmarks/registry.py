@@ -59,7 +59,7 @@ def resolve(op: str, shape: dict) -> dict:
         s["Hk"] = s["H"]
     if s.get("Dv") is None:
         s["Dv"] = s["D"]
-    if op in ("attention", "qk_norm_attention"):
+    if op in ("attention", "qk_norm_attention", "window_attention"):
         if s.get("S") is None:
             s["S"] = s["T"]
         s.setdefault("causal", True)
@@ -316,7 +316,9 @@ class OpConfig:
     ``metric`` picks the figure that means something for the op: ``"flops"`` (TFLOP/s and % of
     peak), ``"floor"`` (time, tokens/s and % of the byte floor), ``"bandwidth"`` (GB/s and % of
     peak HBM bandwidth). ``base`` is the shape explicit ``--T/--B/...`` flags start from.
-    ``baseline`` names the runner the ``speedup`` column divides by.
+    ``baseline`` names the runner the ``speedup`` column divides by; ``cost_vs`` one whose time
+    the ``cost_ratio`` column divides each time by. ``case_info(case)`` returns columns that
+    belong to the case (the same in every row of it); ``extra_columns`` are shown in the table.
     """
 
     name: str
@@ -332,6 +334,9 @@ class OpConfig:
     model: Callable[[Case], Model]
     comparators: dict[str, Callable[[Case], Runner]] = field(default_factory=dict)
     baseline: str | None = None
+    cost_vs: str | None = None
+    case_info: Callable[[Case], dict[str, Any]] | None = None
+    extra_columns: tuple[tuple[str, str, str], ...] = ()
 
     def peers(self) -> list[Peer]:
         return peers_for(self.name)
@@ -527,7 +532,12 @@ def make_runner(cfg: OpConfig, case: Case, name: str) -> Runner:
 # to the same tokens cut into T/W independent causal chunks of W ("attnkit:chunks", the
 # baseline): a kernel that skips the tiles outside the window costs about 2x the chunks (each
 # query sees W keys instead of W/2 on average), independent of T; one that masks them costs T/W
-# times more. "attnkit:full" is causal attention over all T keys.
+# times more. "attnkit:full" is causal attention over all T keys; the `cost/full` column is each
+# runner's time over its time (a skipping implementation: about W/(T/2) plus the tile overheads,
+# and falling as T grows at fixed W). The `tiles/qtile` columns are what the Triton forward kernel
+# visits, from its own key_range/tile_split run in the interpreter (benchmarks/window_tiles.py;
+# 128 x 128 tiles): key tiles per query tile with the window, without it (full causal), and the
+# ratio of the totals, so the scaling can be read on a machine without a GPU.
 # paged_decode: attention_decode through a shuffled block table next to the same cache stored
 # contiguously ("attnkit:contiguous", the baseline): same bytes, so the same GB/s is the goal.
 
@@ -553,8 +563,8 @@ def window_chunks(case: Case) -> Runner:
     """The same q, k, v cut into T/W causal chunks of W tokens (one batched call)."""
     t = case.tensors
     B, T, H, Hk, D, W = (case[k] for k in ("B", "T", "H", "Hk", "D", "W"))
-    if T % W:
-        raise Unavailable(f"T = {T} is not a multiple of the window W = {W}")
+    if T % W or case["S"] != T:
+        raise Unavailable(f"T = {T} is not a multiple of the window W = {W}" if T % W else "chunks need S = T")
 
     def chunk(x):
         return x.reshape(B * (T // W), W, x.shape[2], x.shape[3])
@@ -579,6 +589,26 @@ def model_window(case: Case) -> Model:
     pairs = sum(min(t + 1, W) for t in range(min(T, W))) + max(0, T - W) * W  # keys seen per query, summed
     flops = 2.0 * B * H * pairs * (D + Dv) * models.MODE_FLOP_FACTOR[case.mode]
     return flops, models.attention_bytes(B, H, Hk, T, T, D, Dv, case.dtype, case.mode), B * T
+
+
+_TILES: dict[tuple[int, int, int, int], dict[str, Any]] = {}
+
+
+def window_tile_info(case: Case) -> dict[str, Any]:
+    """The Triton forward kernel's key tiles per query tile for this case (cached per shape)."""
+    key = (case["T"], case["S"], case["H"] // case["Hk"], case["W"])
+    if key not in _TILES:
+        from . import window_tiles
+        try:
+            s = window_tiles.summary(*key)
+            _TILES[key] = {"kernel_tiles": s["tiles_mean"], "kernel_tiles_max": s["tiles_max"],
+                           "kernel_tiles_full": s["full_tiles_mean"], "kernel_tile_ratio": s["tile_ratio"],
+                           "kernel_tile": f"{s['BM']}x{s['BN']}"}
+        except Exception as e:  # the tile count is an annotation: a failure must not stop the run
+            print(f"   window tile count unavailable: {type(e).__name__}: {e}", flush=True)
+            _TILES[key] = {k: None for k in ("kernel_tiles", "kernel_tiles_max", "kernel_tiles_full",
+                                             "kernel_tile_ratio", "kernel_tile")}
+    return dict(_TILES[key])
 
 
 def build_paged(case: Case) -> None:
@@ -614,27 +644,33 @@ def _window_presets() -> dict[str, dict[str, list[dict]]]:
     def rows(Ts, W, **fixed):
         return [dict(fixed, T=T, S=T, W=W, causal=True, sweep=f"W={W}") for T in Ts]
 
+    # T sweeps at a fixed window: a skipping implementation's time grows like T (cost/full falls),
+    # a masking one's like T^2
     return {
-        "quick": {"cpu": rows([512, 1024], 128, B=1, H=2, D=32),
+        "quick": {"cpu": rows([2 * K, 4 * K], 512, B=1, H=2, D=32),
                   "cuda": rows([8 * K, 32 * K], 4 * K, B=1, H=16, D=128)},
-        "default": {"cpu": rows([512, 1024, 2048], 256, B=1, H=4, D=64),
+        "default": {"cpu": rows([2 * K, 4 * K, 8 * K, 16 * K], 512, B=1, H=4, D=64),
                     "cuda": rows([4 * K, 8 * K, 16 * K, 32 * K], 4 * K, B=1, H=16, D=128)
                     + rows([8 * K, 32 * K], 1 * K, B=1, H=16, D=128)},
-        "full": {"cpu": rows([512, 1024, 2048, 4096], 256, B=1, H=4, D=64),
+        "full": {"cpu": rows([2 * K, 4 * K, 8 * K, 16 * K], 512, B=1, H=4, D=64)
+                 + rows([2 * K, 8 * K], 128, B=1, H=8, Hk=2, D=64),
                  "cuda": rows([4 * K, 8 * K, 16 * K, 32 * K, 64 * K], 4 * K, B=1, H=16, D=128)
                  + rows([8 * K, 32 * K, 64 * K], 1 * K, B=1, H=32, Hk=8, D=128)},
     }
 
 
-_WIN_BASE = {"cpu": dict(B=1, T=1024, S=1024, W=256, H=4, D=64, causal=True),
-             "cuda": dict(B=1, T=32 * K, S=32 * K, W=4 * K, H=16, D=128, causal=True)}
+_WIN_BASE = {"cpu": dict(B=1, T=4 * K, W=512, H=4, D=64, causal=True),  # S = T
+             "cuda": dict(B=1, T=32 * K, W=4 * K, H=16, D=128, causal=True)}
 _PAGED_BASE = {"cpu": dict(_DEC_BASE["cpu"], block_size=16, Tq=1), "cuda": dict(_DEC_BASE["cuda"], block_size=16, Tq=1)}
 
 OPS["window_attention"] = _OwnPeers(
     "window_attention", "causal sliding-window attention (window W) vs T/W causal chunks of W",
     ("fwd", "bwd", "fwd+bwd"), "fwd", "T", "flops", _WIN_BASE, _window_presets(),
     build_window, call_window, model_window,
-    comparators={"attnkit:chunks": window_chunks, "attnkit:full": window_full}, baseline="attnkit:chunks")
+    comparators={"attnkit:chunks": window_chunks, "attnkit:full": window_full}, baseline="attnkit:chunks",
+    cost_vs="attnkit:full", case_info=window_tile_info,
+    extra_columns=(("cost/full", "cost_ratio", ".3g"), ("tiles/qtile", "kernel_tiles", ".4g"),
+                   ("full tiles/qtile", "kernel_tiles_full", ".4g"), ("tile ratio", "kernel_tile_ratio", ".3g")))
 OPS["paged_decode"] = _OwnPeers(
     "paged_decode", "decoding through a shuffled paged KV cache (block_size 16) vs the contiguous cache",
     ("decode",), "decode", "S", "bandwidth", _PAGED_BASE, _decode_presets({"block_size": 16, "Tq": 1}),

@@ -26,7 +26,8 @@ COLUMNS = (
     "B", "T", "S", "H", "Hk", "D", "Dv", "Tq", "causal", "rank", "top_k", "kind", "W", "block_size",
     "reps", "time_ms", "time_p20_ms", "time_p80_ms",
     "flops", "tflops", "pct_peak_flops", "bytes", "gbps", "pct_peak_bw", "tokens_per_s",
-    "peak_mem_mb", "speedup", "speedup_vs", "runs",
+    "peak_mem_mb", "speedup", "speedup_vs", "cost_ratio", "cost_ratio_vs",
+    "kernel_tiles", "kernel_tiles_max", "kernel_tiles_full", "kernel_tile_ratio", "kernel_tile", "runs",
 )
 
 
@@ -164,9 +165,11 @@ def runs_label(name: str, device: torch.device, note: str = "") -> str:
     return ""
 
 
-def table_columns(metric: str, percent: bool = True) -> list[tuple[str, str, str]]:
+def table_columns(metric: str, percent: bool = True,
+                  extra: tuple[tuple[str, str, str], ...] = ()) -> list[tuple[str, str, str]]:
     """(header, row key, format) of the stdout table for an op's metric kind. ``percent=False``
-    (no peak known, e.g. every CPU run) leaves out the %-of-peak columns, which would be empty."""
+    (no peak known, e.g. every CPU run) leaves out the %-of-peak columns, which would be empty.
+    ``extra`` columns (an op's own, e.g. window_attention's cost ratio) come last."""
     common_head = [("backend", "backend", "s"), ("shape", "_shape", "s"), ("ms", "time_ms", ".4g"),
                    ("p20-p80 ms", "_spread", "s")]
     tail = [("mem MB", "peak_mem_mb", ".4g"), ("speedup", "speedup", ".3g")]
@@ -179,7 +182,7 @@ def table_columns(metric: str, percent: bool = True) -> list[tuple[str, str, str
         mid = [("GB/s", "gbps", ".4g"), ("%HBM", "pct_peak_bw", ".3g"), ("TFLOP/s", "tflops", ".3g")]
     if not percent:
         mid = [c for c in mid if not c[0].startswith("%")]
-    return common_head + mid + tail
+    return common_head + mid + tail + list(extra)
 
 
 def _cell(row: dict[str, Any], key: str, spec: str) -> str:
@@ -203,8 +206,9 @@ class Table:
 
     WIDTHS = {"backend": 26, "shape": 34}
 
-    def __init__(self, metric: str, stream=None, percent: bool = True):
-        self.cols = table_columns(metric, percent)
+    def __init__(self, metric: str, stream=None, percent: bool = True,
+                 extra: tuple[tuple[str, str, str], ...] = ()):
+        self.cols = table_columns(metric, percent, extra)
         self.explained: set[str] = set()
         self.stream = stream or sys.stdout
 

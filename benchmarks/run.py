@@ -43,7 +43,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HALF = (torch.float16, torch.bfloat16)
 SHAPE_FLAGS = {"B": int, "T": int, "S": int, "H": int, "Hk": int, "D": int, "Dv": int, "Tq": int,
-               "causal": lambda s: bool(int(s)), "rank": int, "top_k": int, "kind": str}
+               "causal": lambda s: bool(int(s)), "rank": int, "top_k": int, "kind": str, "W": int}
 
 
 def budget_for(device: torch.device, preset: str, args: argparse.Namespace) -> Budget:
@@ -133,7 +133,7 @@ def run_op(cfg: OpConfig, mode: str, shapes: list[dict], device: torch.device, d
            backends: list[str] | None, budget: Budget, peak: models.Peak | None, args: argparse.Namespace,
            out_dir: Path, machine: dict[str, Any]) -> list[dict[str, Any]]:
     title = f"{cfg.name} {mode} ({cfg.summary}) on {machine['device_name']}, {str(dtype).replace('torch.', '')}"
-    table = report.Table(cfg.metric, percent=peak is not None)
+    table = report.Table(cfg.metric, percent=peak is not None, extra=cfg.extra_columns)
     table.header(title)
     flush = L2Flush(device) if device.type == "cuda" and not args.no_l2_flush else None
     shown: set[tuple[str, str]] = set()
@@ -162,10 +162,12 @@ def run_op(cfg: OpConfig, mode: str, shapes: list[dict], device: torch.device, d
         else:
             names = backends
         case_rows = []
+        case_info = cfg.case_info(case) if cfg.case_info is not None else {}
         for name in names:
             base = {"op": cfg.name, "mode": mode, "device": device.type,
                     "dtype": str(dtype).replace("torch.", ""), "backend": name, "note": "",
-                    "sweep": shape.get("sweep", ""), **{k: v for k, v in shape.items() if k in report.COLUMNS}}
+                    "sweep": shape.get("sweep", ""), **{k: v for k, v in shape.items() if k in report.COLUMNS},
+                    **case_info}
             try:
                 runner = make_runner(cfg, case, name)
             except Unavailable as e:
@@ -202,6 +204,11 @@ def _speedups(cfg: OpConfig, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         r["speedup"] = (base["time_ms"] / r["time_ms"]) if base and r["status"] == "ok" else None
         r["speedup_vs"] = cfg.baseline if base else None
+    if cfg.cost_vs is not None:  # the inverse view against a second runner: time / its time
+        ref = next((r for r in rows if r["backend"] == cfg.cost_vs and r["status"] == "ok"), None)
+        for r in rows:
+            r["cost_ratio"] = (r["time_ms"] / ref["time_ms"]) if ref and r["status"] == "ok" else None
+            r["cost_ratio_vs"] = cfg.cost_vs if ref else None
 
 
 def _write(cfg: OpConfig, mode: str, device: torch.device, dtype: torch.dtype, rows: list[dict[str, Any]],

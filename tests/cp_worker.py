@@ -30,39 +30,10 @@ import torch.distributed as dist  # noqa: E402
 
 import attnkit  # noqa: E402
 import attnkit.distributed as akd  # noqa: E402
-from tests.harness import assert_close_to_golden  # noqa: E402
+from attnkit.distributed._comm import ByteCounter  # noqa: E402
+from tests.harness import assert_close_to_golden, flat  # noqa: E402
 
 F64 = torch.float64
-
-# --------------------------------------------------------------------------- byte counting
-
-
-class Counter:
-    """Wraps the torch.distributed collectives: float payload bytes this rank contributes."""
-
-    NAMES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
-
-    def __init__(self) -> None:
-        self.log: list[tuple[str, int, torch.dtype]] = []
-        for name in self.NAMES:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                setattr(dist, name, self._wrap(name, fn))
-
-    def _wrap(self, name, fn):
-        def wrapped(output, input, *args, **kwargs):
-            # all-gather: this rank sends its input; reduce-scatter: it receives its output-sized share
-            t = input if name.startswith("all_gather") else output
-            self.log.append((name, t.numel() * t.element_size(), t.dtype))
-            return fn(output, input, *args, **kwargs)
-        return wrapped
-
-    def take(self) -> list[tuple[str, int]]:
-        out = [(n, b) for n, b, dt in self.log if dt.is_floating_point]
-        self.dtypes = [dt for _, _, dt in self.log if dt.is_floating_point]
-        self.log.clear()
-        return out
-
 
 # ------------------------------------------------------------------------------- helpers
 
@@ -73,14 +44,6 @@ def gen(seed: int) -> torch.Generator:
 
 def randn(g, *shape, scale=1.0):
     return torch.randn(*shape, generator=g, dtype=F64) * scale
-
-
-def flat(x):
-    if x is None:
-        return []
-    if isinstance(x, (tuple, list)):
-        return [y for item in x for y in flat(item)]
-    return [x]
 
 
 def rep_dtype(dtype):
@@ -359,10 +322,10 @@ def check_bytes(ctx):
         x = [randn(g, *s).float().requires_grad_(True) for s in shapes]
         counter.take()
         out = fn(*x)
-        fwd = counter.take()
+        fwd = [(t.name, t.nbytes) for t in counter.take()]
         o = out[0] if isinstance(out, tuple) else out
         o.sum().backward()
-        return fwd, counter.take()
+        return fwd, [(t.name, t.nbytes) for t in counter.take()]
 
     B, H, D = 1, 4, 16
     lin = {}
@@ -398,10 +361,10 @@ def check_bytes(ctx):
     counter.take()
     akd.lightning_attention(*x64, backend="reference")
     akd.attention(*x64, backend="reference")
-    log = [(n, b) for n, b in counter.take()]
+    log = counter.take()
     want64 = [8 * B * 2 * D * D, 8 * B * 8 * 2 * 2 * D]
     ctx["checked"] += 1
-    if [b for _, b in log] != want64 or any(dt != F64 for dt in counter.dtypes):
+    if [t.nbytes for t in log] != want64 or any(t.dtype != F64 for t in log):
         ctx["failures"].append(f"rank {ctx['rank']}: float64 payloads: expected {want64} bytes, got {log}")
 
 
@@ -584,7 +547,7 @@ def main() -> None:
                             timeout=timedelta(seconds=float(os.environ.get("CP_TIMEOUT", "60"))))
     torch.manual_seed(0)
     torch.set_num_threads(1)  # P ranks share a few cores: no oversubscription
-    ctx = {"rank": rank, "world": world, "failures": [], "checked": 0, "counter": Counter(),
+    ctx = {"rank": rank, "world": world, "failures": [], "checked": 0, "counter": ByteCounter(),
            "quick": os.environ.get("CP_QUICK", "0") == "1"}
     checks = os.environ.get("CP_CHECKS", "layouts,linear,softmax,window,modules,bytes").split(",")
     times = {}

@@ -115,6 +115,15 @@ def grads(outputs: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor 
     return [next(it) if (i is not None and i.requires_grad) else None for i in inputs]
 
 
+def flat(x: Any) -> list:
+    """Tensors of a nested tuple/list, depth first; None is skipped."""
+    if x is None:
+        return []
+    if isinstance(x, (tuple, list)):
+        return [y for item in x for y in flat(item)]
+    return [x]
+
+
 def compare_op(fn: Callable[..., Any], make_args: Callable[[torch.dtype], tuple[tuple, dict]],
                dtype: torch.dtype, backend: str, *, factor: float = 2.0,
                grad: bool = False, output_names: Iterable[str] | None = None,
@@ -126,13 +135,6 @@ def compare_op(fn: Callable[..., Any], make_args: Callable[[torch.dtype], tuple[
     for each dtype; helpers above (clone_as) make that easy. `fn` returns a tensor or a
     tuple/list of tensors (nested tuples, e.g. states (S, z), are flattened; None is skipped).
     """
-
-    def flat(x):
-        if x is None:
-            return []
-        if isinstance(x, (tuple, list)):
-            return [y for item in x for y in flat(item)]
-        return [x]
 
     runs = {}
     for key, dt, be in (("golden", torch.float64, "reference"), ("ref", dtype, "reference"),

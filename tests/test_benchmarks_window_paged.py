@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,3 +50,67 @@ def test_window_attention_config_and_chunks():
         torch.testing.assert_close(chunks[c:c + 1], want)
     flops, _, tokens = cfg.model(case)
     assert tokens == 64 and flops == 2.0 * 2 * (sum(range(1, 17)) + 48 * 16) * 16
+
+
+# ------------------------------------------- the Triton kernel's key tiles (benchmarks/window_tiles)
+
+
+def _tiles_brute_force(T, S, G, window, BM, BN):
+    """Per query block of BM packed rows: key tiles holding a key some row sees, and tiles whose
+    every key (< S) every valid row sees — from the definition, position by position."""
+    left, right = window
+    out = []
+    for i in range(-(-T * G // BM)):
+        pos = sorted({r // G for r in range(i * BM, (i + 1) * BM) if r // G < T})
+        any_tiles, whole = 0, 0
+        for n0 in range(0, S, BN):
+            keys = range(n0, min(n0 + BN, S))
+
+            def sees(t, s):
+                p = t + S - T
+                return (left < 0 or s >= p - left) and (right < 0 or s <= p + right)
+
+            seen = [[sees(t, s) for s in keys] for t in pos]
+            any_tiles += any(map(any, seen))
+            whole += len(keys) == BN and all(map(all, seen))
+        out.append((any_tiles, whole))
+    return out
+
+
+@pytest.mark.parametrize("T, S, G, window, BM, BN", [
+    (200, 200, 1, (63, 0), 32, 32), (200, 200, 1, (-1, 0), 32, 32), (200, 200, 4, (40, 0), 32, 16),
+    (150, 230, 2, (17, 5), 32, 32), (230, 150, 1, (9, 0), 16, 32), (100, 100, 1, (0, 0), 32, 32),
+    (120, 120, 3, (-1, 30), 32, 32), (97, 97, 1, (-1, -1), 32, 32)])
+def test_window_tile_probe_visits_exactly_the_tiles_with_visible_keys(T, S, G, window, BM, BN):
+    from benchmarks import window_tiles
+    got = window_tiles.tiles_per_block([dict(T=T, S=S, G=G, window=window, BM=BM, BN=BN)])[0]
+    want = _tiles_brute_force(T, S, G, window, BM, BN)
+    assert [m + w for m, w in got] == [a for a, _ in want]  # no tile with a visible key left out, no other
+    assert all(w <= whole for (_, w), (_, whole) in zip(got, want))  # unmasked tiles are whole tiles
+
+
+def test_window_tile_summary_at_the_issue_shape():
+    from benchmarks import window_tiles
+    s = window_tiles.summary(32 * 1024, 32 * 1024, 1, 4096)
+    # a 128-row block reads its 4096 + 127 keys: 33 tiles once past the first window; causal 1..256
+    assert s["tiles_max"] == 33 and s["full_tiles_mean"] == 128.5 and s["query_tiles"] == 256
+    assert 0.2 < s["tile_ratio"] < 0.25
+
+
+def test_window_attention_cli_reports_cost_ratio_and_tiles(tmp_path):
+    import csv
+
+    from benchmarks import run
+    rc = run.main(["--op", "window_attention", "--T", "256", "--W", "64", "--H", "2", "--D", "16",
+                   "--out", str(tmp_path), "--no-plot", "--no-memory", "--warmup", "0", "--min-reps", "1",
+                   "--max-reps", "1", "--budget-s", "0"])
+    assert rc == 0
+    with open(tmp_path / "window_attention_fwd_cpu_float32.csv") as f:
+        rows = {r["backend"]: r for r in csv.DictReader(line for line in f if not line.startswith("#"))}
+    assert float(rows["attnkit:full"]["cost_ratio"]) == 1.0
+    assert rows["attnkit:reference"]["cost_ratio_vs"] == "attnkit:full"
+    from benchmarks import window_tiles
+    s = window_tiles.summary(256, 256, 1, 64)
+    for r in rows.values():
+        assert float(r["kernel_tiles"]) == pytest.approx(s["tiles_mean"])
+        assert float(r["kernel_tile_ratio"]) == pytest.approx(s["tile_ratio"])

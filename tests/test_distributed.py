@@ -73,3 +73,13 @@ def test_needs_an_initialised_group():
             call()
     with pytest.raises(ValueError, match="layout"):
         akd.shard_sequence(x, layout="ring")
+
+
+def test_byte_counter_wraps_and_restores_the_collectives():
+    from attnkit.distributed._comm import COLLECTIVES, ByteCounter
+    before = {n: getattr(dist, n, None) for n in COLLECTIVES}
+    with ByteCounter() as counter:
+        wrapped = [n for n in COLLECTIVES if before[n] is not None]
+        assert wrapped and all(getattr(dist, n) is not before[n] for n in wrapped)
+        assert counter.take() == [] and counter.take_bytes() == 0
+    assert {n: getattr(dist, n, None) for n in COLLECTIVES} == before

@@ -2,7 +2,8 @@
 
 Every collective of `attnkit.distributed` goes through this module and calls the
 `torch.distributed` function by attribute at call time, so a wrapper installed on
-`torch.distributed` (a byte counter, a tracer) sees every byte the ops send.
+`torch.distributed` (a tracer, or :class:`ByteCounter`, the payload counter the tests and
+`benchmarks/distributed.py` share) sees every byte the ops send.
 
 The one differentiable collective is :class:`_GatherFinish`: an all-gather along a new leading
 dim whose backward is the mirrored reduce-scatter (sum) of the same size. It is split in a
@@ -27,6 +28,77 @@ def _all_gather_fn():
 
 def _reduce_scatter_fn():
     return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# The torch.distributed functions this module may call for a payload (the newer name first).
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective call as a byte counter saw it: the payload this rank contributes."""
+
+    name: str
+    nbytes: int
+    dtype: torch.dtype
+
+
+class ByteCounter:
+    """Counts the payload bytes this rank contributes to the collectives of this module.
+
+    Installing it wraps the :data:`COLLECTIVES` on `torch.distributed` (which this module calls by
+    attribute at call time, so every payload of `attnkit.distributed` passes through the wrapper);
+    :meth:`uninstall` (or leaving a ``with`` block) puts the originals back. An all-gather counts the
+    input this rank sends; a reduce-scatter the output-sized share it receives, the same size the
+    mirrored all-gather sends. Wire bytes of ring algorithms are `(P - 1)×` the payload.
+
+        counter = ByteCounter()            # installed
+        ...; transfers = counter.take()     # the floating-point payloads since the last take()
+        counter.uninstall()
+    """
+
+    def __init__(self, install: bool = True) -> None:
+        self.log: list[Transfer] = []
+        self._originals: dict[str, Any] = {}
+        if install:
+            self.install()
+
+    def install(self) -> ByteCounter:
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None and name not in self._originals:
+                self._originals[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def uninstall(self) -> None:
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+        self._originals.clear()
+
+    def __enter__(self) -> ByteCounter:
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        def wrapped(output, input, *args, **kwargs):
+            t = input if name.startswith("all_gather") else output
+            self.log.append(Transfer(name, t.numel() * t.element_size(), t.dtype))
+            return fn(output, input, *args, **kwargs)
+        return wrapped
+
+    def take(self, floating_only: bool = True) -> list[Transfer]:
+        """The transfers since the last call (float payloads only by default: the int64 shape
+        checks of :func:`check_same_everywhere` are left out), and start a new count."""
+        out = [t for t in self.log if t.dtype.is_floating_point or not floating_only]
+        self.log.clear()
+        return out
+
+    def take_bytes(self) -> int:
+        """The floating-point payload bytes since the last take, and start a new count."""
+        return sum(t.nbytes for t in self.take())
 
 
 def resolve_group(group: Any) -> tuple[Any, int, int]:

@@ -4,8 +4,10 @@
 Maths runs in float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs;
 outputs are cast back to the input dtype, `lse` stays in the compute dtype. GQA is done by
 viewing the `H` query heads as `[Hk, G]` groups, never by repeating K/V. Queries are processed
-in blocks so that one block's scores stay under `MAX_SCORE_ELEMENTS`; with autograd, each block
-is checkpointed so that the backward pass does not keep every block's probabilities alive.
+in blocks so that one block's scores stay under `MAX_SCORE_ELEMENTS`; a block reads only the keys
+its rows' windows (causal diagonal, sliding window) reach, so windowed attention costs
+`O(T · window)`; with autograd, each block is checkpointed so that the backward pass does not
+keep every block's probabilities alive.
 Semantics decisions are written down in `docs/softmax.md`.
 
 These functions take the normalised keyword arguments of `docs/contracts.md` and do not
@@ -19,6 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 # Most score elements (batch rows x heads x query rows x keys) one block may hold.
 MAX_SCORE_ELEMENTS = 1 << 26
+# Query rows per block when the keys are bounded (window / causal): see `_bounded_rows`.
+MIN_BOUNDED_ROWS = 32
+MAX_BOUNDED_ROWS = 256
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,9 +99,31 @@ def _softmax_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.
     return o, lse
 
 
+def _bounded_rows(lo: torch.Tensor | None, hi: torch.Tensor | None) -> int | None:
+    """Query rows per block when the keys are bounded (window or causal), None when not.
+
+    A block of `t` rows attends to the union of its rows' key ranges, about `t + W - 1` keys
+    for a window of `W` keys, so the work is about `T · (t + W)` score elements: `t` is kept near
+    the window (between `MIN_BOUNDED_ROWS` and `MAX_BOUNDED_ROWS`); causal without a left bound
+    uses `MAX_BOUNDED_ROWS` (the blocks above the diagonal then cost about `T · t / 2` extra).
+    """
+    if lo is None and hi is None:
+        return None
+    if lo is None or hi is None or lo.numel() == 0:
+        return MAX_BOUNDED_ROWS
+    span = int((hi - lo).max()) + 1  # keys one row sees, at most
+    return max(MIN_BOUNDED_ROWS, min(MAX_BOUNDED_ROWS, span))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor | None,
            hi: torch.Tensor | None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocked softmax attention on tensors already in the compute dtype.
+
+    Each block of query rows reads only the keys between its rows' smallest `lo` and largest
+    `hi`: key blocks entirely outside every row's window (or past the causal diagonal) are never
+    touched, so a windowed call costs `O(T · W)`, not `O(T · S)`. Keys inside that range but
+    outside a row's own window are masked as before; a masked key contributes an exact 0, so
+    dropping the keys outside the range changes no value (docs/softmax.md, "Blocking").
 
     Args:
         q: `[B, T, H, D]`, normalised and multiplied by the scale.
@@ -116,15 +143,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor |
     kh = k.permute(0, 2, 1, 3)  # [B, Hk, S, D]
     vh = v.permute(0, 2, 1, 3)  # [B, Hk, S, Dv]
     rows, cols = _block_sizes(B, H, T, S)
+    bounded = _bounded_rows(lo, hi)
+    if bounded is not None:
+        cols = min(cols, bounded)
     starts_b = range(0, max(B, 1), rows)
     starts_t = range(0, max(T, 1), cols)
     recompute = (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
                  and len(starts_b) * len(starts_t) > 1)
+    # Per query row, the smallest first key and the largest last key over the batch rows (on
+    # the host: the key range of each block is sliced with Python ints).
+    lo_row = None if lo is None else lo.amin(0).cpu()
+    hi_row = None if hi is None else hi.amax(0).cpu()
 
-    def cut(lim, bs, ts):
+    def cut(lim, bs, ts, k0):
         if lim is None:
             return None
-        return lim[:, ts] if lim.shape[0] == 1 else lim[bs, ts]
+        return (lim[:, ts] if lim.shape[0] == 1 else lim[bs, ts]) - k0
+
+    def key_range(ts) -> tuple[int, int]:
+        """`[k0, k1)`: the keys some row of `ts` sees (empty when none does)."""
+        k0, k1 = 0, S
+        if lo_row is not None and lo_row[ts].numel():
+            k0 = min(max(int(lo_row[ts].min()), 0), S)
+        if hi_row is not None and hi_row[ts].numel():
+            k1 = min(max(int(hi_row[ts].max()) + 1, 0), S)
+        return k0, max(k0, k1)
 
     o_rows, lse_rows = [], []
     for b0 in starts_b:
@@ -132,7 +175,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor |
         o_blocks, lse_blocks = [], []
         for t0 in starts_t:
             ts = slice(t0, t0 + cols)
-            args = (qh[bs, :, :, ts], kh[bs], vh[bs], cut(lo, bs, ts), cut(hi, bs, ts), softcap)
+            k0, k1 = key_range(ts)
+            args = (qh[bs, :, :, ts], kh[bs, :, k0:k1], vh[bs, :, k0:k1], cut(lo, bs, ts, k0),
+                    cut(hi, bs, ts, k0), softcap)
             if recompute:
                 o_blk, lse_blk = checkpoint(_softmax_block, *args, use_reentrant=False)
             else:
