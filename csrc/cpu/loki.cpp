@@ -40,16 +40,17 @@ inline void for_each_position(const LokiParams& p, int b, int64_t s0, int64_t s1
   // Pages with an entry read and not yet walked: at most kPrefetchRows / bs + 3.
   constexpr int64_t kRing = kPrefetchRows + 4;
   int64_t base[kRing];  // per page: its entry's offset minus page * bs * ss (+ s * ss: offset of s)
-  int64_t t = s0, next_page = s0 / bs;
-  auto prefetch_to = [&](int64_t until) {  // the prefetch cursor t runs to min(until, s1)
-    until = std::min(until, s1);
-    while (t < until) {
-      const int64_t page = t / bs, end = std::min(until, (page + 1) * bs);
-      if (page == next_page) {
-        base[page % kRing] = static_cast<int64_t>(table[page]) * sb - page * bs * ss;
-        ++next_page;
+  // The prefetch cursor t, its page and where that page ends (t == t_end: t enters the next page).
+  int64_t t = s0, t_page = s0 / bs - 1, t_end = s0, t_base = 0;
+  auto prefetch_to = [&](int64_t until) {  // runs t to min(until, s1)
+    for (until = std::min(until, s1); t < until; ++t) {
+      if (t == t_end) {
+        ++t_page;
+        t_base = static_cast<int64_t>(table[t_page]) * sb - t_page * bs * ss;
+        base[t_page % kRing] = t_base;
+        t_end = (t_page + 1) * bs;
       }
-      for (; t < end; ++t) pf(base[page % kRing] + t * ss);
+      pf(t_base + t * ss);
     }
   };
   prefetch_to(s0 + kPrefetchRows);
