@@ -45,6 +45,22 @@ from ..common.triton_utils import device_guard, dot_precision, interpreted
 NORMS = {None: 0, "rms": 1, "l2": 2}
 LOG2E = 1.4426950408889634
 
+# Checked by the static GPU audit (attnkit/tools/_requirements.py; CI: `gpu_audit --arch sm_90
+# --quick`): on sm_90, every kept config of the forward and both backward kernels runs every
+# product on wgmma and spills nothing, with and without the RMS QK-norm, and the QK-norm adds no
+# tensor-core work to the forward (no second QKᵀ product).
+_ATTN_KERNELS = r"^_attention_(fwd|bwd_dkdv|bwd_dq)_kernel$"
+_PLAIN_CALL = r"^attention fwd\+bwd \S+ \S+ causal=True$"
+AUDIT_REQUIREMENTS = [
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=_PLAIN_CALL,
+         max_spill_stores=0, mma="wgmma", why="issue 12: softmax fwd/bwd on wgmma without spills"),
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=r"norm=rms",
+         max_spill_stores=0, mma="wgmma", why="issue 12: softmax fwd/bwd with RMS QK-norm on wgmma without spills"),
+    dict(kernel=r"^_attention_fwd_kernel$", arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
+         case=r"norm=rms", same_mma_count_as=_PLAIN_CALL,
+         why="issue 12: the RMS-norm forward has the same number of MMA instructions as the plain forward"),
+]
+
 
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
