@@ -175,7 +175,7 @@ def test_requirements_fail_on_violations_and_on_matching_nothing():
     table, failures = check([req(arch="sm_80", mma="mma.sync", max_spill_stores=None)], rows[:2], Scope(["sm_90"]))
     assert not failures and table[0]["status"].startswith("not audited")
     # --kernel excluding the requirement's kernel: out of scope; --kernel keeping it: still covered
-    launched = frozenset({("sm_90", "_k", "bf16", 64), ("sm_90", "_other", "bf16", 64)})
+    launched = frozenset({("sm_90", "_k", "bf16", 64, "op fwd D=64"), ("sm_90", "_other", "bf16", 64, "op fwd D=64")})
     table, failures = check([req()], [], Scope(["sm_90"], kernel_filter="_other", launched=launched))
     assert not failures and table[0]["status"] == "not in this run"
     table, failures = check([req()], [rows[0]], Scope(["sm_90"], kernel_filter="_k", launched=launched))
@@ -183,6 +183,11 @@ def test_requirements_fail_on_violations_and_on_matching_nothing():
     # --op/--case: only the dtype/head dims the narrowed calls launch the kernel with are required
     table, failures = check([req()], [rows[0]], Scope(["sm_90"], narrowed_calls=True, launched=launched))
     assert not failures and table[0]["status"] == "ok"
+    # ... and only calls its `case` regex selects
+    table, failures = check([req(case="norm=rms")], [], Scope(["sm_90"], narrowed_calls=True, launched=launched))
+    assert not failures and table[0]["status"] == "not in this run"
+    table, failures = check([req(case="D=64")], [], Scope(["sm_90"], narrowed_calls=True, launched=launched))
+    assert len(failures) == 1 and "sm_90/bf16/64" in failures[0]["error"]
 
 
 def test_requirement_same_mma_count():

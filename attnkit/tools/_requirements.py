@@ -180,7 +180,7 @@ def collect(package: str = "attnkit.ops", modules: list[str] | None = None,
 class Scope:
     """What a run audited, for the coverage rule: the archs, whether it was narrowed, the
     `--kernel` regex, and every recorded launch before the `--kernel` filter as
-    (arch, kernel, dtype, head dim) tuples."""
+    (arch, kernel, dtype, head dim, call name) tuples."""
 
     archs: list[str]
     narrowed_calls: bool = False          # --op or --case
@@ -195,20 +195,22 @@ def in_scope(req: Requirement, arch: str, dtype: str | None, head_dim: int | Non
     * with ``--kernel``: the run's calls launch a kernel that both the ``--kernel`` regex and
       the requirement's regex match (a requirement about a kernel the filter excludes is out of
       scope), and
-    * with ``--op``/``--case``: one of the narrowed calls with that dtype and head dim launches a
-      kernel the requirement's regex matches.
+    * with ``--op``/``--case``: one of the narrowed calls with that dtype and head dim (and whose
+      name the requirement's ``case`` regex matches) launches a kernel the requirement's regex
+      matches.
 
     An un-narrowed run (the CI audit) therefore covers every combination of every requirement
     whose arch it audits."""
     if arch not in scope.archs:
         return False
     if scope.kernel_filter is not None:
-        names = {k for (_, k, _, _) in scope.launched}
+        names = {x[1] for x in scope.launched}
         if not any(re.search(scope.kernel_filter, k) and re.search(req.kernel, k) for k in names):
             return False
     if scope.narrowed_calls:
         if not any(a == arch and re.search(req.kernel, k) and (dtype is None or dt == dtype)
-                   and (head_dim is None or d == head_dim) for (a, k, dt, d) in scope.launched):
+                   and (head_dim is None or d == head_dim) and (req.case is None or re.search(req.case, name))
+                   for (a, k, dt, d, name) in scope.launched):
             return False
     return True
 

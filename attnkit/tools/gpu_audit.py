@@ -123,7 +123,7 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
     failures: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     variants: dict[tuple[str, str], Variant] = {}
-    launched: set[tuple[str, str, str, int]] = set()  # (arch, kernel, dtype, head dim), before --kernel
+    launched: set[tuple[str, str, str, int, str]] = set()  # (arch, kernel, dtype, D, call), before --kernel
     n_launches = 0
     if requirements is None:
         requirements, req_errors = collect_requirements(modules=requirement_modules, known_archs=TARGETS)
@@ -143,7 +143,7 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
                         (skipped if c.optional else failures).append(entry)
                     continue
                 for launch in launches:
-                    launched.add((arch, launch.kernel, SHORT_DTYPE[c.dtype], c.head_dim))
+                    launched.add((arch, launch.kernel, SHORT_DTYPE[c.dtype], c.head_dim, c.name))
                     if pattern is not None and not pattern.search(launch.kernel):
                         continue
                     n_launches += 1

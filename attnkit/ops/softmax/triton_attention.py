@@ -150,10 +150,19 @@ def _mma_sync_regs(capability) -> int:
     return 64 if capability is not None and capability[0] < 9 else 0
 
 
+# Extra registers of a 4-warp forward (one warp group, M = 64 wgmma): the sm_90 audit
+# (2026-12-02, bf16) had 64 x 64 / D128 / 3 stages at an estimate of 184 spill 44 B and
+# 64 x 128 / D64 / 3 stages at 200 spill 56 B, while 64 x 64 / D64 / 3 stages (136) and
+# 64 x 32 / D128 / 2 stages (128) compiled at 164 and 174 registers without spilling.
+FWD_4WARP_REGS = 32
+
+
 def fwd_regs(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> float:
-    """Accumulator `[BM, BDV]` and logits/probabilities `2 x [BM, BN]` in float32, `[BM, BD]` Q."""
+    """Accumulator `[BM, BDV]` and logits/probabilities `2 x [BM, BN]` in float32, `[BM, BD]` Q
+    (+ FWD_4WARP_REGS at 4 warps)."""
     bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
-    return _regs(bm * BDV + 2 * bm * bn, bm * BD, elsize, cfg.num_warps, cfg.num_stages)
+    return (_regs(bm * BDV + 2 * bm * bn, bm * BD, elsize, cfg.num_warps, cfg.num_stages)
+            + FWD_4WARP_REGS * (cfg.num_warps <= 4))
 
 
 def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
@@ -850,8 +859,11 @@ def _attention_bwd_dkdv_kernel(
              mask=m_col[:, None] & m_dv[None, :])
     b_dk = b_dk * scale
     if NORM != 0:
-        # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward
-        b_dk, _ = row_norm_bwd_x(b_dk, b_k, r_k, k_base, o_d, m_d, D, NORM, False)
+        # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward.
+        # The raw keys are read again rather than kept in registers through the loop (the
+        # products read them from shared memory; holding them spilled at D = 128)
+        b_xk = load_tile(k_base + tl.cast(c0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, True, EVEN_D)
+        b_dk, _ = row_norm_bwd_x(b_dk, b_xk, r_k, k_base, o_d, m_d, D, NORM, False)
     tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_col[:, None] & m_d[None, :])
 
 
@@ -1012,16 +1024,25 @@ def _attention_bwd_dq_kernel(
         b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
         b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
         b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
-        if HAS_KW:
-            tl.store(dkw_part + i_prog * D + o_d,
-                     tl.sum(b_acc * b_xq.to(tl.float32) * r_q[:, None], 0) * b_wq * scale, mask=m_d)
-        b_dq, b_dqw = row_norm_bwd_x(b_acc * (b_wk * scale)[None, :], b_xq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
-        if HAS_QW:
-            tl.store(dqw_part + i_prog * D + o_d, b_dqw, mask=m_d)
+        # the norm backward of `row_norm_bwd_x` with g·w_q = scale · acc ⊙ w_k ⊙ w_q formed in place
+        b_gy = b_acc * (b_wk * b_wq * scale)[None, :]
+        b_c = tl.sum(b_gy * b_xq.to(tl.float32), 1) * r_q
+        if NORM == 1:
+            b_c = b_c / D
+        b_dq = r_q[:, None] * (b_gy - b_xq.to(tl.float32) * (r_q * b_c)[:, None])
+        tl.store(dq + p_row[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
+                 mask=m_row[:, None] & m_d[None, :])
+        if HAS_QW or HAS_KW:
+            # after dq is stored (registers): both weight gradients share Σ_rows acc ⊙ y_q
+            # (y_q = x_q·r_q): dw_k = scale·w_q ⊙ it, dw_q = scale·w_k ⊙ it (one column sum)
+            b_cs = tl.sum(b_acc * b_xq.to(tl.float32) * r_q[:, None], 0) * scale
+            if HAS_KW:
+                tl.store(dkw_part + i_prog * D + o_d, b_cs * b_wq, mask=m_d)
+            if HAS_QW:
+                tl.store(dqw_part + i_prog * D + o_d, b_cs * b_wk, mask=m_d)
     else:
-        b_dq = b_acc * scale
-    tl.store(dq + p_row[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_row[:, None] & m_d[None, :])
+        tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_acc * scale).to(dq.dtype.element_ty),
+                 mask=m_row[:, None] & m_d[None, :])
 
 
 # -------------------------------------------------------------------------------- host launchers
