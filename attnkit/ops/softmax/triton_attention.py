@@ -552,6 +552,33 @@ _HEURISTICS = {
 
 
 @triton.jit
+def _kv_tile_logits(b_q, r_row, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
+                    BN: tl.constexpr, MASK: tl.constexpr, NORM: tl.constexpr, EVEN_D: tl.constexpr,
+                    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The K/V tile at key `n0` for resident query rows `b_q [BM, BD]` (forward and dq): loads
+    `K [BN, BD]`, `V [BN, BDV]` (masked only on a boundary tile, MASK) and returns
+    `(raw, b_k, b_v, r_k, cols, m_col)` with the raw logits `raw = q·kᵀ [BM, BN]` in float32,
+    scaled by `r_row[:, None]·r_k[None, :]` with a norm (`r_k` the keys' rstd from the pre-pass,
+    loaded once per tile; `r_row` the caller's per-row factor), unscaled without one."""
+    o_n = tl.arange(0, BN)
+    cols = n0 + o_n
+    m_col = cols < s_len
+    # [BN, BD], [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
+    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
+    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
+    # [BM, BD] @ [BD, BN] -> [BM, BN]
+    b_raw = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    r_k = m_col.to(tl.float32)  # unused without a norm
+    if NORM != 0:
+        if MASK:
+            r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
+        else:
+            r_k = tl.load(rk_base + cols * HK)
+        b_raw = b_raw * r_row[:, None] * r_k[None, :]
+    return b_raw, b_k, b_v, r_k, cols, m_col
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
               o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
               BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
@@ -560,21 +587,10 @@ def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_ro
     """One key tile of the online softmax. MASK: a boundary tile (key bounds and window tested);
     otherwise every row of the block sees every key of the tile and nothing is tested. With a
     norm, `b_rs = sc1·r_q` per row and `r_k` per key scale the product."""
-    o_n = tl.arange(0, BN)
-    cols = n0 + o_n
-    m_col = cols < s_len
-    # [BN, BD], [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
-    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
-    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
-    # [BM, BD] @ [BD, BN] -> [BM, BN]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-    if NORM != 0:
-        if MASK:
-            r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
-        else:
-            r_k = tl.load(rk_base + cols * HK)
-        b_s = b_s * b_rs[:, None] * r_k[None, :]
-    else:
+    b_s, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, b_rs, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv,
+                                                      m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, MASK, NORM, EVEN_D,
+                                                      EVEN_DV, DOT_PRECISION)
+    if NORM == 0:
         b_s = b_s * sc1
     if SOFTCAP:
         b_s = tanh(b_s) * sc2
@@ -875,20 +891,10 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile for the resident query rows: accumulates Σ_j dz_j·(r_j x_j) (dz = dL/dz,
     z = scale·q̂·k̂ the logits before the cap) and the three tensor-scale row sums."""
-    o_n = tl.arange(0, BN)
-    cols = n0 + o_n
-    m_col = cols < s_len
-    # [BN, BD] raw keys, [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
-    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
-    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
-    # [BM, BD] @ [BD, BN] -> [BM, BN]
-    b_raw = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-    if NORM != 0:
-        if MASK:
-            r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
-        else:
-            r_k = tl.load(rk_base + cols * HK)
-        b_raw = b_raw * r_q[:, None] * r_k[None, :]  # q̂·k̂
+    # raw = q̂·k̂ (with a norm, r_q·r_k scale the product of the operands)
+    b_raw, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, r_q, k_base, v_base, rk_base, n0, s_len, o_d, m_d,
+                                                        o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, MASK, NORM,
+                                                        EVEN_D, EVEN_DV, DOT_PRECISION)
     b_s = b_raw * sc1
     if SOFTCAP:
         b_th = tanh(b_s)
