@@ -262,6 +262,26 @@ def test_qk_norm(case, dtype, nan_empty):
     compare_op(attnkit.qk_norm, make_args, dtype, BACKEND, grad=True, output_names=["y"])
 
 
+def test_qk_norm_backward_grid_follows_the_shared_sm_count(monkeypatch, nan_empty):
+    """The backward's program count comes from `attnkit.tools.sm_count` (ATTNKIT_SM_COUNT), 4 per
+    SM: with 1 SM, 9 row blocks run on 4 programs, each looping over several blocks and summing
+    its weight partial, and the gradients stay exact."""
+    from attnkit.ops.softmax.triton_qk_norm import _bwd_programs
+
+    monkeypatch.setenv("ATTNKIT_SM_COUNT", "1")
+    assert _bwd_programs(9, torch.device("cpu")) == 4 and _bwd_programs(3, torch.device("cpu")) == 3
+    monkeypatch.setenv("ATTNKIT_SM_COUNT", "7")
+    assert _bwd_programs(100, torch.device("cpu")) == 28
+    monkeypatch.setenv("ATTNKIT_SM_COUNT", "1")
+    x = _data(9, 64, 64)  # 576 rows of 64: 9 blocks of 64 rows
+    w = _data(64) * 0.5 + 1
+
+    def make_args(dt):
+        return (_as(x, dt), _aux_as(w, dt, "f32")), dict(mode="rms", eps=1e-5)
+
+    compare_op(attnkit.qk_norm, make_args, torch.float32, BACKEND, grad=True, output_names=["y"])
+
+
 # ------------------------------------------------------------------------------- dispatch, tuning
 
 

@@ -33,7 +33,6 @@ program finds its sequence by a binary search over `cu_seqlens`.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -60,18 +59,6 @@ AUDIT_REQUIREMENTS = [
          case=r"norm=rms", same_mma_count_as=_PLAIN_CALL,
          why="issue 12: the RMS-norm forward has the same number of MMA instructions as the plain forward"),
 ]
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); 4 for the CPU interpreter."""
-    if device.type != "cuda":
-        return 4
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def head_block(d: int) -> int:
