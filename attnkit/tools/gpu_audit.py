@@ -9,7 +9,7 @@ variant fails to compile, a kept config needs more shared memory than the archit
 a kernel module under ``attnkit/ops`` (``attnkit/tools/_requirements.py``; a requirement that
 matches no audited variant fails too). See ``docs/gpu_audit.md``.
 
-    python -m attnkit.tools.gpu_audit --arch sm_90 --quick            # CI: hot kernels
+    python -m attnkit.tools.gpu_audit --arch sm_90 --arch sm_80 --quick   # CI: hot kernels
     python -m attnkit.tools.gpu_audit --arch sm_90 --arch sm_80 --json audit.json
 """
 
