@@ -152,12 +152,23 @@ def fwd_regs(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> float:
             + FWD_4WARP_REGS * (cfg.num_warps <= 4))
 
 
+# Forward tiles (BM, BN, num_warps) kept only when no other config survives the prune: 64 x 32 on
+# 8 warps is the smallest tile (the fallback of fp32 / head dim 256 / sm_80), dominated by 64 x 64
+# on 8 warps wherever that fits, and the GPU machine's Triton 3.6 ptxas crashes on it for sm_90 at
+# head dim 64 bf16 (`ptxas` error code -11, audit of 2026-12-02; Triton 3.9 compiles it).
+FWD_FALLBACK_ONLY = {(64, 32, 8)}
+
+
 def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
-    """Configs that fit the device's shared memory and the register budget; when none fits the
-    budget, the one with the fewest estimated registers that fits shared memory."""
+    """Configs that fit the device's shared memory and the register budget (the FWD_FALLBACK_ONLY
+    tiles only when nothing else does); when none fits the budget, the one with the fewest
+    estimated registers that fits shared memory."""
     limit = smem_limit(capability)
     fits = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
     kept = [c for c in fits if fwd_regs(c, BD, BDV, elsize) + _mma_sync_regs(capability) <= REG_BUDGET]
+    preferred = [c for c in kept if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps) not in FWD_FALLBACK_ONLY]
+    if preferred:
+        return preferred
     if kept:
         return kept
     if fits:
