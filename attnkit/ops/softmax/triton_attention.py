@@ -33,6 +33,7 @@ program finds its sequence by a binary search over `cu_seqlens`.
 
 from __future__ import annotations
 
+import contextvars
 import os
 
 import torch
@@ -94,6 +95,43 @@ def _capability(t: torch.Tensor) -> tuple[int, int] | None:
         return None
     arch = os.environ.get("ATTNKIT_TARGET_ARCH", "sm_80").removeprefix("sm_")
     return (int(arch[:-1]), int(arch[-1])) if arch.isdigit() and len(arch) >= 2 else (8, 0)
+
+
+#: Set to "0" to keep the forward on the pointer path everywhere (no tensor descriptors).
+TMA_ENV = "ATTNKIT_TMA"
+
+
+def use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward loads its whole K/V tiles through tensor descriptors (TMA): on sm_90 or
+    newer (the target arch when recording on CPU/meta tensors; any device under the interpreter,
+    which emulates descriptors, so the CPU tests run this path), unless `$ATTNKIT_TMA` is "0", and
+    only when TMA can address the tensors: unit last stride, 16-byte aligned base and every other
+    stride a multiple of 16 bytes. Other inputs (unaligned, strided views) take the pointer path."""
+    if os.environ.get(TMA_ENV, "1") == "0":
+        return False
+    if not interpreted():
+        cap = _capability(k)
+        if cap is None or cap[0] < 9:
+            return False
+    for x in (k, v):
+        e = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((st * e) % 16 for st in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _scratch_allocator(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch_with_scratch(launch):
+    """Runs `launch()` with Triton's scratch allocator set in a copy of the current context, so the
+    caller's allocator setting (a context variable) is left as it was."""
+    def run():
+        triton.set_allocator(_scratch_allocator)
+        return launch()
+    return contextvars.copy_context().run(run)
 
 
 def len_bucket(n: int) -> int:
@@ -550,11 +588,12 @@ _HEURISTICS = {
 
 
 @triton.jit
-def _kv_tile_logits(b_q, r_row, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
+def _kv_tile_logits(b_q, r_row, k_desc, v_desc, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
                     BN: tl.constexpr, MASK: tl.constexpr, NORM: tl.constexpr, EVEN_D: tl.constexpr,
-                    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """The K/V tile at key `n0` for resident query rows `b_q [BM, BD]` (forward and dq): loads
-    `K [BN, BD]`, `V [BN, BDV]` (masked only on a boundary tile, MASK) and returns
+    `K [BN, BD]`, `V [BN, BDV]` (masked only on a boundary tile, MASK; through the tensor
+    descriptors `k_desc`/`v_desc` on whole tiles when USE_TMA) and returns
     `(raw, b_k, b_v, r_k, cols, m_col)` with the raw logits `raw = q·kᵀ [BM, BN]` in float32,
     scaled by `r_row[:, None]·r_k[None, :]` with a norm (`r_k` the keys' rstd from the pre-pass,
     loaded once per tile; `r_row` the caller's per-row factor), unscaled without one."""
@@ -562,8 +601,13 @@ def _kv_tile_logits(b_q, r_row, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_
     cols = n0 + o_n
     m_col = cols < s_len
     # [BN, BD], [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
-    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
-    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
+    if USE_TMA and not MASK:
+        # TMA (Hopper): head-dim padding past D comes back as zeros from the descriptor's bounds
+        b_k = k_desc.load([n0, 0])
+        b_v = v_desc.load([n0, 0])
+    else:
+        b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
+        b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
     # [BM, BD] @ [BD, BN] -> [BM, BN]
     b_raw = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
     r_k = m_col.to(tl.float32)  # unused without a norm
@@ -577,17 +621,17 @@ def _kv_tile_logits(b_q, r_row, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
+def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
               o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
               BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
               NORM: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """One key tile of the online softmax. MASK: a boundary tile (key bounds and window tested);
     otherwise every row of the block sees every key of the tile and nothing is tested. With a
     norm, `b_rs = sc1·r_q` per row and `r_k` per key scale the product."""
-    b_s, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, b_rs, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv,
+    b_s, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv,
                                                       m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, MASK, NORM, EVEN_D,
-                                                      EVEN_DV, DOT_PRECISION)
+                                                      EVEN_DV, DOT_PRECISION, USE_TMA)
     if NORM == 0:
         b_s = b_s * sc1
     if SOFTCAP:
@@ -610,7 +654,7 @@ def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_ro
     return acc, l_i, m_new
 
 
-@triton.heuristics(_HEURISTICS)
+@triton.heuristics({**_HEURISTICS, "USE_TMA": lambda args: use_tma(args["k"], args["v"])})
 @triton.autotune(configs=fwd_configs(), key=["BD", "BDV", "G", "HAS_WL", "HAS_WR", "NORM", "SOFTCAP", "LEN_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
@@ -622,7 +666,7 @@ def _attention_fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
-    IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BM packed query rows of one sequence); longest
     # blocks first when the window is bounded on the right (causal)
@@ -671,18 +715,25 @@ def _attention_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    k_desc = k_base  # unused on the pointer path
+    v_desc = v_base
+    if USE_TMA:
+        # K/V of this (sequence, KV head) as 2-D [s_len, D] tensors for the whole tiles (the host
+        # checked 16-byte alignment of the bases and strides, unit last stride)
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[s_len, D], strides=[s_kt, 1], block_shape=[BN, BD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[s_len, DV], strides=[s_vt, 1], block_shape=[BN, BDV])
     for n0 in range(a, u0, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
-                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION, False)
     for n0 in range(u0, u1, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, False,
-                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION, USE_TMA)
     for n0 in range(u1, b, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
-                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION, False)
 
     # a row that sees no key: o = 0, lse = -inf
     empty = l_i == 0.
@@ -890,9 +941,9 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
     """One key tile for the resident query rows: accumulates Σ_j dz_j·(r_j x_j) (dz = dL/dz,
     z = scale·q̂·k̂ the logits before the cap) and the three tensor-scale row sums."""
     # raw = q̂·k̂ (with a norm, r_q·r_k scale the product of the operands)
-    b_raw, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, r_q, k_base, v_base, rk_base, n0, s_len, o_d, m_d,
+    b_raw, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, r_q, k_base, v_base, k_base, v_base, rk_base, n0, s_len, o_d, m_d,
                                                         o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, MASK, NORM,
-                                                        EVEN_D, EVEN_DV, DOT_PRECISION)
+                                                        EVEN_D, EVEN_DV, DOT_PRECISION, False)
     b_s = b_raw * sc1
     if SOFTCAP:
         b_th = tanh(b_s)
@@ -1122,7 +1173,13 @@ def attention_fwd(q, k, v, *, causal: bool, scale: float | torch.Tensor, norm: s
     with device_guard(q):
         args = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k,
                             window_bounds(window, causal), norm)
-        _attention_fwd_kernel[grid](o=o, lse=lse, rq=rq, rk=rk, **{**args, **q_op})
+        def launch():
+            _attention_fwd_kernel[grid](o=o, lse=lse, rq=rq, rk=rk, **{**args, **q_op})
+
+        if q.is_cuda and use_tma(k, v):
+            _launch_with_scratch(launch)
+        else:
+            launch()
     return o, lse, rq, rk
 
 
