@@ -284,6 +284,9 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
                          f"size), got {shape_str(block_table)}")
     capacity = block_table.shape[1] * block_size
     if lengths is not None and value_checks_enabled(block_table, lengths) and batch > 0:
+        if block_table.numel() <= SMALL_READ and lengths.numel() <= SMALL_READ:
+            _block_table_values_small(block_table, num_blocks, block_size, lengths, new_tokens)
+            return block_table.contiguous()
         total = lengths.long() + new_tokens
         longest = int(total.max())
         if longest > capacity:
@@ -307,3 +310,31 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
                 raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
                                  "slot; rows may share blocks they only read, not blocks they write")
     return block_table.contiguous()
+
+
+def _block_table_values_small(block_table: torch.Tensor, num_blocks: int, block_size: int,
+                              lengths: torch.Tensor, new_tokens: int) -> None:
+    """The value checks of :func:`check_block_table` for a small table (at most `SMALL_READ`
+    entries): one read of the table and one of the lengths, the same checks and messages as the
+    on-device version."""
+    rows, totals = block_table.tolist(), [n + new_tokens for n in lengths.tolist()]
+    max_blocks = block_table.shape[1]
+    capacity = max_blocks * block_size
+    longest = max(totals)
+    if longest > capacity:
+        b = totals.index(longest)
+        raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
+                         f"row {b}: max_blocks * block_size = {max_blocks} * "
+                         f"{block_size} = {capacity}")
+    for b, (row, total) in enumerate(zip(rows, totals)):
+        for j in range(max(0, -(-total // block_size))):  # the blocks of the row's first `total` tokens
+            if not 0 <= row[j] < num_blocks:
+                raise ValueError(f"block_table[{b}, {j}] = {row[j]} is used by row {b} but "
+                                 f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
+                                 f"(num_blocks = k_cache.shape[0])")
+    if new_tokens > 0:
+        slots = [row[p // block_size] * block_size + p % block_size
+                 for row, total in zip(rows, totals) for p in range(total - new_tokens, total)]
+        if len(set(slots)) != len(slots):
+            raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
+                             "slot; rows may share blocks they only read, not blocks they write")

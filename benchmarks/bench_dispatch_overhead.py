@@ -26,6 +26,7 @@ inflates far less.
 Examples:
     python benchmarks/bench_dispatch_overhead.py
     python benchmarks/bench_dispatch_overhead.py --ops qk_norm attention_decode --reps 50
+    python benchmarks/bench_dispatch_overhead.py --ops loki_attention_decode loki_cache_append --clock process
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnkit  # noqa: E402
 from attnkit import _custom_ops, dispatch  # noqa: E402
+from attnkit.ops import loki as loki_ops  # noqa: E402
 from attnkit.native import _build  # noqa: E402
 
 
@@ -55,6 +57,9 @@ def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
     lens = torch.tensor([5, 9], dtype=torch.int32, device=device)
     native = "cuda" if device == "cuda" else _native()
     decay = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
+    basis = attnkit.loki_calibrate(torch.randn(64, 2, 16)).to(device)
+    table = torch.arange(8, dtype=torch.int32, device=device).view(2, 4)  # 8 blocks of 4 tokens
+    loki = "cuda" if device == "cuda" else _native()
     return {
         "qk_norm": ("reference", attnkit.qk_norm, dict(args=(r(2, 1, 4, 16), r(16)))),
         "attention": ("reference", attnkit.attention,
@@ -68,6 +73,16 @@ def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
                              dict(args=(r(1, 4, 2, 16), r(1, 4, 2, 16), r(1, 4, 2, 16)))),
         "lightning_attention": ("reference", attnkit.lightning_attention,
                                 dict(args=(r(1, 4, 4, 16), r(1, 4, 2, 16), r(1, 4, 2, 16), decay))),
+        "loki_attention_decode": (loki, attnkit.loki_attention_decode,
+                                  dict(args=(r(2, 1, 4, 16), r(2, 16, 2, 16), r(2, 16, 2, 16), lens, basis),
+                                       kwargs=dict(rank=4, top_k=4))),
+        # paged: the block table's checks run on every call
+        "loki_attention_decode_lowrank": ("reference", loki_ops.loki_attention_decode_lowrank,
+                                          dict(args=(r(2, 1, 4, 16), r(8, 2, 4, 4), r(8, 4, 2, 16), r(8, 4, 2, 16),
+                                                     lens, basis), kwargs=dict(rank=4, top_k=4, block_table=table))),
+        "loki_cache_append": ("reference", loki_ops.loki_cache_append,
+                              dict(args=(r(2, 1, 2, 16), r(2, 1, 2, 16), r(2, 16, 2, 16), r(2, 16, 2, 16), lens,
+                                         basis), kwargs=dict(k_lowrank=r(2, 2, 16, 4)))),
     }
 
 

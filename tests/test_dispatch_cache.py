@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit import _validation as V
 from attnkit import dispatch
 from attnkit.ops.linear import api as linear_api
 from attnkit.ops.loki import api as loki_api
@@ -313,3 +314,48 @@ def test_loki_cache_object_steps_equal_the_uncached_path():
     for a, b in zip(got_a + bufs_a, got_b + bufs_b):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert outs[0][4].tolist() == [9, 9]
+
+
+def _table_error(monkeypatch, small_read, *args):
+    monkeypatch.setattr(V, "SMALL_READ", small_read)
+    try:
+        V.check_block_table(*args)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_block_table_value_checks_read_small_tables_once_with_the_same_verdicts(monkeypatch, seed):
+    """Small tables are checked on the host after one read (what every paged decode step pays),
+    larger ones on the device: random tables (some entries out of range, shared blocks, lengths
+    past the capacity) get the same verdict and message both ways."""
+    g = torch.Generator().manual_seed(seed)
+    B, max_blocks, block_size, num_blocks = 3, 4, int(torch.randint(1, 4, (), generator=g)), 9
+    new_tokens = int(torch.randint(0, 3, (), generator=g))
+    table = torch.randint(-1, num_blocks + 1, (B, max_blocks), generator=g, dtype=torch.int32)
+    if seed % 2:  # mostly valid: distinct blocks, one entry possibly broken
+        table = torch.randperm(num_blocks, generator=g)[:B * max_blocks].view(B, -1).to(torch.int32) \
+            if B * max_blocks <= num_blocks else torch.arange(B * max_blocks, dtype=torch.int32).view(B, -1) % num_blocks
+    lengths = torch.randint(0, max_blocks * block_size + 2 - new_tokens, (B,), generator=g, dtype=torch.int32)
+    args = (table, B, num_blocks, block_size, lengths, new_tokens)
+    small, large = _table_error(monkeypatch, 256, *args), _table_error(monkeypatch, 0, *args)
+    assert small == large
+
+
+def test_block_table_value_checks_catch_each_error_on_both_paths(monkeypatch):
+    table = i32(0, 1, 2, 3, 4, 5).view(2, 3)
+    for small_read in (256, 0):
+        run = lambda t, lens, new=1: _table_error(monkeypatch, small_read, t, 2, 6, 4, lens, new)  # noqa: E731
+        assert run(table, i32(3, 11)) is None
+        assert "cache_seqlens[1] + Tq = 13 tokens do not fit in block_table row 1" in run(table, i32(3, 12))
+        bad = table.clone()
+        bad[1, 2] = 6
+        assert run(bad, i32(3, 7)) is None  # row 1 uses 2 blocks for 8 tokens: entry 2 is never read
+        assert run(bad, i32(3, 8)).startswith("block_table[1, 2] = 6 is used by row 1 but is not a block")
+        bad[0, 0] = -1
+        assert run(bad, i32(3, 8)).startswith("block_table[0, 0] = -1 is used by row 0")
+        shared = i32(0, 1, 2, 0, 4, 5).view(2, 3)
+        assert run(shared, i32(5, 5), new=0) is None  # shared blocks read only
+        assert "same cache slot" in run(shared, i32(3, 3))
+        assert run(shared, i32(3, 4)) is None  # row 0 writes block 0, row 1 block 4
