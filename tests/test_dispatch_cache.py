@@ -334,9 +334,8 @@ def test_block_table_value_checks_read_small_tables_once_with_the_same_verdicts(
     B, max_blocks, block_size, num_blocks = 3, 4, int(torch.randint(1, 4, (), generator=g)), 9
     new_tokens = int(torch.randint(0, 3, (), generator=g))
     table = torch.randint(-1, num_blocks + 1, (B, max_blocks), generator=g, dtype=torch.int32)
-    if seed % 2:  # mostly valid: distinct blocks, one entry possibly broken
-        table = torch.randperm(num_blocks, generator=g)[:B * max_blocks].view(B, -1).to(torch.int32) \
-            if B * max_blocks <= num_blocks else torch.arange(B * max_blocks, dtype=torch.int32).view(B, -1) % num_blocks
+    if seed % 2:  # every entry a block, three blocks in two places each
+        table = (torch.randperm(B * max_blocks, generator=g) % num_blocks).view(B, -1).to(torch.int32)
     lengths = torch.randint(0, max_blocks * block_size + 2 - new_tokens, (B,), generator=g, dtype=torch.int32)
     args = (table, B, num_blocks, block_size, lengths, new_tokens)
     small, large = _table_error(monkeypatch, 256, *args), _table_error(monkeypatch, 0, *args)

@@ -276,15 +276,13 @@ def _check_caches(k_cache_rot: Any, v_cache: Any, B: int, D: int, block_table: A
     return block_table.shape[1] * n1, Hk, Dv, n1
 
 
-def _check_table_values(block_table: torch.Tensor | None, k_cache_rot: torch.Tensor, B: int,
-                        cache_seqlens: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
-    """Where values may be read: every table entry a row uses (the blocks of its first
-    `cache_seqlens[b] + new_tokens` tokens) is a block of the cache, the row fits the table, and
-    (appending) no two rows write one cache slot. Returns the table contiguous."""
-    if block_table is None:
-        return None
-    return V.check_block_table(block_table, B, k_cache_rot.shape[0], k_cache_rot.shape[1], cache_seqlens,
-                               new_tokens)
+def _check_table_values(block_table: torch.Tensor | None, k_cache_rot: torch.Tensor,
+                        cache_seqlens: torch.Tensor, new_tokens: int) -> None:
+    """The table's value checks (part of the ops' value-check functions): every table entry a
+    row uses (the blocks of its first `cache_seqlens[b] + new_tokens` tokens) is a block of the
+    cache, the row fits the table, and (appending) no two rows write one cache slot."""
+    if block_table is not None:
+        V.block_table_values(block_table, k_cache_rot.shape[0], k_cache_rot.shape[1], cache_seqlens, new_tokens)
 
 
 @dispatch.op("loki_attention_decode")
@@ -342,7 +340,7 @@ def _loki_attention_decode_values(kw: dict) -> None:
     lens, k_cache_rot = kw["cache_seqlens"], kw["k_cache_rot"]
     Smax, capacity = _cache_capacity(kw)
     V.index_values("cache_seqlens", lens, Smax + 1, f"Smax = {Smax}, {capacity}")
-    _check_table_values(kw.get("block_table"), k_cache_rot, lens.shape[0], lens, 0)
+    _check_table_values(kw.get("block_table"), k_cache_rot, lens, 0)
 
 
 _LOKI_ATTENTION_DECODE = dispatch.fast("loki_attention_decode", _prepare_loki_attention_decode,

@@ -101,7 +101,7 @@ def _loki_cache_append_values(kw: dict) -> None:
     room for the `T` new tokens and, paged, the `block_table` entries the rows write (they are
     blocks of the cache, rows fit the table, no two rows write one slot)."""
     lens, k_cache_rot, block_table = kw["cache_seqlens"], kw["k_cache_rot"], kw.get("block_table")
-    B, T = kw["k_new"].shape[:2]
+    T = kw["k_new"].shape[1]
     if block_table is not None:
         Smax = block_table.shape[1] * k_cache_rot.shape[1]
         capacity = "max_blocks * block_size, the capacity of block_table"
@@ -109,7 +109,7 @@ def _loki_cache_append_values(kw: dict) -> None:
         Smax, capacity = k_cache_rot.shape[1], "the capacity of k_cache_rot"
     got = V.index_values("cache_seqlens", lens, Smax + 1, f"Smax = {Smax}, {capacity}")
     if block_table is not None:
-        _check_table_values(block_table, k_cache_rot, B, lens, T)
+        _check_table_values(block_table, k_cache_rot, lens, T)
     elif T > 0 and got is not None and got[1] + T > Smax:
         room, b = got[1], int(lens.argmax())
         raise ValueError(f"cache_seqlens[b] + T must be <= Smax = {Smax} to append k_new/v_new, got "
