@@ -527,6 +527,9 @@ class FastOp:
     Traced calls (torch.compile, export, fake/proxy/functional modes, tensor subclasses),
     ``ATTNKIT_EAGER_CUSTOM_OPS=1`` and signatures the record cannot replay (a prepare step
     that makes new tensors, e.g. a `feature_map` callable) take the full path every time.
+    An argument of a :func:`register_keyed` type (a ``LokiBasis``) is keyed by its registered
+    tensor attributes, and a normalised argument that is one of them is read from the object on
+    every call.
     """
 
     __slots__ = ("name", "prepare", "names", "values", "cache")

@@ -7,7 +7,8 @@ For tiny inputs (so the kernel itself costs little), each op is timed four ways:
 * ``custom op``: the ``torch.ops.attnkit.<op>`` call the public function makes (torch's
   dispatcher, the op's autograd wrapper), no validation;
 * ``public``: ``attnkit.<op>(..., backend=<backend>)``: validation (shape, dtype and, on CPU
-  tensors, value checks), cached backend choice, then the custom op;
+  tensors, value checks) or its cached signature, cached backend choice, then the backend
+  (eager calls run it directly; docs/compile.md);
 * ``public auto``: the same with the automatic backend choice (``backend=None``);
 * ``validate``: the prepare step alone (shape/dtype/option checks; on CPU tensors also the value
   checks, which read small tensors on the host);
