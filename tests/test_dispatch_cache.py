@@ -289,6 +289,25 @@ def test_loki_cached_calls_read_the_basis_afresh():
     assert not torch.allclose(o1, o2)
 
 
+def test_loki_components_converted_per_call_are_not_replayed():
+    """float64 queries with a float32 basis: the prepare step converts the components on every
+    call, so the signature is recorded as not replayable and each call takes the full path."""
+    basis, q, kc, vc = _loki()
+    q, kc, vc = q.double(), kc.double(), vc.double()
+    fast = loki_api._LOKI_ATTENTION_DECODE
+    fast.cache.clear()
+    outs = [attnkit.loki_attention_decode(q, kc, vc, i32(7, 5), basis, rank=2, top_k=3, backend="reference")
+            for _ in range(2)]
+    assert list(fast.cache.values()) == [dispatch._SLOW]
+    components = basis.components.double()
+    assert basis.components.dtype == torch.float32
+    want = reference_loki.loki_attention_decode(q=q, k_cache_rot=kc, v_cache=vc, cache_seqlens=i32(7, 5),
+                                                components=components, rank=2, top_k=3, scale=16 ** -0.5,
+                                                selection="head")
+    for o in outs:
+        torch.testing.assert_close(o, want, rtol=0, atol=0)
+
+
 def test_loki_cache_object_steps_equal_the_uncached_path():
     """LokiCache appends and attends through the cached path; every step equals the same step
     with the caches emptied before each call (each call then runs the full path)."""
