@@ -325,22 +325,17 @@ def _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis
     return dispatch.Call(inputs=inputs, kwargs=kwargs)
 
 
-def _cache_capacity(kw: dict) -> tuple[int, str]:
-    """`(Smax, what it is)` of the (paged or contiguous) cache in normalised arguments."""
-    block_table, k_cache_rot = kw.get("block_table"), kw["k_cache_rot"]
-    if block_table is not None:
-        return (block_table.shape[1] * k_cache_rot.shape[1],
-                "max_blocks * block_size, the capacity of block_table")
-    return k_cache_rot.shape[1], "Smax, the capacity of k_cache_rot"
-
-
 def _loki_attention_decode_values(kw: dict) -> None:
     """The checks of `loki_attention_decode[_lowrank]` that read tensor values: `cache_seqlens`
     in `0..Smax` and, paged, the `block_table` entries the rows use (:func:`_check_table_values`)."""
-    lens, k_cache_rot = kw["cache_seqlens"], kw["k_cache_rot"]
-    Smax, capacity = _cache_capacity(kw)
+    lens, k_cache_rot, block_table = kw["cache_seqlens"], kw["k_cache_rot"], kw.get("block_table")
+    if block_table is not None:
+        Smax = block_table.shape[1] * k_cache_rot.shape[1]
+        capacity = "max_blocks * block_size, the capacity of block_table"
+    else:
+        Smax, capacity = k_cache_rot.shape[1], "Smax, the capacity of k_cache_rot"
     V.index_values("cache_seqlens", lens, Smax + 1, f"Smax = {Smax}, {capacity}")
-    _check_table_values(kw.get("block_table"), k_cache_rot, lens, 0)
+    _check_table_values(block_table, k_cache_rot, lens, 0)
 
 
 _LOKI_ATTENTION_DECODE = dispatch.fast("loki_attention_decode", _prepare_loki_attention_decode,
