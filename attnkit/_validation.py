@@ -282,28 +282,70 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
     if block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(f"block_table must have shape [B, max_blocks] with B = {batch} (q's batch "
                          f"size), got {shape_str(block_table)}")
-    capacity = block_table.shape[1] * block_size
-    if lengths is not None and value_checks_enabled(block_table, lengths) and batch > 0:
-        total = lengths.long() + new_tokens
-        longest = int(total.max())
-        if longest > capacity:
-            b = int(total.argmax())
-            raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
-                             f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
-                             f"{block_size} = {capacity}")
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None] * block_size < total[:, None]
-        vals = block_table[used]
-        if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_blocks):
-            bad = used & ((block_table < 0) | (block_table >= num_blocks))
-            b, j = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
-                             f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
-                             f"(num_blocks = k_cache.shape[0])")
-        if new_tokens > 0:
-            pos = lengths.long()[:, None] + torch.arange(new_tokens, device=lengths.device)
-            rows = torch.arange(batch, device=lengths.device)[:, None].expand_as(pos)
-            slots = block_table[rows, pos // block_size].long() * block_size + pos % block_size
-            if torch.unique(slots).numel() != slots.numel():
-                raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
-                                 "slot; rows may share blocks they only read, not blocks they write")
+    if lengths is not None and batch > 0 and value_checks_enabled(block_table, lengths):
+        block_table_values(block_table, num_blocks, block_size, lengths, new_tokens)
     return block_table.contiguous()
+
+
+def block_table_values(block_table: torch.Tensor, num_blocks: int, block_size: int, lengths: torch.Tensor,
+                       new_tokens: int) -> None:
+    """The value checks of :func:`check_block_table` (its shape checks passed; the caller decides
+    that value checks run): a small table (at most `SMALL_READ` entries) is read once and checked
+    on the host, a larger one is reduced on the device first."""
+    if lengths.numel() == 0:
+        return
+    if block_table.numel() <= SMALL_READ and lengths.numel() <= SMALL_READ:
+        _block_table_values_small(block_table, num_blocks, block_size, lengths, new_tokens)
+        return
+    capacity = block_table.shape[1] * block_size
+    batch = lengths.shape[0]
+    total = lengths.long() + new_tokens
+    longest = int(total.max())
+    if longest > capacity:
+        b = int(total.argmax())
+        raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
+                         f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
+                         f"{block_size} = {capacity}")
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None] * block_size < total[:, None]
+    vals = block_table[used]
+    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_blocks):
+        bad = used & ((block_table < 0) | (block_table >= num_blocks))
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
+                         f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
+                         f"(num_blocks = k_cache.shape[0])")
+    if new_tokens > 0:
+        pos = lengths.long()[:, None] + torch.arange(new_tokens, device=lengths.device)
+        rows = torch.arange(batch, device=lengths.device)[:, None].expand_as(pos)
+        slots = block_table[rows, pos // block_size].long() * block_size + pos % block_size
+        if torch.unique(slots).numel() != slots.numel():
+            raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
+                             "slot; rows may share blocks they only read, not blocks they write")
+
+
+def _block_table_values_small(block_table: torch.Tensor, num_blocks: int, block_size: int,
+                              lengths: torch.Tensor, new_tokens: int) -> None:
+    """The value checks of :func:`check_block_table` for a small table (at most `SMALL_READ`
+    entries): one read of the table and one of the lengths, the same checks and messages as the
+    on-device version."""
+    rows, totals = block_table.tolist(), [n + new_tokens for n in lengths.tolist()]
+    max_blocks = block_table.shape[1]
+    capacity = max_blocks * block_size
+    longest = max(totals)
+    if longest > capacity:
+        b = totals.index(longest)
+        raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
+                         f"row {b}: max_blocks * block_size = {max_blocks} * "
+                         f"{block_size} = {capacity}")
+    for b, (row, total) in enumerate(zip(rows, totals)):
+        for j in range(max(0, -(-total // block_size))):  # the blocks of the row's first `total` tokens
+            if not 0 <= row[j] < num_blocks:
+                raise ValueError(f"block_table[{b}, {j}] = {row[j]} is used by row {b} but "
+                                 f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
+                                 f"(num_blocks = k_cache.shape[0])")
+    if new_tokens > 0:
+        slots = [row[p // block_size] * block_size + p % block_size
+                 for row, total in zip(rows, totals) for p in range(total - new_tokens, total)]
+        if len(set(slots)) != len(slots):
+            raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
+                             "slot; rows may share blocks they only read, not blocks they write")
