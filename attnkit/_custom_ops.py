@@ -11,9 +11,11 @@ is one opaque node with:
 * a fake implementation (output shapes and dtypes from the contract, never reading values);
 * for the differentiable ops (``attention``, ``qk_norm``, ``linear_attention``,
   ``lightning_attention``) autograd registered with ``register_autograd``, whose backward is the
-  op ``<name>_backward``: it reruns the chosen backend's forward with autograd on and
-  differentiates it, so every backend's own backward (the Triton backward kernels, autograd
-  through the reference) computes the gradients (the cost: one extra forward in the backward);
+  op ``<name>_backward``. With the ``triton`` backend the forward ops of ``attention``,
+  ``linear_attention`` and ``lightning_attention`` also return the backward kernels' residuals
+  (lse, QK-norm rstd, segment states, ...) and the backward op runs only the backward kernels on
+  them; otherwise the backward op reruns the chosen backend's forward with autograd on and
+  differentiates it (autograd through the reference; the cost: one extra forward);
 * for the in-place ops (``attention_decode_append``, ``linear_attention_step``,
   ``loki_cache_append``) the mutated tensors declared in the schema (``Tensor(a!)``).
 
@@ -154,17 +156,45 @@ def _attention_outputs(res, q: Tensor, return_lse: bool) -> tuple[Tensor, Tensor
     return o, (lse if lse is not None else _empty(q, _state_dtype(q.dtype)))
 
 
-@_op("attention", f"({_ATTN_TENSORS}, *, {_ATTN_OPTIONS}) -> (Tensor, Tensor)")
+def _triton_attention():
+    from .ops.softmax import triton_attention
+
+    return triton_attention
+
+
+def _triton_attention_args(q, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k, *, causal,
+                           scale, qk_norm, norm_eps, window, softcap) -> dict:
+    """The options of the Triton attention kernels' launchers (what the backend entry derives)."""
+    return dict(causal=causal, scale=scale_tensor if scale_tensor is not None else
+                (float(scale) if scale is not None else q.shape[-1] ** -0.5),
+                norm=qk_norm, q_w=q_norm_weight if qk_norm is not None else None,
+                k_w=k_norm_weight if qk_norm is not None else None, eps=norm_eps, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, window=(int(window[0]), int(window[1])), softcap=float(softcap))
+
+
+@_op("attention", f"({_ATTN_TENSORS}, *, {_ATTN_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)")
 def _attention(q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
                cu_seqlens_k=None, *, causal=False, scale=None, qk_norm=None, norm_eps=1e-6, return_lse=False,
                window=_NO_WINDOW, softcap=0.0, backend="reference"):
+    """Outputs `(o, lse, rq, rk)`. With the `triton` backend the kernels' own residuals: `lse`
+    always (the forward kernel writes it anyway), and the query/key rstd of the QK-norm
+    (`[B, T, H]`, `[B, S, Hk]`, empty without a norm), so the backward op runs only the backward
+    kernels. Other backends: `lse` only with `return_lse`, `rq`/`rk` empty."""
+    ins = (q, k, v, scale_tensor, q_norm_weight, k_norm_weight)
+    if backend == "triton":
+        with torch.no_grad():
+            o, lse, rq, rk = _triton_attention().attention_fwd(
+                q, k, v, **_triton_attention_args(q, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q,
+                                                  cu_seqlens_k, causal=causal, scale=scale, qk_norm=qk_norm,
+                                                  norm_eps=norm_eps, window=window, softcap=softcap))
+        return (_own(o, *ins), _own(lse, *ins), _own(rq, *ins) if rq is not None else _empty(q, torch.float32),
+                _own(rk, *ins) if rk is not None else _empty(q, torch.float32))
     kw = _attention_kwargs(q, k, v, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k,
                            causal=causal, scale=scale, qk_norm=qk_norm, norm_eps=norm_eps, return_lse=return_lse,
                            window=window, softcap=softcap)
     with torch.no_grad():
         o, lse = _attention_outputs(_fn("attention", backend)(**kw), q, return_lse)
-    ins = (q, k, v, scale_tensor, q_norm_weight, k_norm_weight)
-    return _own(o, *ins), _own(lse, *ins)
+    return _own(o, *ins), _own(lse, *ins), _empty(q, torch.float32), _empty(q, torch.float32)
 
 
 @_attention.register_fake
@@ -173,15 +203,37 @@ def _(q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seq
       backend="reference"):
     B, T, H, _ = q.shape
     o = q.new_empty(B, T, H, v.shape[3])
+    f32 = torch.float32
+    if backend == "triton":
+        lse = q.new_empty(B, H, T, dtype=f32)
+        norm = qk_norm is not None
+        rq = q.new_empty(B, T, H, dtype=f32) if norm else _empty(q, f32)
+        rk = q.new_empty(B, k.shape[1], k.shape[2], dtype=f32) if norm else _empty(q, f32)
+        return o, lse, rq, rk
     lse = q.new_empty(B, H, T, dtype=_state_dtype(q.dtype)) if return_lse else _empty(q, _state_dtype(q.dtype))
-    return o, lse
+    return o, lse, _empty(q, f32), _empty(q, f32)
 
 
-@_op("attention_backward", f"(Tensor do, Tensor dlse, {_ATTN_TENSORS}, *, bool[6] needs, {_ATTN_OPTIONS}) "
-                           "-> Tensor[]")
-def _attention_backward(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None,
+@_op("attention_backward", f"(Tensor do, Tensor dlse, Tensor o, Tensor lse, Tensor rq, Tensor rk, {_ATTN_TENSORS}, "
+                           f"*, bool[6] needs, {_ATTN_OPTIONS}) -> Tensor[]")
+def _attention_backward(do, dlse, o, lse, rq, rk, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None,
                         cu_seqlens_q=None, cu_seqlens_k=None, *, needs, causal=False, scale=None, qk_norm=None,
                         norm_eps=1e-6, return_lse=False, window=_NO_WINDOW, softcap=0.0, backend="reference"):
+    """Gradients of the forward op. `o`, `lse`, `rq`, `rk` are its outputs: the `triton` backend
+    runs its backward kernels on them; other backends rerun their forward with autograd on and
+    differentiate it (see docs/compile.md)."""
+    if backend == "triton":
+        xs = (q, k, v, scale_tensor, q_norm_weight, k_norm_weight)
+        with torch.no_grad():
+            got = _triton_attention().attention_bwd(
+                q, k, v, o, lse, do.contiguous(), dlse.contiguous() if return_lse else None,
+                rq=rq if rq.numel() else None, rk=rk if rk.numel() else None,
+                **_triton_attention_args(q, scale_tensor, q_norm_weight, k_norm_weight, cu_seqlens_q, cu_seqlens_k,
+                                         causal=causal, scale=scale, qk_norm=qk_norm, norm_eps=norm_eps,
+                                         window=window, softcap=softcap))
+        dq, dk, dv, dq_w, dk_w, dscale = got
+        norm = qk_norm is not None
+        return _fill_grads(xs, needs, (dq, dk, dv, dscale, dq_w if norm else None, dk_w if norm else None))
     with _autograd_on():
         leaves = _leaves((q, k, v, scale_tensor, q_norm_weight, k_norm_weight), needs)
         kw = _attention_kwargs(*leaves, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, qk_norm=qk_norm,
@@ -191,7 +243,7 @@ def _attention_backward(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None
 
 
 @_attention_backward.register_fake
-def _(do, dlse, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
+def _(do, dlse, o, lse, rq, rk, q, k, v, scale_tensor=None, q_norm_weight=None, k_norm_weight=None, cu_seqlens_q=None,
       cu_seqlens_k=None, *, needs, **_):
     return _fake_grads((q, k, v, scale_tensor, q_norm_weight, k_norm_weight), needs)
 
@@ -202,20 +254,27 @@ def _save(ctx, inputs, keyword_only_inputs, n_diff: int) -> None:
     ctx.needs = [isinstance(x, Tensor) and x.requires_grad for x in inputs[:n_diff]]
 
 
-def _attention_bwd(ctx, do, dlse):
-    xs = ctx.saved_tensors
-    got = _attention_backward(do, dlse, *xs, needs=ctx.needs, **ctx.options)
+def _attention_bwd(ctx, do, dlse, drq, drk):
+    *xs, o, lse, rq, rk = ctx.saved_tensors
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    got = _attention_backward(do, dlse, o, lse, rq, rk, *xs, needs=ctx.needs, **ctx.options)
     return (*_as_grads(xs[:6], ctx.needs, got), None, None)
 
 
-_attention.register_autograd(_attention_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
-                             _save(ctx, inputs, keyword_only_inputs, 6))
+def _attention_setup(ctx, inputs, keyword_only_inputs, output):
+    """Saves the inputs and the forward's outputs (`o`, `lse` and the Triton residuals; the
+    backward op of the `triton` backend needs them, the others get them for free)."""
+    _save(ctx, (*inputs, *output), keyword_only_inputs, 6)
+
+
+_attention.register_autograd(_attention_bwd, setup_context=_attention_setup)
 
 
 def _call_attention(kw: dict, backend: str):
     scale = kw["scale"]
     st = scale if isinstance(scale, Tensor) else None
-    o, lse = _attention(kw["q"], kw["k"], kw["v"], st, kw["q_norm_weight"], kw["k_norm_weight"], kw["cu_seqlens_q"],
+    o, lse, _, _ = _attention(kw["q"], kw["k"], kw["v"], st, kw["q_norm_weight"], kw["k_norm_weight"], kw["cu_seqlens_q"],
                         kw["cu_seqlens_k"], causal=kw["causal"], scale=None if st is not None else float(scale),
                         qk_norm=kw["qk_norm"], norm_eps=kw["norm_eps"], return_lse=kw["return_lse"],
                         window=list(kw.get("window") or _NO_WINDOW), softcap=float(kw.get("softcap") or 0.0),
@@ -325,6 +384,108 @@ CALLERS["qk_norm"] = lambda kw, backend: _qk_norm(kw["x"], kw["weight"], mode=kw
                                                   backend=backend)
 
 
+# ------------------------------------------------------------- chunked Triton kernels' residuals
+#
+# With the `triton` backend the forward ops of linear_attention / lightning_attention return,
+# besides the outputs, what the backward kernels need (`_CHUNK_RESIDUALS`): the denominators
+# (normalize), each segment's incoming state (`s_in`, `z_in`; non-causal: the sequence totals)
+# and, for packed sequences, the segment tables. The backward op runs only the backward kernels on
+# them. The segment length `SEG` is not an output: it is a function of the shapes and the device
+# (`triton_chunk.segment_len`), recomputed in the backward and checked against `s_in`.
+
+_CHUNK_RESIDUALS = "Tensor den, Tensor s_in, Tensor z_in, Tensor seg_info, Tensor seg_cu"
+
+
+def _triton_chunk():
+    from .ops.linear import triton_chunk
+
+    return triton_chunk
+
+
+def _chunk_plan_shape(q: Tensor, N: int, HS: int, varlen: bool) -> tuple[int, int, int]:
+    """(SEG, NS, nseg) of `triton_chunk.plan_segments` from shapes alone."""
+    tc = _triton_chunk()
+    B, T = q.shape[0], q.shape[1]
+    SEG = tc.segment_len(B * T, HS, tc.sm_count(q.device))
+    if varlen:
+        return SEG, 0, T // SEG + N
+    NS = -(-T // SEG)
+    return SEG, NS, N * NS
+
+
+def _chunk_fwd(q, k, v, decay, h0, z0, cu_seqlens, *, scale, eps, feature_map, normalize, causal,
+               output_final_state, state_heads):
+    """The Triton chunked forward: `(o, S, z, den, s_in, z_in, seg_info, seg_cu)` (empty where absent)."""
+    f32 = torch.float32
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    with torch.no_grad():
+        o, ht, zt, den, s_in, z_in, plan = _triton_chunk().chunk_linear_fwd(
+            qc, kc, vc, decay=decay, scale=float(scale), eps=float(eps), feature_map=feature_map, normalize=normalize,
+            causal=causal, state_heads=state_heads, h0=h0.contiguous() if h0 is not None else None,
+            z0=z0.contiguous() if z0 is not None else None, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, keep_fp32_output=False)
+    ins = (q, k, v, decay, h0, z0)
+
+    def out(x, *others, dtype=f32):
+        if x is None:
+            return _empty(q, dtype)
+        if any(x is y for y in others):  # outputs never alias each other: non-causal s_in is the total
+            x = x.clone()
+        return _own(x, *ins)
+
+    return (_own(o.to(q.dtype), *ins), out(ht), out(zt), out(den), out(s_in, ht), out(z_in, zt),
+            out(plan.seg_info, dtype=torch.int32), out(plan.seg_cu, dtype=torch.int32))
+
+
+def _chunk_fake(q, k, v, cu_seqlens, *, normalize, causal, output_final_state, state_heads):
+    B, T, H, K = q.shape
+    V, N, f32, i32 = v.shape[3], _n_seqs(q, cu_seqlens), torch.float32, torch.int32
+    SEG, NS, nseg = _chunk_plan_shape(q, N, state_heads, cu_seqlens is not None)
+    rows = nseg if causal else N
+    S = q.new_empty(N, state_heads, K, V, dtype=f32) if output_final_state else _empty(q, f32)
+    z = q.new_empty(N, state_heads, K, dtype=f32) if output_final_state and normalize else _empty(q, f32)
+    den = q.new_empty(B, T, H, dtype=f32) if normalize else _empty(q, f32)
+    s_in = q.new_empty(rows, state_heads, K, V, dtype=f32)
+    z_in = q.new_empty(rows, state_heads, K, dtype=f32) if normalize else _empty(q, f32)
+    seg_info = q.new_empty(nseg, 2, dtype=i32) if cu_seqlens is not None else _empty(q, i32)
+    seg_cu = q.new_empty(N + 1, dtype=i32) if cu_seqlens is not None else _empty(q, i32)
+    return q.new_empty(B, T, H, V), S, z, den, s_in, z_in, seg_info, seg_cu
+
+
+def _chunk_bwd(do, dS, dz, q, k, v, decay, h0, z0, cu_seqlens, o, den, s_in, z_in, seg_info, seg_cu, *, scale,
+               feature_map, normalize, causal, output_final_state, state_heads, need_dh0):
+    """The Triton chunked backward on the forward op's residuals: `(dq, dk, dv, dh0, dz0)`."""
+    tc = _triton_chunk()
+    N = _n_seqs(q, cu_seqlens)
+    SEG, NS, nseg = _chunk_plan_shape(q, N, state_heads, cu_seqlens is not None)
+    if causal and s_in.shape[0] != nseg:
+        raise RuntimeError(f"linear/lightning attention backward: the forward ran with {s_in.shape[0]} segments, "
+                           f"the backward plans {nseg} (SEG = {SEG}): the segment length changed between "
+                           "forward and backward (triton_chunk.force_segment_len or ATTNKIT_SM_COUNT)")
+    varlen = cu_seqlens is not None
+    plan = tc.SegmentPlan(SEG, NS, nseg, seg_info if varlen else None, seg_cu if varlen else None)
+    dht = dS.contiguous() if output_final_state else None
+    dzt = dz.contiguous() if output_final_state and normalize else None
+    with torch.no_grad():
+        return tc.chunk_linear_bwd(
+            q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), dht, dzt, decay=decay, scale=float(scale),
+            feature_map=feature_map, normalize=normalize, causal=causal, state_heads=state_heads,
+            o=o if normalize else None, den=den if normalize else None, s_in=s_in, z_in=z_in if normalize else None,
+            plan=plan, cu_seqlens=cu_seqlens, need_dh0=need_dh0)
+
+
+def _fill_grads(xs, needs, got) -> list[Tensor]:
+    """The backward op's list: the gradient where wanted (zeros if the kernels gave none), empty
+    tensors elsewhere."""
+    out = []
+    for x, n, g in zip(xs, needs, got):
+        if n and x is not None:
+            out.append(torch.zeros_like(x) if g is None else g.to(x.dtype).contiguous())
+        else:
+            out.append(_empty(x) if x is not None else torch.empty(0))
+    return out
+
+
 # ------------------------------------------------------------------------------ linear_attention
 
 _LIN_TENSORS = "Tensor q, Tensor k, Tensor v, Tensor? initial_state=None, Tensor? initial_z=None, " \
@@ -349,17 +510,26 @@ def _linear_outputs(res, q: Tensor, normalize: bool) -> tuple[Tensor, Tensor | N
     return (o, *state) if normalize else (o, state, None)
 
 
-@_op("linear_attention", f"({_LIN_TENSORS}, *, {_LIN_OPTIONS}) -> (Tensor, Tensor, Tensor)")
+@_op("linear_attention", f"({_LIN_TENSORS}, *, {_LIN_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+                         "Tensor, Tensor, Tensor)")
 def _linear_attention(q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, causal=True, feature_map=None,
                       normalize=False, scale, eps=1e-6, output_final_state=False, backend="reference"):
+    """Outputs `(o, S, z, den, s_in, z_in, seg_info, seg_cu)`: the last five are the Triton
+    backward's residuals (empty for the other backends)."""
+    if backend == "triton":
+        return _chunk_fwd(q, k, v, None, initial_state, initial_z, cu_seqlens, scale=scale, eps=eps,
+                          feature_map=feature_map, normalize=normalize, causal=causal,
+                          output_final_state=output_final_state, state_heads=k.shape[2])
     kw = _linear_kwargs(q, k, v, initial_state, initial_z, cu_seqlens, causal=causal, feature_map=feature_map,
                         normalize=normalize, scale=scale, eps=eps, output_final_state=output_final_state)
     with torch.no_grad():
         o, S, z = _linear_outputs(_fn("linear_attention", backend)(**kw), q, normalize)
     ins = (q, k, v, initial_state, initial_z)
     sd = _state_dtype(q.dtype)
+    f32, i32 = torch.float32, torch.int32
     return (_own(o, *ins), _own(S, *ins) if S is not None else _empty(q, sd),
-            _own(z, *ins) if z is not None else _empty(q, sd))
+            _own(z, *ins) if z is not None else _empty(q, sd),
+            _empty(q, f32), _empty(q, f32), _empty(q, f32), _empty(q, i32), _empty(q, i32))
 
 
 def _n_seqs(q: Tensor, cu_seqlens: Tensor | None):
@@ -367,21 +537,36 @@ def _n_seqs(q: Tensor, cu_seqlens: Tensor | None):
 
 
 @_linear_attention.register_fake
-def _(q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, normalize=False, output_final_state=False,
-      **_):
+def _(q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, causal=True, normalize=False,
+      output_final_state=False, backend="reference", **_):
+    if backend == "triton":
+        return _chunk_fake(q, k, v, cu_seqlens, normalize=normalize, causal=causal,
+                           output_final_state=output_final_state, state_heads=k.shape[2])
+    f32, i32 = torch.float32, torch.int32
+    rest = (_empty(q, f32), _empty(q, f32), _empty(q, f32), _empty(q, i32), _empty(q, i32))
     B, T, H, Dk = q.shape
     Hk, Dv, N, sd = k.shape[2], v.shape[3], _n_seqs(q, cu_seqlens), _state_dtype(q.dtype)
     o = q.new_empty(B, T, H, Dv)
     S = q.new_empty(N, Hk, Dk, Dv, dtype=sd) if output_final_state else _empty(q, sd)
     z = q.new_empty(N, Hk, Dk, dtype=sd) if output_final_state and normalize else _empty(q, sd)
-    return o, S, z
+    return (o, S, z, *rest)
 
 
-@_op("linear_attention_backward", f"(Tensor do, Tensor dS, Tensor dz, {_LIN_TENSORS}, *, bool[5] needs, "
-                                  f"{_LIN_OPTIONS}) -> Tensor[]")
-def _linear_attention_backward(do, dS, dz, q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, needs,
-                               causal=True, feature_map=None, normalize=False, scale, eps=1e-6,
-                               output_final_state=False, backend="reference"):
+@_op("linear_attention_backward", f"(Tensor do, Tensor dS, Tensor dz, Tensor o, {_CHUNK_RESIDUALS}, "
+                                  f"{_LIN_TENSORS}, *, bool[5] needs, {_LIN_OPTIONS}) -> Tensor[]")
+def _linear_attention_backward(do, dS, dz, o, den, s_in, z_in, seg_info, seg_cu, q, k, v, initial_state=None,
+                               initial_z=None, cu_seqlens=None, *, needs, causal=True, feature_map=None,
+                               normalize=False, scale, eps=1e-6, output_final_state=False, backend="reference"):
+    """Gradients of the forward op: the `triton` backend runs its backward kernels on the
+    forward's residuals; other backends rerun their forward with autograd on (docs/compile.md)."""
+    xs = (q, k, v, initial_state, initial_z)
+    if backend == "triton":
+        dq, dk, dv, dh0, dz0 = _chunk_bwd(
+            do, dS, dz, q, k, v, None, initial_state, initial_z, cu_seqlens, o, den, s_in, z_in, seg_info, seg_cu,
+            scale=scale, feature_map=feature_map, normalize=normalize, causal=causal,
+            output_final_state=output_final_state, state_heads=k.shape[2],
+            need_dh0=initial_state is not None and bool(needs[3] or needs[4]))
+        return _fill_grads(xs, needs, (dq, dk, dv, dh0, dz0))
     with _autograd_on():
         leaves = _leaves((q, k, v, initial_state, initial_z), needs)
         kw = _linear_kwargs(*leaves, cu_seqlens, causal=causal, feature_map=feature_map, normalize=normalize,
@@ -391,24 +576,25 @@ def _linear_attention_backward(do, dS, dz, q, k, v, initial_state=None, initial_
 
 
 @_linear_attention_backward.register_fake
-def _(do, dS, dz, q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, needs, **_):
+def _(do, dS, dz, o, den, s_in, z_in, seg_info, seg_cu, q, k, v, initial_state=None, initial_z=None, cu_seqlens=None, *, needs, **_):
     return _fake_grads((q, k, v, initial_state, initial_z), needs)
 
 
-def _linear_bwd(ctx, do, dS, dz):
-    xs = ctx.saved_tensors
-    got = _linear_attention_backward(do, dS, dz, *xs, needs=ctx.needs, **ctx.options)
+def _linear_bwd(ctx, do, dS, dz, *_residual_grads):
+    *xs, o, den, s_in, z_in, seg_info, seg_cu = ctx.saved_tensors
+    got = _linear_attention_backward(do, dS, dz, o, den, s_in, z_in, seg_info, seg_cu, *xs, needs=ctx.needs,
+                                     **ctx.options)
     return (*_as_grads(xs[:5], ctx.needs, got), None)
 
 
 _linear_attention.register_autograd(_linear_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
-                                    _save(ctx, inputs, keyword_only_inputs, 5))
+                                    _save(ctx, (*inputs, output[0], *output[3:]), keyword_only_inputs, 5))
 
 
 def _call_linear_attention(kw: dict, backend: str):
     state, normalize = kw["initial_state"], kw["normalize"]
     S0, z0 = (state if normalize else (state, None)) if state is not None else (None, None)
-    o, S, z = _linear_attention(kw["q"], kw["k"], kw["v"], S0, z0, kw["cu_seqlens"], causal=kw["causal"],
+    o, S, z, *_ = _linear_attention(kw["q"], kw["k"], kw["v"], S0, z0, kw["cu_seqlens"], causal=kw["causal"],
                                 feature_map=kw["feature_map"], normalize=normalize, scale=float(kw["scale"]),
                                 eps=float(kw["eps"]), output_final_state=kw["output_final_state"], backend=backend)
     if not kw["output_final_state"]:
@@ -431,29 +617,53 @@ def _lightning_kwargs(q, k, v, decay, initial_state, cu_seqlens, *, scale, outpu
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-@_op("lightning_attention", f"({_LIGHT_TENSORS}, *, {_LIGHT_OPTIONS}) -> (Tensor, Tensor)")
+@_op("lightning_attention", f"({_LIGHT_TENSORS}, *, {_LIGHT_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _lightning_attention(q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, scale,
                          output_final_state=False, backend="reference"):
+    """Outputs `(o, S, s_in, seg_info, seg_cu)`: the last three are the Triton backward's
+    residuals (empty for the other backends)."""
+    if backend == "triton":
+        o, S, _, _, s_in, _, seg_info, seg_cu = _chunk_fwd(
+            q, k, v, decay, initial_state, None, cu_seqlens, scale=scale, eps=0.0, feature_map=None, normalize=False,
+            causal=True, output_final_state=output_final_state, state_heads=q.shape[2])
+        return o, S, s_in, seg_info, seg_cu
     kw = _lightning_kwargs(q, k, v, decay, initial_state, cu_seqlens, scale=scale,
                            output_final_state=output_final_state)
     with torch.no_grad():
         o, S = _fn("lightning_attention", backend)(**kw)
     ins = (q, k, v, decay, initial_state)
-    return _own(o, *ins), (_own(S, *ins) if S is not None else _empty(q, _state_dtype(q.dtype)))
+    return (_own(o, *ins), (_own(S, *ins) if S is not None else _empty(q, _state_dtype(q.dtype))),
+            _empty(q, torch.float32), _empty(q, torch.int32), _empty(q, torch.int32))
 
 
 @_lightning_attention.register_fake
-def _(q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, output_final_state=False, **_):
+def _(q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, output_final_state=False, backend="reference", **_):
+    if backend == "triton":
+        o, S, _, _, s_in, _, seg_info, seg_cu = _chunk_fake(q, k, v, cu_seqlens, normalize=False, causal=True,
+                                                           output_final_state=output_final_state,
+                                                           state_heads=q.shape[2])
+        return o, S, s_in, seg_info, seg_cu
     B, T, H, Dk = q.shape
     sd = _state_dtype(q.dtype)
     S = q.new_empty(_n_seqs(q, cu_seqlens), H, Dk, v.shape[3], dtype=sd) if output_final_state else _empty(q, sd)
-    return q.new_empty(B, T, H, v.shape[3]), S
+    return (q.new_empty(B, T, H, v.shape[3]), S, _empty(q, torch.float32), _empty(q, torch.int32),
+            _empty(q, torch.int32))
 
 
-@_op("lightning_attention_backward", f"(Tensor do, Tensor dS, {_LIGHT_TENSORS}, *, bool[5] needs, "
-                                     f"{_LIGHT_OPTIONS}) -> Tensor[]")
-def _lightning_attention_backward(do, dS, q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, needs,
-                                  scale, output_final_state=False, backend="reference"):
+@_op("lightning_attention_backward", f"(Tensor do, Tensor dS, Tensor s_in, Tensor seg_info, Tensor seg_cu, "
+                                     f"{_LIGHT_TENSORS}, *, bool[5] needs, {_LIGHT_OPTIONS}) -> Tensor[]")
+def _lightning_attention_backward(do, dS, s_in, seg_info, seg_cu, q, k, v, decay=None, initial_state=None,
+                                  cu_seqlens=None, *, needs, scale, output_final_state=False, backend="reference"):
+    """Gradients of the forward op: the `triton` backend runs its backward kernels on the
+    forward's residuals (no gradient for `decay`: the backend refuses that case); other backends
+    rerun their forward with autograd on (docs/compile.md)."""
+    if backend == "triton":
+        xs = (q, k, v, decay, initial_state)
+        dq, dk, dv, dh0, _ = _chunk_bwd(
+            do, dS, None, q, k, v, decay, initial_state, None, cu_seqlens, None, None, s_in, None, seg_info, seg_cu,
+            scale=scale, feature_map=None, normalize=False, causal=True, output_final_state=output_final_state,
+            state_heads=q.shape[2], need_dh0=initial_state is not None and bool(needs[4]))
+        return _fill_grads(xs, needs, (dq, dk, dv, None, dh0))
     with _autograd_on():
         leaves = _leaves((q, k, v, decay, initial_state), needs)
         kw = _lightning_kwargs(*leaves, cu_seqlens, scale=scale, output_final_state=output_final_state)
@@ -462,22 +672,22 @@ def _lightning_attention_backward(do, dS, q, k, v, decay=None, initial_state=Non
 
 
 @_lightning_attention_backward.register_fake
-def _(do, dS, q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, needs, **_):
+def _(do, dS, s_in, seg_info, seg_cu, q, k, v, decay=None, initial_state=None, cu_seqlens=None, *, needs, **_):
     return _fake_grads((q, k, v, decay, initial_state), needs)
 
 
-def _lightning_bwd(ctx, do, dS):
-    xs = ctx.saved_tensors
-    got = _lightning_attention_backward(do, dS, *xs, needs=ctx.needs, **ctx.options)
+def _lightning_bwd(ctx, do, dS, *_residual_grads):
+    *xs, s_in, seg_info, seg_cu = ctx.saved_tensors
+    got = _lightning_attention_backward(do, dS, s_in, seg_info, seg_cu, *xs, needs=ctx.needs, **ctx.options)
     return (*_as_grads(xs[:5], ctx.needs, got), None)
 
 
 _lightning_attention.register_autograd(_lightning_bwd, setup_context=lambda ctx, inputs, keyword_only_inputs, output:
-                                       _save(ctx, inputs, keyword_only_inputs, 5))
+                                       _save(ctx, (*inputs, *output[2:]), keyword_only_inputs, 5))
 
 
 def _call_lightning_attention(kw: dict, backend: str):
-    o, S = _lightning_attention(kw["q"], kw["k"], kw["v"], kw["decay"], kw["initial_state"], kw["cu_seqlens"],
+    o, S, *_ = _lightning_attention(kw["q"], kw["k"], kw["v"], kw["decay"], kw["initial_state"], kw["cu_seqlens"],
                                 scale=float(kw["scale"]), output_final_state=kw["output_final_state"],
                                 backend=backend)
     return o, (S if kw["output_final_state"] else None)
@@ -530,46 +740,56 @@ def _loki_fake(q, v_cache):
     return q.new_empty(B, 1, H, v_cache.shape[3])
 
 
+def _paged(kw: dict, block_table: Tensor | None) -> dict:
+    """`block_table` (a paged Loki cache) reaches the backend only when set."""
+    if block_table is not None:
+        kw["block_table"] = block_table
+    return kw
+
+
 @_op("loki_attention_decode", "(Tensor q, Tensor k_cache_rot, Tensor v_cache, Tensor cache_seqlens, "
-                              f"Tensor components, *, {_LOKI_OPTIONS}) -> Tensor")
-def _loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, *, rank, top_k, scale,
-                           selection="head", backend="reference"):
+                              f"Tensor components, Tensor? block_table=None, *, {_LOKI_OPTIONS}) -> Tensor")
+def _loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, block_table=None, *, rank, top_k,
+                           scale, selection="head", backend="reference"):
     with torch.no_grad():
-        o = _fn("loki_attention_decode", backend)(
+        o = _fn("loki_attention_decode", backend)(**_paged(dict(
             q=q, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens, components=components,
-            rank=rank, top_k=top_k, scale=float(scale), selection=selection)
+            rank=rank, top_k=top_k, scale=float(scale), selection=selection), block_table))
     return _own(o, q, k_cache_rot, v_cache)
 
 
 @_loki_attention_decode.register_fake
-def _(q, k_cache_rot, v_cache, cache_seqlens, components, **_):
+def _(q, k_cache_rot, v_cache, cache_seqlens, components, block_table=None, **_):
     return _loki_fake(q, v_cache)
 
 
 @_op("loki_attention_decode_lowrank", "(Tensor q, Tensor k_lowrank, Tensor k_cache_rot, Tensor v_cache, "
-                                      f"Tensor cache_seqlens, Tensor components, *, {_LOKI_OPTIONS}) -> Tensor")
-def _loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, *, rank, top_k,
-                                   scale, selection="head", backend="reference"):
+                                      "Tensor cache_seqlens, Tensor components, Tensor? block_table=None, *, "
+                                      f"{_LOKI_OPTIONS}) -> Tensor")
+def _loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, block_table=None,
+                                   *, rank, top_k, scale, selection="head", backend="reference"):
     with torch.no_grad():
-        o = _fn("loki_attention_decode_lowrank", backend)(
+        o = _fn("loki_attention_decode_lowrank", backend)(**_paged(dict(
             q=q, k_lowrank=k_lowrank, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
-            components=components, rank=rank, top_k=top_k, scale=float(scale), selection=selection)
+            components=components, rank=rank, top_k=top_k, scale=float(scale), selection=selection), block_table))
     return _own(o, q, k_lowrank, k_cache_rot, v_cache)
 
 
 @_loki_attention_decode_lowrank.register_fake
-def _(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, **_):
+def _(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, block_table=None, **_):
     return _loki_fake(q, v_cache)
 
 
 @_op("loki_cache_append", "(Tensor k_new, Tensor v_new, Tensor(a!) k_cache_rot, Tensor(b!) v_cache, "
-                          "Tensor cache_seqlens, Tensor components, Tensor(c!)? k_lowrank=None, *, "
-                          "str backend='reference') -> ()", mutates=("k_cache_rot", "v_cache", "k_lowrank"))
-def _loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank=None, *,
-                       backend="reference"):
+                          "Tensor cache_seqlens, Tensor components, Tensor(c!)? k_lowrank=None, "
+                          "Tensor? block_table=None, *, str backend='reference') -> ()",
+     mutates=("k_cache_rot", "v_cache", "k_lowrank"))
+def _loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank=None,
+                       block_table=None, *, backend="reference"):
     with torch.no_grad():
-        _fn("loki_cache_append", backend)(k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache,
-                                          cache_seqlens=cache_seqlens, components=components, k_lowrank=k_lowrank)
+        _fn("loki_cache_append", backend)(**_paged(dict(
+            k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
+            components=components, k_lowrank=k_lowrank), block_table))
 
 
 @_loki_cache_append.register_fake
@@ -585,19 +805,20 @@ def _loki_decode_args(kw: dict, backend: str) -> dict:
 def _call_loki_attention_decode(kw: dict, backend: str):
     with torch.no_grad():
         return _loki_attention_decode(kw["q"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
-                                      kw["components"], **_loki_decode_args(kw, backend))
+                                      kw["components"], kw.get("block_table"), **_loki_decode_args(kw, backend))
 
 
 def _call_loki_attention_decode_lowrank(kw: dict, backend: str):
     with torch.no_grad():
         return _loki_attention_decode_lowrank(kw["q"], kw["k_lowrank"], kw["k_cache_rot"], kw["v_cache"],
-                                              kw["cache_seqlens"], kw["components"], **_loki_decode_args(kw, backend))
+                                              kw["cache_seqlens"], kw["components"], kw.get("block_table"),
+                                              **_loki_decode_args(kw, backend))
 
 
 def _call_loki_cache_append(kw: dict, backend: str):
     with torch.no_grad():
         _loki_cache_append(kw["k_new"], kw["v_new"], kw["k_cache_rot"], kw["v_cache"], kw["cache_seqlens"],
-                           kw["components"], kw["k_lowrank"], backend=backend)
+                           kw["components"], kw["k_lowrank"], kw.get("block_table"), backend=backend)
 
 
 CALLERS["loki_attention_decode"] = _call_loki_attention_decode

@@ -162,8 +162,10 @@ def check_scale(scale: Any, head_dim: int, device: torch.device) -> float | torc
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor | None, total: int, batch: int,
-                     batch_name: str = "q") -> int | None:
-    """Validate packed-sequence offsets. Returns the number of sequences N (or None)."""
+                     batch_name: str = "q", *, values: bool = True) -> int | None:
+    """Validate packed-sequence offsets. Returns the number of sequences N (or None).
+
+    `values=False`: shape/dtype checks only (the caller runs :func:`cu_seqlens_values` itself)."""
     if cu is None:
         return None
     expect_tensor(name, cu)
@@ -174,31 +176,62 @@ def check_cu_seqlens(name: str, cu: torch.Tensor | None, total: int, batch: int,
     if batch != 1:
         raise ValueError(f"with {name}, {batch_name} must be packed with batch size 1 "
                          f"([1, total, H, D]), got batch size {batch}")
-    if value_checks_enabled(cu):
-        vals = cu.tolist()
-        if vals[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {vals[0]}")
-        if any(b < a for a, b in zip(vals, vals[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {vals}")
-        if vals[-1] != total:
-            raise ValueError(f"{name}[-1] must equal the packed length {total}, got {vals[-1]}")
+    if values and value_checks_enabled(cu):
+        cu_seqlens_values(name, cu, total)
     return cu.numel() - 1
 
 
+def cu_seqlens_values(name: str, cu: torch.Tensor, total: int) -> None:
+    """The value checks of packed-sequence offsets (one read of `cu`): 0 first, non-decreasing,
+    `total` last."""
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    if any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {vals}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the packed length {total}, got {vals[-1]}")
+
+
+# Value checks read small tensors with one `tolist()` (about a µs on CPU; one transfer on CUDA)
+# and reduce larger ones on the device first (one transfer of the reduced values).
+SMALL_READ = 256
+
+
+def int_range(t: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor, read in one transfer."""
+    flat = t if t.dim() == 1 else t.reshape(-1)
+    if t.numel() <= SMALL_READ:
+        vals = flat.tolist()
+        return min(vals), max(vals)
+    lo, hi = torch.stack(torch.aminmax(flat)).tolist()
+    return lo, hi
+
+
 def check_index(name: str, idx: torch.Tensor, length: int, limit: int, limit_name: str,
-                dtypes: Sequence[torch.dtype] = (torch.int32,)) -> None:
-    """An integer index tensor `[length]` whose values must lie in `0..limit-1`."""
+                dtypes: Sequence[torch.dtype] = (torch.int32,), *, values: bool = True) -> None:
+    """An integer index tensor `[length]` whose values must lie in `0..limit-1`.
+
+    `values=False`: dtype/shape checks only (the caller runs :func:`index_values` itself)."""
     expect_tensor(name, idx)
     if idx.dtype not in dtypes:
         names = " or ".join(dtype_name(d) for d in dtypes)
         raise TypeError(f"{name} must be {names}, got {dtype_name(idx.dtype)}")
     if idx.dim() != 1 or idx.shape[0] != length:
         raise ValueError(f"{name} must have shape [{length}], got {shape_str(idx)}")
-    if value_checks_enabled(idx) and length > 0:
-        lo, hi = (int(t) for t in torch.aminmax(idx))
-        if lo < 0 or hi >= limit:
-            raise ValueError(f"{name} values must be in 0..{limit - 1} ({limit_name}), "
-                             f"got values in {lo}..{hi}")
+    if values and value_checks_enabled(idx):
+        index_values(name, idx, limit, limit_name)
+
+
+def index_values(name: str, idx: torch.Tensor, limit: int, limit_name: str) -> tuple[int, int] | None:
+    """The value check of :func:`check_index`; returns (min, max), None for an empty index."""
+    if idx.numel() == 0:
+        return None
+    lo, hi = int_range(idx)
+    if lo < 0 or hi >= limit:
+        raise ValueError(f"{name} values must be in 0..{limit - 1} ({limit_name}), "
+                         f"got values in {lo}..{hi}")
+    return lo, hi
 
 
 def check_window(window: Any, causal: bool) -> tuple[int, int]:

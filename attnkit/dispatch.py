@@ -18,6 +18,10 @@ environment switches it depends on) and caches the choice, then calls the op's
 ``torch.ops.attnkit.<name>`` custom op (:mod:`attnkit._custom_ops`) with the chosen backend's
 name, so that ``torch.compile``/``torch.export`` see one opaque op with a fake implementation and
 registered autograd. Under ``torch.compile`` the choice is made once, at trace time.
+
+The public functions call :class:`FastOp` rather than ``run`` directly: run eagerly, it caches the
+prepare step's result and the choice per call signature, so a repeated signature costs a key
+lookup, the op's value checks and the backend call (docs/compile.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ __all__ = [
     "Inputs",
     "explain",
     "op",
+    "fast",
+    "FastOp",
     "register",
     "registered",
     "run",
@@ -324,11 +330,23 @@ def _make_ready(impl: Implementation) -> bool:
     return True
 
 
-_CHOICES: dict[tuple, str] = {}
+class _ChoiceCache(dict):
+    """The cached backend choices. Clearing it (tests, :func:`register`) also clears the
+    per-signature caches of the public functions (:class:`FastOp`), which hold choices too."""
+
+    def clear(self) -> None:
+        super().clear()
+        for fast in _FAST_OPS:
+            fast.cache.clear()
+
+
+_FAST_OPS: list[FastOp] = []
+_CHOICES: dict[tuple, str] = _ChoiceCache()
 _WARNED: set[str] = set()
 
 
-_ENV_SWITCHES = ("ATTNKIT_BACKEND", "TRITON_INTERPRET", "ATTNKIT_DISABLE_NATIVE", "ATTNKIT_EAGER_CUSTOM_OPS")
+_ENV_SWITCHES = ("ATTNKIT_BACKEND", "TRITON_INTERPRET", "ATTNKIT_DISABLE_NATIVE", "ATTNKIT_EAGER_CUSTOM_OPS",
+                 "ATTNKIT_CHECKS")
 # os.environ's own storage (bytes keys on POSIX): a plain dict lookup, ~10x cheaper than os.environ.get
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_SWITCH_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_SWITCHES) if _ENV_DATA is not None else None
@@ -336,9 +354,8 @@ _ENV_SWITCH_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_SWITCHES) if _ENV
 
 def _env_key() -> tuple:
     if _ENV_SWITCH_KEYS is not None:
-        get = _ENV_DATA.get
-        return tuple(get(k) for k in _ENV_SWITCH_KEYS)
-    return tuple(os.environ.get(k) for k in _ENV_SWITCHES)
+        return tuple(map(_ENV_DATA.get, _ENV_SWITCH_KEYS))
+    return tuple(map(os.environ.get, _ENV_SWITCHES))
 
 
 def choose(op_name: str, inputs: Inputs, backend: str | None = None, env: tuple | None = None) -> str:
@@ -431,6 +448,141 @@ def run(op_name: str, call: Call, backend: str | None = None) -> Any:
     if caller is None:  # an op registered without a custom op (yet): traced as Python
         return _IMPLS[op_name][name].function()(**call.kwargs)
     return caller(call.kwargs, name)
+
+
+# ------------------------------------------------------------------- per-signature fast path
+
+_SLOW = object()  # the cache entry of a signature that the fast path cannot serve
+_CUDA_GATE = object()  # value checks run unless a CUDA graph is being captured
+_FAST_MAX = 256  # signatures cached per op; the cache is emptied when full (bounded, no LRU cost)
+_SCALARS = (bool, int, float, str)
+_NONE = type(None)
+_FUNCTION = type(lambda: None)  # a feature_map callable: a key by identity (its calls are not replayed)
+_PYTHON_KEY = torch._C.DispatchKey.Python
+_python_key_on = torch._C._dispatch_tls_is_dispatch_key_included
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+_is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
+_get_mode = torch._C._get_dispatch_mode
+
+
+def _signature(args: tuple | list) -> tuple | None:
+    """What a prepare step's result depends on, besides tensor values: each tensor's shape,
+    strides, dtype, device and requires_grad; every other argument with its type (``True``,
+    ``1`` and ``1.0`` are different signatures); tuples and lists element by element. None for
+    anything that cannot be a key (tensor subclasses such as FakeTensor/DTensor, unhashable
+    objects): such calls are never cached."""
+    out = []
+    app = out.append
+    for a in args:
+        t = type(a)
+        if t is _Tensor or t is _Parameter:  # flat: the types at the end say where tensors are
+            app(a.shape)
+            app(a.stride())
+            app(a.dtype)
+            app(a.device)
+            app(a.requires_grad)
+        elif t is tuple or t is list:
+            inner = _signature(a)
+            if inner is None:
+                return None
+            app(inner)
+        elif t in _SCALARS or t is _NONE or t is _FUNCTION:
+            app(a)
+        else:
+            return None
+    app(tuple(map(type, args)))
+    return tuple(out)
+
+
+class FastOp:
+    """The public function's path to the backend: validation, backend choice and argument
+    normalisation cached per call signature.
+
+    ``FastOp(name, prepare, names, values)(backend, *args)`` (``args`` in the order of ``names``,
+    the prepare function's parameters) is ``run(name, prepare(**args), backend)``. Run eagerly on
+    plain tensors, the first call of a signature (:func:`_signature`, the requested backend, the
+    environment switches, grad mode) runs the prepare step and the backend choice and records
+    the result: the backend function and the normalised arguments (constants, and which argument
+    each tensor comes from). Later calls with that signature only run `values(kwargs)`, the op's
+    checks that read tensor values (the prepare step runs the same function), where value checks
+    are on (:func:`attnkit._validation.value_checks_enabled`), and call the backend function.
+    Traced calls (torch.compile, export, fake/proxy/functional modes, tensor subclasses),
+    ``ATTNKIT_EAGER_CUSTOM_OPS=1`` and signatures the record cannot replay (a prepare step
+    that makes new tensors, e.g. a `feature_map` callable) take the full path every time.
+    """
+
+    __slots__ = ("name", "prepare", "names", "values", "cache")
+
+    def __init__(self, name: str, prepare: Callable[..., Call], names: tuple[str, ...],
+                 values: Callable[[dict], None] | None = None) -> None:
+        self.name, self.prepare, self.names, self.values = name, prepare, tuple(names), values
+        self.cache: dict[tuple, Any] = {}
+        _FAST_OPS.append(self)
+
+    def slow(self, backend: str | None, args: tuple) -> Any:
+        return run(self.name, self.prepare(**dict(zip(self.names, args))), backend)
+
+    def __call__(self, backend: str | None, *args: Any) -> Any:
+        if _is_compiling() or _is_exporting():
+            return self.slow(backend, args)
+        if _python_key_on(_PYTHON_KEY):  # some dispatch mode is active: is it a tracing one?
+            for key in _TRACING_MODES:
+                if _get_mode(key) is not None:
+                    return self.slow(backend, args)
+        env = _env_key()
+        sig = _signature(args)
+        if sig is None or env[3] in (b"1", "1"):  # env[3]: ATTNKIT_EAGER_CUSTOM_OPS
+            return self.slow(backend, args)
+        key = (sig, backend, env, torch.is_grad_enabled(), _choose)
+        entry = self.cache.get(key)
+        if entry is None:
+            return self._first(key, backend, env, args)
+        if entry is _SLOW:
+            return self.slow(backend, args)
+        fn, kw, slots, gate = entry
+        kw = kw.copy()
+        for name, i in slots:
+            kw[name] = args[i]
+        if gate is not None and (gate is True or not torch.cuda.is_current_stream_capturing()):
+            self.values(kw)
+        return fn(**kw)
+
+    def _first(self, key: tuple, backend: str | None, env: tuple, args: tuple) -> Any:
+        call = self.prepare(**dict(zip(self.names, args)))  # value checks included
+        name = choose(self.name, call.inputs, backend, env)
+        if len(self.cache) >= _FAST_MAX:
+            self.cache.clear()
+        self.cache[key] = self._record(call, name, env, args)
+        return run(self.name, call, backend)
+
+    def _record(self, call: Call, backend: str, env: tuple, args: tuple) -> Any:
+        const, slots = {}, []
+        position = {n: i for i, n in enumerate(self.names)}
+        for k, v in call.kwargs.items():
+            if isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list))
+                                               and any(isinstance(x, torch.Tensor) for x in v)):
+                i = position.get(k)
+                if i is None or args[i] is not v:  # not the argument of that name: cannot be replayed
+                    return _SLOW
+                slots.append((k, i))
+            else:
+                const[k] = v
+        kind = call.inputs.device.type
+        if self.values is None or kind == "meta":
+            gate = None
+        elif kind == "cuda":
+            gate = _CUDA_GATE if env[4] in (b"1", "1") else None  # env[4]: ATTNKIT_CHECKS
+        else:
+            gate = True
+        return (_IMPLS[self.name][backend].function(), const, tuple(slots), gate)
+
+
+def fast(name: str, prepare: Callable[..., Call], values: Callable[[dict], None] | None = None) -> FastOp:
+    """The :class:`FastOp` of a registered op; `names` are the prepare function's parameters."""
+    import inspect
+
+    names = tuple(inspect.signature(prepare).parameters)
+    return FastOp(name, prepare, names, values)
 
 
 def implementation(op_name: str, backend: str) -> Callable[..., Any]:

@@ -10,9 +10,14 @@ For tiny inputs (so the kernel itself costs little), each op is timed four ways:
   tensors, value checks), cached backend choice, then the custom op;
 * ``public auto``: the same with the automatic backend choice (``backend=None``);
 * ``validate``: the prepare step alone (shape/dtype/option checks; on CPU tensors also the value
-  checks, which run small torch reductions and read them on the host).
+  checks, which read small tensors on the host);
+* ``added``: ``public`` with the backend implementation replaced by a function that does nothing,
+  i.e. exactly what the public op adds to the kernel call (validation or its cached signature,
+  value checks, backend choice, argument building). ``public - direct`` estimates the same but
+  subtracts two noisy timings of the kernel.
 
-The table shows medians in µs and the overheads ``public - direct`` and ``custom op - direct``.
+The table shows medians in µs, ``added``, and the overheads ``public - direct`` and
+``custom op - direct``.
 Each timing is the median of `--reps` batches of `--inner` calls after `--warmup` calls.
 Other processes sharing the CPU inflate wall-clock times: ``--clock process`` measures this
 process's CPU time instead (``time.process_time``; CPU tensors only, 1 thread), which contention
@@ -49,6 +54,7 @@ def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
     r = lambda *s: torch.randn(*s, device=device)  # noqa: E731
     lens = torch.tensor([5, 9], dtype=torch.int32, device=device)
     native = "cuda" if device == "cuda" else _native()
+    decay = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
     return {
         "qk_norm": ("reference", attnkit.qk_norm, dict(args=(r(2, 1, 4, 16), r(16)))),
         "attention": ("reference", attnkit.attention,
@@ -58,6 +64,10 @@ def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
         "linear_attention_step": (native, attnkit.linear_attention_step,
                                   dict(args=(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), torch.zeros(
                                       2, 2, 16, 16, device=device)))),
+        "linear_attention": ("reference", attnkit.linear_attention,
+                             dict(args=(r(1, 4, 2, 16), r(1, 4, 2, 16), r(1, 4, 2, 16)))),
+        "lightning_attention": ("reference", attnkit.lightning_attention,
+                                dict(args=(r(1, 4, 4, 16), r(1, 4, 2, 16), r(1, 4, 2, 16), decay))),
     }
 
 
@@ -76,6 +86,23 @@ def _time(fn, warmup: int, reps: int, inner: int, sync) -> float:
         sync()
         samples.append((CLOCK() - t0) / inner)
     return statistics.median(samples) * 1e6
+
+
+def _noop(**kwargs):
+    return None
+
+
+def _time_added(name: str, backend: str, call, args, sync) -> float:
+    """`call()` (a public op) with `backend`'s implementation replaced by a no-op."""
+    impl = dispatch._IMPLS[name][backend]
+    target = impl.target
+    impl.target = _noop
+    dispatch._CHOICES.clear()  # drops cached records that hold the real function
+    try:
+        return _time(call, args.warmup, args.reps, args.inner, sync)
+    finally:
+        impl.target = target
+        dispatch._CHOICES.clear()
 
 
 def main(argv=None) -> int:
@@ -99,7 +126,7 @@ def main(argv=None) -> int:
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"clock={args.clock} (median of {args.reps} x {args.inner} calls, µs per call)")
     head = f"{'op':24s} {'backend':10s} {'direct':>8s} {'custom op':>10s} {'public':>8s} {'auto':>8s}" \
-           f" {'validate':>9s} {'public-direct':>14s} {'op-direct':>10s}"
+           f" {'validate':>9s} {'added':>6s} {'public-direct':>14s} {'op-direct':>10s}"
     print(head)
     print("-" * len(head))
     with torch.no_grad():
@@ -116,8 +143,9 @@ def main(argv=None) -> int:
             t_auto = _time(lambda: public(*pos, **kw), args.warmup, args.reps, args.inner, sync)
             prepare = dispatch._OPS[name]
             t_val = _time(lambda: prepare(*pos, **kw), args.warmup, args.reps, args.inner, sync)
+            t_add = _time_added(name, backend, lambda: public(*pos, **kw, backend=backend), args, sync)
             print(f"{name:24s} {backend:10s} {t_direct:8.1f} {t_op:10.1f} {t_pub:8.1f} {t_auto:8.1f}"
-                  f" {t_val:9.1f} {t_pub - t_direct:14.1f} {t_op - t_direct:10.1f}")
+                  f" {t_val:9.1f} {t_add:6.1f} {t_pub - t_direct:14.1f} {t_op - t_direct:10.1f}")
     return 0
 
 

@@ -131,6 +131,26 @@ def test_compile_loki_ops():
                    q2, k_rot, v_c, cache.seqlens.clone())
 
 
+def test_compile_loki_calibrate_and_rotate():
+    """Not custom ops (compositions of torch ops, no backend to dispatch; docs/compile.md): they
+    trace as ordinary torch code, with fullgraph=True, and equal eager."""
+    keys = r(40, 2, 16)
+    for center in (False, True):
+        calib = torch.compile(lambda k: attnkit.loki_calibrate(k, center=center), fullgraph=True, backend="aot_eager")
+        got, want = calib(keys), attnkit.loki_calibrate(keys, center=center)
+        assert isinstance(got, attnkit.LokiBasis)
+        for a, b in zip((got.components, got.explained_variance_ratio, got.mean),
+                        (want.components, want.explained_variance_ratio, want.mean)):
+            if b is None:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    basis = attnkit.loki_calibrate(keys)
+    check_compiled(lambda x: attnkit.loki_rotate(x, basis), r(2, 3, 2, 16, grad=True))
+    with pytest.raises(Exception, match="basis must have components of shape"):
+        torch.compile(lambda x: attnkit.loki_rotate(x, basis), fullgraph=True, backend="aot_eager")(r(2, 3, 4, 16))
+
+
 # -------------------------------------------------------------------------------------- modules
 
 
@@ -240,6 +260,83 @@ def test_inductor_attention():
     q, k, v = r(1, 6, 4, 16, grad=True), r(1, 6, 2, 16, grad=True), r(1, 6, 2, 16, grad=True)
     check_compiled(lambda q, k, v: attnkit.attention(q, k, v, causal=True) * 2, q, k, v, backend="inductor",
                    exact=False)
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms"])
+def test_compiled_triton_attention_backward_does_not_rerun_forward(monkeypatch, qk_norm):
+    """The forward op of the triton backend returns the kernels' residuals (lse, the QK-norm
+    rstd); the backward op runs only the backward kernels: one forward launch per fwd+bwd."""
+    from attnkit.ops.softmax import triton_attention as ta
+
+    fwd_calls, bwd_calls = [], []
+    real_fwd, real_bwd = ta.attention_fwd, ta.attention_bwd
+    monkeypatch.setattr(ta, "attention_fwd", lambda *a, **kw: fwd_calls.append(1) or real_fwd(*a, **kw))
+    monkeypatch.setattr(ta, "attention_bwd", lambda *a, **kw: bwd_calls.append(1) or real_bwd(*a, **kw))
+    q, k, v = r(1, 5, 4, 16, grad=True), r(1, 5, 2, 16, grad=True), r(1, 5, 2, 16, grad=True)
+    w = torch.ones(16, device=DEVICE).add_(r(16), alpha=0.1).requires_grad_(qk_norm is not None)
+
+    def fn(q, k, v, w):
+        return attnkit.attention(q, k, v, causal=True, qk_norm=qk_norm, q_norm_weight=w if qk_norm else None,
+                                 backend="triton")
+
+    f = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    xs_c = _clone((q, k, v, w))
+    o = f(*xs_c)
+    assert len(fwd_calls) == 1 and not bwd_calls
+    g = torch.randn_like(o)
+    o.backward(g)
+    assert len(fwd_calls) == 1 and len(bwd_calls) == 1
+    # the same gradients as eager (the backend's autograd.Function: the same kernels)
+    xs_e = _clone((q, k, v, w))
+    fn(*xs_e).backward(g)
+    for a, b in zip(xs_c, xs_e):
+        if b.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["lightning", "lightning_varlen", "linear_normalize", "linear_noncausal"])
+def test_compiled_triton_linear_backward_does_not_rerun_forward(monkeypatch, case):
+    """The chunked Triton forward op returns the backward's residuals (segment states,
+    denominators, segment tables); the backward op runs only the backward kernels."""
+    from attnkit.ops.linear import triton_chunk as tc
+
+    fwd_calls, bwd_calls = [], []
+    real_fwd, real_bwd = tc.chunk_linear_fwd, tc.chunk_linear_bwd
+    monkeypatch.setattr(tc, "chunk_linear_fwd", lambda *a, **kw: fwd_calls.append(1) or real_fwd(*a, **kw))
+    monkeypatch.setattr(tc, "chunk_linear_bwd", lambda *a, **kw: bwd_calls.append(1) or real_bwd(*a, **kw))
+    T = 7
+    q, k, v = r(1, T, 4, 16, grad=True), r(1, T, 2, 16, grad=True), r(1, T, 2, 16, grad=True)
+    if case.startswith("lightning"):
+        cu = torch.tensor([0, 3, T], dtype=torch.int32, device=DEVICE) if case.endswith("varlen") else None
+        N = 2 if cu is not None else 1
+        s0 = r(N, 4, 16, 16, grad=True)
+        decay = torch.tensor([0.1, 0.3, 0.5, 0.9], device=DEVICE)
+
+        def fn(q, k, v, s0):
+            return attnkit.lightning_attention(q, k, v, decay, initial_state=s0, output_final_state=True,
+                                               cu_seqlens=cu, backend="triton")
+    else:
+        s0 = (r(1, 2, 16, 16, grad=True).abs(), r(1, 2, 16, grad=True).abs())
+        causal = case != "linear_noncausal"
+
+        def fn(q, k, v, s0):
+            return attnkit.linear_attention(q, k, v, feature_map="elu", normalize=True, causal=causal,
+                                            initial_state=s0, output_final_state=True, backend="triton")
+
+    flat0 = list(s0) if isinstance(s0, tuple) else [s0]
+    xs_c, xs_e = _clone((q, k, v, *flat0)), _clone((q, k, v, *flat0))
+    pack = (lambda xs: (*xs[:3], tuple(xs[3:]))) if isinstance(s0, tuple) else (lambda xs: tuple(xs))
+    out_c = _flat(torch.compile(fn, fullgraph=True, backend="aot_eager")(*pack(xs_c)))
+    assert len(fwd_calls) == 1 and not bwd_calls
+    gs = [torch.randn_like(o) for o in out_c]
+    torch.autograd.backward(out_c, gs)
+    assert len(fwd_calls) == 1 and len(bwd_calls) == 1
+    out_e = _flat(fn(*pack(xs_e)))
+    torch.autograd.backward(out_e, gs)
+    for a, b in zip(out_c, out_e):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(xs_c, xs_e):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow  # inductor's C++ codegen of a whole layer: ~1 min on 2 cores; the op case above stays

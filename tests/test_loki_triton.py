@@ -266,8 +266,9 @@ def test_decode_launches_no_sort_and_fit_grid_limits(monkeypatch):
             calls.append((self.name, grid))
             return self.kernel[grid]
 
-    for name in ("_loki_rotate_kernel", "_loki_score_kernel", "_loki_select_kernel", "_loki_sparse_attn_fwd_kernel",
-                 "_loki_sparse_attn_reduce_kernel"):
+    names = ("_loki_rotate_kernel", "_loki_score_kernel", "_loki_select_kernel", "_loki_select_hist_kernel",
+             "_loki_select_write_kernel", "_loki_sparse_attn_fwd_kernel", "_loki_sparse_attn_reduce_kernel")
+    for name in names:
         monkeypatch.setattr(triton_loki, name, Spy(name, getattr(triton_loki, name)))
     monkeypatch.setattr(torch.Tensor, "topk", lambda *a, **k: pytest.fail("torch.topk in the Loki step"))
     monkeypatch.setattr(torch, "topk", lambda *a, **k: pytest.fail("torch.topk in the Loki step"))
@@ -283,4 +284,105 @@ def test_decode_launches_no_sort_and_fit_grid_limits(monkeypatch):
     names = {n for n, _ in calls}
     assert {"_loki_rotate_kernel", "_loki_score_kernel", "_loki_select_kernel",
             "_loki_sparse_attn_fwd_kernel"} <= names
+    # few rows: the segmented selection (several programs per row), still no sort
+    monkeypatch.setattr(triton_loki, "SEGMENT_MIN", 32)
+    attnkit.loki_attention_decode(q, attnkit.loki_rotate(k, basis), v, lens, basis, rank=8, top_k=12,
+                                  selection="group", backend="triton")
+    seg = [g for n, g in calls if n == "_loki_select_hist_kernel"]
+    # 96 slots in segments of 32; the first radix pass is fused into the score kernel
+    assert len(seg) == 3 and seg[0] == (2 * Hk * 3,)
+    attnkit.loki_attention_decode(q, attnkit.loki_rotate(k, basis), v, lens, basis, rank=8, top_k=12,
+                                  selection="head", backend="triton")
+    assert len([g for n, g in calls if n == "_loki_select_hist_kernel"]) == 3 + 4  # per head: all four
+    assert "_loki_select_write_kernel" in {n for n, _ in calls}
     assert all(len(g) == 1 for _, g in calls)
+
+
+@pytest.mark.parametrize("segment", [16, 64])
+def test_segmented_select_equals_the_rule_and_single_program(segment):
+    # Several programs per row (histograms of the segments added into the row's, an exclusive
+    # prefix sum of the segments' counts): exactly the single-program selection, ties included.
+    from attnkit.ops.loki.triton_loki import loki_select
+
+    B, HS, S = 2, 3, 200
+    sc = torch.randn(B, HS, S, device=DEVICE)
+    sc[0, 1, :150] = 0.5  # a threshold inside a run of ties that spans several segments
+    sc[1, 0] = torch.randint(0, 4, (S,), device=DEVICE).float()  # four distinct values
+    sc[1, 2, 5] = -3.4028234663852886e38
+    sc[0, 0, 7] = float("inf")
+    lens = torch.tensor([S - 9, 37], dtype=torch.int32, device=DEVICE)
+    for k in (1, 9, 64, S - 1):
+        one = loki_select(sc, lens, k, segment=256)  # one segment: the single-program kernel
+        seg = loki_select(sc, lens, k, segment=segment)
+        assert torch.equal(seg, one), k
+        for b in range(B):
+            for h in range(HS):
+                want = _selection_rule(sc[b, h].cpu(), int(lens[b]), k)
+                got = seg[b, h].tolist()
+                assert got[:len(want)] == want, (k, b, h)
+                assert all(x == S for x in got[len(want):]), (k, b, h)
+
+
+@pytest.mark.parametrize("sel", ["head", "group"])
+def test_decode_with_segmented_selection_matches_reference(sel, monkeypatch):
+    # B = 1 style rows (few rows, long cache) take the segmented selection; same result as the
+    # reference (and bit-identical to the single-program selection).
+    c = dict(B=1, S=300, H=4, Hk=2, D=32, Dv=16, rank=6, top_k=40, sel=sel, lens=[287])
+    data = _decode_data(c)
+    single = _compare(attnkit.loki_attention_decode, data, c, torch.float32)
+    monkeypatch.setattr(triton_loki, "SEGMENT_MIN", 32)
+    assert triton_loki.select_segments(2, 300, 132)[1] > 1
+    segmented = _compare(attnkit.loki_attention_decode, data, c, torch.float32)
+    assert torch.equal(segmented, single)
+
+
+def test_select_segments_fill_the_device_at_batch_one():
+    # B = 1, S = 32k, Hk = 8 (group selection): 8 rows would leave most of 132 SMs idle
+    seg_len, n_seg = triton_loki.select_segments(8, 32768, 132)
+    assert 8 * n_seg >= 2 * 132 and seg_len * n_seg >= 32768
+    assert triton_loki.select_segments(256, 32768, 132) == (32768, 1)  # rows fill the device already
+
+
+def test_launch_plan_selection_fills_the_device_and_grids_fit():
+    # Recorded on meta tensors in a subprocess without the interpreter (nothing compiles): at
+    # B = 1, S = 32k, H = 32, Hk = 8, D = 128, rank = 32, top_k = 4096 with group selection, every
+    # selection launch runs >= 2 programs per SM of an H100 and there is no sort/top-k pass; up to
+    # B * H = 65,536 no launch of the decode or Loki ops puts more than 65,535 programs on axis 1/2.
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = textwrap.dedent("""
+        import json, torch
+        from attnkit.tools.launch_plan import plan
+        out = {"target": plan("loki_attention_decode", "decode", torch.bfloat16,
+                              dict(B=1, S=32768, H=32, Hk=8, D=128, rank=32, top_k=4096), {"selection": "group"})}
+        grids = []
+        for B, H, Hk in ((65536, 1, 1), (2048, 32, 8)):
+            shape = dict(B=B, S=4096, H=H, Hk=Hk, D=128, rank=32, top_k=512)
+            for op, flags in (("loki_attention_decode", {"selection": "head"}),
+                              ("loki_attention_decode", {"selection": "group"}),
+                              ("loki_cache_attend", {"selection": "group"}), ("loki_cache_append", {}),
+                              ("attention_decode", {}), ("attention_decode", {"paged": 256})):
+                grids += [(op, x["kernel"], x["grid"]) for x in plan(op, "decode", torch.bfloat16, shape,
+                                                                    flags)["launches"]]
+        out["grids"] = grids
+        print(json.dumps(out))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env["ATTNKIT_SM_COUNT"] = "132"
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    kernels = [x["kernel"] for x in out["target"]["launches"]]
+    select = [x for x in out["target"]["launches"] if "select" in x["kernel"]]
+    assert select and all(x["programs"] >= 2 * 132 for x in select), select
+    assert not any("sort" in k or "topk" in k for k in kernels)
+    assert out["grids"] and all(g[1] <= 65535 and g[2] <= 65535 for _, _, g in out["grids"]), out["grids"]
+    assert any(g[0] >= 65536 for _, _, g in out["grids"])  # the B * H programs are there, on axis 0

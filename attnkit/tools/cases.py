@@ -106,9 +106,9 @@ _ALLOWED_FLAGS = {
     "linear_attention": {"causal", "normalize", "feature_map", "initial_state", "final_state"},
     "lightning_attention": {"decay", "initial_state", "final_state"},
     "linear_attention_step": {"lightning", "normalize", "feature_map"},
-    "loki_attention_decode": {"selection"},
-    "loki_cache_append": set(),
-    "loki_cache_attend": {"selection"},
+    "loki_attention_decode": {"selection", "paged"},
+    "loki_cache_append": {"paged"},
+    "loki_cache_attend": {"selection", "paged"},
 }
 
 
@@ -257,20 +257,32 @@ def make_call(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], fla
     rank, top_k = shape.get("rank", max(1, D // 4)), shape.get("top_k", max(1, S // 8))
     basis = _basis(Hk, D, device)
     seqlens = torch.full((B,), L, dtype=torch.int32, device=device)
+    # paged=N: caches of B * ceil(S / N) blocks of N tokens, each row its own blocks
+    page = flags["paged"] if isinstance(flags.get("paged"), int) and flags["paged"] > 1 else (
+        256 if flags.get("paged") else 0)
+    paging: dict[str, Any] = {}
+    n0, n1 = B, S
+    if page:
+        n_blocks = -(-S // page)
+        n0, n1 = B * n_blocks, page
+        paging["block_table"] = torch.arange(B * n_blocks, dtype=torch.int32).reshape(B, n_blocks).to(device)
     if op == "loki_attention_decode":
-        q, kc, vc = _t(B, 1, H, D, **kw), _t(B, S, Hk, D, **kw), _t(B, S, Hk, Dv, **kw)
+        q, kc, vc = _t(B, 1, H, D, **kw), _t(n0, n1, Hk, D, **kw), _t(n0, n1, Hk, Dv, **kw)
         return lambda: attnkit.loki_attention_decode(q, kc, vc, seqlens, basis, rank=rank, top_k=top_k,
-                                                     selection=flags.get("selection", "head"), backend="triton")
+                                                     selection=flags.get("selection", "head"), backend="triton",
+                                                     **paging)
     from ..ops.loki.cache import loki_attention_decode_lowrank, loki_cache_append
 
-    kc, vc = _t(B, S, Hk, D, **kw), _t(B, S, Hk, Dv, **kw)
-    k_low = _t(B, Hk, S, rank, **kw)
+    kc, vc = _t(n0, n1, Hk, D, **kw), _t(n0, n1, Hk, Dv, **kw)
+    k_low = _t(n0, Hk, n1, rank, **kw)
     if op == "loki_cache_append":
         k_new, v_new = _t(B, Tq, Hk, D, **kw), _t(B, Tq, Hk, Dv, **kw)
-        return lambda: loki_cache_append(k_new, v_new, kc, vc, seqlens, basis, k_lowrank=k_low, backend="triton")
+        return lambda: loki_cache_append(k_new, v_new, kc, vc, seqlens, basis, k_lowrank=k_low, backend="triton",
+                                         **paging)
     q = _t(B, 1, H, D, **kw)
     return lambda: loki_attention_decode_lowrank(q, k_low, kc, vc, seqlens, basis, rank=rank, top_k=top_k,
-                                                 selection=flags.get("selection", "head"), backend="triton")
+                                                 selection=flags.get("selection", "head"), backend="triton",
+                                                 **paging)
 
 
 # ------------------------------------------------------------------------------- audit cases
@@ -346,6 +358,14 @@ def audit_cases(quick: bool) -> list[Case]:
     add("loki_attention_decode", "decode", BF16, {**loki, "D": 128}, {"selection": "group"})
     add("loki_attention_decode", "decode", BF16, dict(B=1, S=16384, H=8, Hk=1, D=128), {"selection": "group"},
         hot=True)
+    # B = 1, issue 12's shape: the segmented selection (several programs per row)
+    add("loki_attention_decode", "decode", BF16, dict(B=1, S=32768, H=32, Hk=8, D=128, rank=32, top_k=4096),
+        {"selection": "group"}, hot=True)
+    # paged caches (issue 15): score, gather and append through the block table
+    add("loki_cache_attend", "decode", BF16, {**loki, "D": 128, "rank": 32}, {"selection": "group", "paged": 256},
+        hot=True)
+    add("loki_cache_append", "decode", BF16, {**loki, "Tq": 1, "D": 128}, {"paged": 256}, hot=True)
+    add("loki_attention_decode", "decode", BF16, {**loki, "D": 128}, {"selection": "head", "paged": 16})
     for d in (64, 128, 256):
         add("loki_cache_append", "decode", BF16, {**loki, "Tq": 512, "D": d})
         add("loki_cache_attend", "decode", BF16, {**loki, "D": d, "rank": d // 4}, {"selection": "group"})

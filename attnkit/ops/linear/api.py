@@ -10,9 +10,11 @@ import torch
 from ... import dispatch
 from ..._validation import (
     REFERENCE_DTYPES,
+    SMALL_READ,
     check_cu_seqlens,
     check_float_scale,
     check_index,
+    cu_seqlens_values,
     dtype_name,
     expect_bool,
     expect_float,
@@ -23,6 +25,7 @@ from ..._validation import (
     expect_same_dtype,
     expect_shape,
     expect_tensor,
+    index_values,
     value_checks_enabled,
 )
 from . import reference
@@ -94,6 +97,7 @@ def _check_feature_map(feature_map: Any) -> str | Callable | None:
 
 
 def _check_decay(decay: Any, H: int, q: torch.Tensor) -> None:
+    """Shape, dtype and device of `decay` (its values: :func:`_decay_values`)."""
     if decay is None:
         return
     expect_tensor("decay", decay)
@@ -102,8 +106,20 @@ def _check_decay(decay: Any, H: int, q: torch.Tensor) -> None:
         raise TypeError(f"decay must be float32, got {dtype_name(decay.dtype)}")
     if decay.device != q.device:
         raise ValueError(f"decay must be on the same device as q ({q.device}), got {decay.device}")
-    if value_checks_enabled(decay) and not bool((decay >= 0).all()):
-        raise ValueError(f"decay must have every entry >= 0 (λ = exp(-decay) <= 1), got {decay.tolist()}")
+
+
+def _decay_values(decay: torch.Tensor | None) -> None:
+    """Every entry of `decay` >= 0 (NaN fails), read in one transfer."""
+    if decay is None:
+        return
+    if decay.numel() <= SMALL_READ:
+        vals = decay.tolist()
+        ok = all(d >= 0 for d in vals)
+    else:
+        ok, vals = bool((decay >= 0).all()), None
+    if not ok:
+        raise ValueError(f"decay must have every entry >= 0 (λ = exp(-decay) <= 1), "
+                         f"got {vals if vals is not None else decay.tolist()}")
 
 
 def _features(q, k, v, state, **flags) -> frozenset[str]:
@@ -128,7 +144,7 @@ def _prepare_linear_attention(q, k, v, *, causal=True, feature_map=None, normali
     fm = _check_feature_map(feature_map)
     scale = check_float_scale(scale, Dk)
     eps = expect_positive_float("eps", eps)
-    N = check_cu_seqlens("cu_seqlens", cu_seqlens, T, B)
+    N = check_cu_seqlens("cu_seqlens", cu_seqlens, T, B, values=False)
     if cu_seqlens is not None:
         expect_same_device(("q", "cu_seqlens"), (q, cu_seqlens))
     N = B if N is None else N
@@ -144,9 +160,20 @@ def _prepare_linear_attention(q, k, v, *, causal=True, feature_map=None, normali
         _features(q, k, v, initial_state, varlen=cu_seqlens is not None, causal=causal, normalize=normalize,
                   initial_state=initial_state is not None, final_state=output_final_state,
                   **{f"feature_map={fm}": fm is not None}))
-    return dispatch.Call(inputs, dict(q=q, k=k, v=v, causal=causal, feature_map=fm, normalize=normalize,
-                                      scale=scale, eps=eps, initial_state=initial_state,
-                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens))
+    kwargs = dict(q=q, k=k, v=v, causal=causal, feature_map=fm, normalize=normalize, scale=scale, eps=eps,
+                  initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None and value_checks_enabled(cu_seqlens):
+        _linear_attention_values(kwargs)
+    return dispatch.Call(inputs, kwargs)
+
+
+def _linear_attention_values(kw: dict) -> None:
+    """The checks of `linear_attention` that read tensor values (packed-sequence offsets)."""
+    if kw["cu_seqlens"] is not None:
+        cu_seqlens_values("cu_seqlens", kw["cu_seqlens"], kw["q"].shape[1])
+
+
+_LINEAR_ATTENTION = dispatch.fast("linear_attention", _prepare_linear_attention, _linear_attention_values)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -183,10 +210,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         >>> o, (S, z) = attnkit.linear_attention(q, k, v, feature_map="elu", normalize=True,
         ...                                      output_final_state=True)
     """
-    call = _prepare_linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
-                                     scale=scale, eps=eps, initial_state=initial_state,
-                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    return dispatch.run("linear_attention", call, backend)
+    return _LINEAR_ATTENTION(backend, q, k, v, causal, feature_map, normalize, scale, eps, initial_state,
+                             output_final_state, cu_seqlens)
 
 
 # ------------------------------------------------------------------------------ lightning attention
@@ -199,7 +224,7 @@ def _prepare_lightning_attention(q, k, v, decay=None, *, scale=None, initial_sta
     _check_decay(decay, H, q)
     scale = check_float_scale(scale, Dk)
     output_final_state = expect_bool("output_final_state", output_final_state)
-    N = check_cu_seqlens("cu_seqlens", cu_seqlens, T, B)
+    N = check_cu_seqlens("cu_seqlens", cu_seqlens, T, B, values=False)
     if cu_seqlens is not None:
         expect_same_device(("q", "cu_seqlens"), (q, cu_seqlens))
     N = B if N is None else N
@@ -210,8 +235,22 @@ def _prepare_lightning_attention(q, k, v, decay=None, *, scale=None, initial_sta
         _features(q, k, v, initial_state, varlen=cu_seqlens is not None, decay=decay is not None,
                   decay_grad=decay is not None and decay.requires_grad and torch.is_grad_enabled(),
                   initial_state=initial_state is not None, final_state=output_final_state))
-    return dispatch.Call(inputs, dict(q=q, k=k, v=v, decay=decay, scale=scale, initial_state=initial_state,
-                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens))
+    kwargs = dict(q=q, k=k, v=v, decay=decay, scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if value_checks_enabled(decay, cu_seqlens):
+        _lightning_attention_values(kwargs)
+    return dispatch.Call(inputs, kwargs)
+
+
+def _lightning_attention_values(kw: dict) -> None:
+    """The checks of `lightning_attention` that read tensor values: `decay >= 0`, the offsets."""
+    _decay_values(kw["decay"])
+    if kw["cu_seqlens"] is not None:
+        cu_seqlens_values("cu_seqlens", kw["cu_seqlens"], kw["q"].shape[1])
+
+
+_LIGHTNING_ATTENTION = dispatch.fast("lightning_attention", _prepare_lightning_attention,
+                                     _lightning_attention_values)
 
 
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None, *,
@@ -240,9 +279,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay
         >>> decay = attnkit.layer_decay(attnkit.lightning_slopes(16), layer_idx=3, num_layers=8)
         >>> o, S = attnkit.lightning_attention(q, k, v, decay, scale=1.0, output_final_state=True)
     """
-    call = _prepare_lightning_attention(q, k, v, decay, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    return dispatch.run("lightning_attention", call, backend)
+    return _LIGHTNING_ATTENTION(backend, q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
 # -------------------------------------------------------------------------------------- decode step
@@ -284,10 +321,8 @@ def _prepare_linear_attention_step(q, k, v, state, *, decay=None, scale=None, fe
     _check_state("state", state, normalize, N, Hs, Hk, Dk, Dv, q, "H" if mode == "lightning" else "Hk")
     if state_indices is not None:
         check_index("state_indices", state_indices, B, N, f"rows of state, N = {N}",
-                    dtypes=(torch.int32, torch.int64))
+                    dtypes=(torch.int32, torch.int64), values=False)
         expect_same_device(("q", "state_indices"), (q, state_indices))
-        if value_checks_enabled(state_indices) and B > 1 and state_indices.unique().numel() != B:
-            raise ValueError(f"state_indices must not repeat a row within one step, got {state_indices.tolist()}")
     elif N < B:
         raise ValueError(f"state must have at least B = {B} rows when state_indices is None, got {N}")
     if callable(fm):
@@ -297,8 +332,41 @@ def _prepare_linear_attention_step(q, k, v, state, *, decay=None, scale=None, fe
         frozenset({f"mode={mode}", *(["decay"] if decay is not None else []), *(["normalize"] if normalize else []),
                    *([f"feature_map={fm}"] if fm is not None else []),
                    *(["state_indices"] if state_indices is not None else [])}))
-    return dispatch.Call(inputs, dict(q=q, k=k, v=v, state=state, mode=mode, decay=decay, scale=scale,
-                                      feature_map=fm, normalize=normalize, eps=eps, state_indices=state_indices))
+    kwargs = dict(q=q, k=k, v=v, state=state, mode=mode, decay=decay, scale=scale, feature_map=fm,
+                  normalize=normalize, eps=eps, state_indices=state_indices)
+    if value_checks_enabled(decay, state_indices):
+        _linear_attention_step_values(kwargs)
+    return dispatch.Call(inputs, kwargs)
+
+
+def _linear_attention_step_values(kw: dict) -> None:
+    """The checks of `linear_attention_step` that read tensor values: `decay >= 0`, and
+    `state_indices` in range and distinct (one read of `state_indices` when it is small)."""
+    _decay_values(kw["decay"])
+    idx = kw["state_indices"]
+    if idx is None or idx.numel() == 0:
+        return
+    state = kw["state"]
+    N = (state[0] if isinstance(state, (tuple, list)) else state).shape[0]
+    B = idx.shape[0]
+    if B <= SMALL_READ:
+        vals = idx.tolist()
+        lo, hi, distinct = min(vals), max(vals), len(set(vals)) == B
+    else:
+        lo, hi = (int(t) for t in torch.aminmax(idx))
+        distinct, vals = None, None
+    if lo < 0 or hi >= N:
+        raise ValueError(f"state_indices values must be in 0..{N - 1} (rows of state, N = {N}), "
+                         f"got values in {lo}..{hi}")
+    if distinct is None:
+        distinct = idx.unique().numel() == B
+    if not distinct:
+        raise ValueError(f"state_indices must not repeat a row within one step, "
+                         f"got {vals if vals is not None else idx.tolist()}")
+
+
+_LINEAR_ATTENTION_STEP = dispatch.fast("linear_attention_step", _prepare_linear_attention_step,
+                                       _linear_attention_step_values)
 
 
 def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -331,9 +399,8 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         >>> S = torch.zeros(4, 16, 64, 64)  # from lightning_attention(..., output_final_state=True)
         >>> o = attnkit.linear_attention_step(q, k, v, S, decay=decay, scale=1.0)
     """
-    call = _prepare_linear_attention_step(q, k, v, state, decay=decay, scale=scale, feature_map=feature_map,
-                                          normalize=normalize, eps=eps, state_indices=state_indices)
-    return dispatch.run("linear_attention_step", call, backend)
+    return _LINEAR_ATTENTION_STEP(backend, q, k, v, state, decay, scale, feature_map, normalize, eps,
+                                  state_indices)
 
 
 # ----------------------------------------------------------------------------------- decay helpers

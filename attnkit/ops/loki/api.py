@@ -247,26 +247,62 @@ def loki_rotate(x: torch.Tensor, basis: LokiBasis) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ decode
 
 
+_PAGED_K, _PAGED_V = "[num_blocks, block_size, Hk, D]", "[num_blocks, block_size, Hk, Dv]"
+
+
+def _check_caches(k_cache_rot: Any, v_cache: Any, B: int, D: int, block_table: Any, against: str,
+                  k_name: str = "k_cache_rot") -> tuple[int, int, int, int]:
+    """Rotated-key and value caches for `B` rows of head dim `D`: contiguous `[B, Smax, Hk, D]` /
+    `[B, Smax, Hk, Dv]`, or with a `block_table` paged `[num_blocks, block_size, Hk, D]` /
+    `[num_blocks, block_size, Hk, Dv]` (SPEC "paged KV cache"). Returns `(Smax, Hk, Dv, page)`:
+    `Smax = max_blocks * block_size` and `page = block_size` when paged, `page = 0` otherwise.
+    Shape and dtype of the table only; its values are checked by :func:`_check_table_values`."""
+    paged = block_table is not None
+    V.expect_ndim(k_name, k_cache_rot, 4, _PAGED_K if paged else "[B, Smax, Hk, D]")
+    V.expect_ndim("v_cache", v_cache, 4, _PAGED_V if paged else "[B, Smax, Hk, Dv]")
+    n0, n1, Hk, _ = k_cache_rot.shape
+    Dv = v_cache.shape[3]
+    if not paged:
+        V.expect_shape(k_name, k_cache_rot, (B, n1, Hk, D), f"[B, Smax, Hk, D] (B and D from {against})")
+        V.expect_shape("v_cache", v_cache, (B, n1, Hk, Dv),
+                       f"[B, Smax, Hk, Dv] (B from {against}, Smax and Hk from {k_name})")
+        return n1, Hk, Dv, 0
+    V.expect_shape(k_name, k_cache_rot, (n0, n1, Hk, D), f"{_PAGED_K} (D from {against})")
+    V.expect_shape("v_cache", v_cache, (n0, n1, Hk, Dv), f"{_PAGED_V} (num_blocks, block_size, Hk from {k_name})")
+    if n1 < 1:
+        raise ValueError(f"{k_name} must have a block size >= 1 in dim 1 when paged, got shape "
+                         f"{V.shape_str(k_cache_rot)}")
+    V.check_block_table(block_table, B, n0, n1, None, 0)  # type, dtype and shape
+    return block_table.shape[1] * n1, Hk, Dv, n1
+
+
+def _check_table_values(block_table: torch.Tensor | None, k_cache_rot: torch.Tensor, B: int,
+                        cache_seqlens: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
+    """Where values may be read: every table entry a row uses (the blocks of its first
+    `cache_seqlens[b] + new_tokens` tokens) is a block of the cache, the row fits the table, and
+    (appending) no two rows write one cache slot. Returns the table contiguous."""
+    if block_table is None:
+        return None
+    return V.check_block_table(block_table, B, k_cache_rot.shape[0], k_cache_rot.shape[1], cache_seqlens,
+                               new_tokens)
+
+
 @dispatch.op("loki_attention_decode")
 def _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis, *, rank, top_k,
-                                   scale=None, selection="head") -> dispatch.Call:
+                                   scale=None, selection="head", block_table=None) -> dispatch.Call:
     V.expect_ndim("q", q, 4, "[B, 1, H, D]")
-    V.expect_ndim("k_cache_rot", k_cache_rot, 4, "[B, Smax, Hk, D]")
-    V.expect_ndim("v_cache", v_cache, 4, "[B, Smax, Hk, Dv]")
     B, tq, H, D = q.shape
-    _, Smax, Hk, _ = k_cache_rot.shape
-    Dv = v_cache.shape[-1]
     if tq != 1:
         raise ValueError(f"q must have shape [B, 1, H, D] (one decoding step), got {V.shape_str(q)}")
-    V.expect_shape("k_cache_rot", k_cache_rot, (B, Smax, Hk, D), "[B, Smax, Hk, D] (B and D from q)")
-    V.expect_shape("v_cache", v_cache, (B, Smax, Hk, Dv),
-                   "[B, Smax, Hk, Dv] (B from q, Smax and Hk from k_cache_rot)")
+    Smax, Hk, Dv, page = _check_caches(k_cache_rot, v_cache, B, D, block_table, against="q")
     V.expect_heads("q", H, "k_cache_rot", Hk)
     V.expect_float("q", q)
     V.expect_same_dtype(["q", "k_cache_rot", "v_cache"], [q, k_cache_rot, v_cache])
-    V.expect_same_device(["q", "k_cache_rot", "v_cache", "cache_seqlens"],
-                         [q, k_cache_rot, v_cache, V.expect_tensor("cache_seqlens", cache_seqlens)])
-    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, f"Smax = {Smax}, the capacity of k_cache_rot")
+    V.expect_same_device(["q", "k_cache_rot", "v_cache", "cache_seqlens", "block_table"],
+                         [q, k_cache_rot, v_cache, V.expect_tensor("cache_seqlens", cache_seqlens), block_table])
+    capacity = "max_blocks * block_size, the capacity of block_table" if page else "Smax, the capacity of k_cache_rot"
+    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, f"Smax = {Smax}, {capacity}")
+    block_table = _check_table_values(block_table, k_cache_rot, B, cache_seqlens, 0)
     _check_basis(basis, Hk, D, q.device, against="k_cache_rot")
     rank = V.expect_int("rank", rank, 1, D)
     top_k = V.expect_int("top_k", top_k, 1)
@@ -276,19 +312,23 @@ def _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis
     features = {f"selection={selection}"}
     if H != Hk:
         features.add("gqa")
+    if page:
+        features.update(("paged", f"block_size={page}"))
     inputs = dispatch.Inputs(op="loki_attention_decode", device=q.device, dtype=q.dtype,
                              head_dims=(D, Dv), features=frozenset(features))
     # Backends get the components in their compute dtype: float32 (float64 for float64 q).
     components = basis.components.to(reference.compute_dtype(q.dtype))
-    return dispatch.Call(inputs=inputs, kwargs=dict(
-        q=q, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
-        components=components, rank=rank, top_k=top_k, scale=scale, selection=selection))
+    kwargs = dict(q=q, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                  components=components, rank=rank, top_k=top_k, scale=scale, selection=selection)
+    if block_table is not None:  # only when set (backends' contract: docs/loki.md)
+        kwargs["block_table"] = block_table
+    return dispatch.Call(inputs=inputs, kwargs=kwargs)
 
 
 def loki_attention_decode(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                           cache_seqlens: torch.Tensor, basis: LokiBasis, *, rank: int, top_k: int,
                           scale: float | None = None, backend: str | None = None,
-                          selection: str = "head") -> torch.Tensor:
+                          selection: str = "head", block_table: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step of Loki sparse attention over a cache of rotated keys.
 
     For each row `b` and query head `h` (reading KV head ``h // (H // Hk)``) the op rotates `q`
@@ -313,6 +353,11 @@ def loki_attention_decode(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: t
             ``"group"`` selects once per KV head, by the max over its query heads of the
             approximate scores, so the heads of a GQA group share one set of positions (one
             gather of K/V per group).
+        block_table: int32 `[B, max_blocks]` for a paged cache (SPEC "paged KV cache"): the
+            caches are then `k_cache_rot [num_blocks, block_size, Hk, D]` and `v_cache
+            [num_blocks, block_size, Hk, Dv]`, token `s` of row `b` lives in block
+            ``block_table[b, s // block_size]`` at offset ``s % block_size`` and `Smax` is
+            ``max_blocks * block_size``. Blocks a row does not use are never read.
 
     Returns:
         `o [B, 1, H, Dv]` in q's dtype.
@@ -324,7 +369,7 @@ def loki_attention_decode(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: t
         ...                                   rank=D // 4, top_k=T // 8)
     """
     call = _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis, rank=rank,
-                                          top_k=top_k, scale=scale, selection=selection)
+                                          top_k=top_k, scale=scale, selection=selection, block_table=block_table)
     return dispatch.run("loki_attention_decode", call, backend)
 
 

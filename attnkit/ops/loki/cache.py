@@ -29,21 +29,25 @@ import torch
 from ... import _validation as V
 from ... import dispatch
 from . import reference
-from .api import LokiBasis, _check_basis, _prepare_loki_attention_decode
+from .api import LokiBasis, _check_basis, _check_caches, _check_table_values, _prepare_loki_attention_decode
 
 __all__ = ["LokiCache", "loki_attention_decode_lowrank", "loki_cache_append"]
 
 _LOWRANK_LAYOUT = "[B, Hk, Smax, R]"
+_PAGED_LOWRANK_LAYOUT = "[num_blocks, Hk, block_size, R]"
 
 
-def _check_lowrank(k_lowrank: torch.Tensor, k_cache_rot: torch.Tensor, min_rank: int = 1) -> int:
-    """`k_lowrank` must be `[B, Hk, Smax, R]` for `k_cache_rot [B, Smax, Hk, D]`, `min_rank <= R <= D`."""
-    V.expect_ndim("k_lowrank", k_lowrank, 4, _LOWRANK_LAYOUT)
-    B, Smax, Hk, D = k_cache_rot.shape
+def _check_lowrank(k_lowrank: torch.Tensor, k_cache_rot: torch.Tensor, min_rank: int = 1, paged: bool = False) -> int:
+    """`k_lowrank` must be `[B, Hk, Smax, R]` for `k_cache_rot [B, Smax, Hk, D]` (paged:
+    `[num_blocks, Hk, block_size, R]` for `[num_blocks, block_size, Hk, D]`), `min_rank <= R <= D`."""
+    layout = _PAGED_LOWRANK_LAYOUT if paged else _LOWRANK_LAYOUT
+    V.expect_ndim("k_lowrank", k_lowrank, 4, layout)
+    n0, n1, Hk, D = k_cache_rot.shape
     R = k_lowrank.shape[3]
-    if tuple(k_lowrank.shape[:3]) != (B, Hk, Smax) or not min_rank <= R <= D:
-        raise ValueError(f"k_lowrank must have shape {_LOWRANK_LAYOUT} = [{B}, {Hk}, {Smax}, R] with "
-                         f"{min_rank} <= R <= {D} (B, Smax, Hk, D from k_cache_rot; R >= rank), got "
+    if tuple(k_lowrank.shape[:3]) != (n0, Hk, n1) or not min_rank <= R <= D:
+        dims = "num_blocks, block_size, Hk, D" if paged else "B, Smax, Hk, D"
+        raise ValueError(f"k_lowrank must have shape {layout} = [{n0}, {Hk}, {n1}, R] with "
+                         f"{min_rank} <= R <= {D} ({dims} from k_cache_rot; R >= rank), got "
                          f"{V.shape_str(k_lowrank)}")
     V.expect_same_dtype(["k_cache_rot", "k_lowrank"], [k_cache_rot, k_lowrank])
     V.expect_same_device(["k_cache_rot", "k_lowrank"], [k_cache_rot, k_lowrank])
@@ -55,28 +59,33 @@ def _check_lowrank(k_lowrank: torch.Tensor, k_cache_rot: torch.Tensor, min_rank:
 
 @dispatch.op("loki_cache_append")
 def _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, basis, *,
-                               k_lowrank=None) -> dispatch.Call:
+                               k_lowrank=None, block_table=None) -> dispatch.Call:
     V.expect_ndim("k_new", k_new, 4, "[B, T, Hk, D]")
     V.expect_ndim("v_new", v_new, 4, "[B, T, Hk, Dv]")
-    V.expect_ndim("k_cache_rot", k_cache_rot, 4, "[B, Smax, Hk, D]")
-    V.expect_ndim("v_cache", v_cache, 4, "[B, Smax, Hk, Dv]")
     B, T, Hk, D = k_new.shape
-    Smax, Dv = k_cache_rot.shape[1], v_new.shape[3]
+    Dv = v_new.shape[3]
     V.expect_shape("v_new", v_new, (B, T, Hk, Dv), "[B, T, Hk, Dv] (B, T, Hk from k_new)")
-    V.expect_shape("k_cache_rot", k_cache_rot, (B, Smax, Hk, D), "[B, Smax, Hk, D] (B, Hk, D from k_new)")
-    V.expect_shape("v_cache", v_cache, (B, Smax, Hk, Dv),
-                   "[B, Smax, Hk, Dv] (B, Hk, Dv from v_new, Smax from k_cache_rot)")
+    Smax, cache_hk, cache_dv, page = _check_caches(k_cache_rot, v_cache, B, D, block_table, against="k_new")
+    if cache_hk != Hk or cache_dv != Dv:
+        raise ValueError(f"k_cache_rot and v_cache must have Hk = {Hk} heads (from k_new) and v_cache a head dim "
+                         f"Dv = {Dv} (from v_new), got shapes {V.shape_str(k_cache_rot)} and {V.shape_str(v_cache)}")
     V.expect_float("k_new", k_new)
     V.expect_same_dtype(["k_cache_rot", "k_new", "v_new", "v_cache"], [k_cache_rot, k_new, v_new, v_cache])
-    V.expect_same_device(["k_cache_rot", "k_new", "v_new", "v_cache", "cache_seqlens"],
-                         [k_cache_rot, k_new, v_new, v_cache, V.expect_tensor("cache_seqlens", cache_seqlens)])
-    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, f"Smax = {Smax}, the capacity of k_cache_rot")
+    V.expect_same_device(["k_cache_rot", "k_new", "v_new", "v_cache", "cache_seqlens", "block_table"],
+                         [k_cache_rot, k_new, v_new, v_cache, V.expect_tensor("cache_seqlens", cache_seqlens),
+                          block_table])
+    capacity = "max_blocks * block_size, the capacity of block_table" if page else "the capacity of k_cache_rot"
+    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, f"Smax = {Smax}, {capacity}")
     _check_basis(basis, Hk, D, k_new.device, against="k_new")
     features = set()
     if k_lowrank is not None:
-        _check_lowrank(k_lowrank, k_cache_rot)
+        _check_lowrank(k_lowrank, k_cache_rot, paged=bool(page))
         features.add("lowrank")
-    if B > 0 and T > 0 and V.value_checks_enabled(cache_seqlens):
+    if page:
+        # rows fit the table, used entries are blocks, no two rows write one slot
+        block_table = _check_table_values(block_table, k_cache_rot, B, cache_seqlens, T)
+        features.update(("paged", f"block_size={page}"))
+    elif B > 0 and T > 0 and V.value_checks_enabled(cache_seqlens):
         room = int(cache_seqlens.max())
         if room + T > Smax:
             b = int(cache_seqlens.argmax())
@@ -85,31 +94,36 @@ def _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens
     inputs = dispatch.Inputs(op="loki_cache_append", device=k_new.device, dtype=k_new.dtype, head_dims=(D, Dv),
                              features=frozenset(features))
     components = basis.components.to(reference.compute_dtype(k_new.dtype))
-    return dispatch.Call(inputs=inputs, kwargs=dict(
-        k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
-        components=components, k_lowrank=k_lowrank))
+    kwargs = dict(k_new=k_new, v_new=v_new, k_cache_rot=k_cache_rot, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                  components=components, k_lowrank=k_lowrank)
+    if block_table is not None:
+        kwargs["block_table"] = block_table
+    return dispatch.Call(inputs=inputs, kwargs=kwargs)
 
 
-def _reference_append(*, k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank) -> None:
+def _reference_append(*, k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank,
+                      block_table=None) -> None:
     """Reference append: `k_cache_rot[b, L_b + t] = rotate(k_new[b, t])` (in the cache dtype),
-    `v_cache[b, L_b + t] = v_new[b, t]`, `k_lowrank[b, :, L_b + t] = rotate(k_new[b, t])[:, :R]`."""
+    `v_cache[b, L_b + t] = v_new[b, t]`, `k_lowrank[b, :, L_b + t] = rotate(k_new[b, t])[:, :R]`;
+    paged, slot `(b, s)` is `(block_table[b, s // block_size], s % block_size)`."""
     B, T = k_new.shape[:2]
     if B == 0 or T == 0:
         return
     with torch.no_grad():
         pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(T, device=k_new.device)  # [B, T]
         rows = torch.arange(B, device=k_new.device)[:, None].expand(B, T)
+        i0, i1 = reference.cache_slots(block_table, k_cache_rot.shape[1], rows, pos)
         k_rot = reference.rotate(k_new, components)  # [B, T, Hk, D] in k_new's dtype
-        k_cache_rot[rows, pos] = k_rot
-        v_cache[rows, pos] = v_new
+        k_cache_rot[i0, i1] = k_rot
+        v_cache[i0, i1] = v_new
         if k_lowrank is not None:
             # advanced indices around a slice: the indexed view is [B, T, Hk, R]
-            k_lowrank[rows, :, pos] = k_rot[..., :k_lowrank.shape[3]]
+            k_lowrank[i0, :, i1] = k_rot[..., :k_lowrank.shape[3]]
 
 
 def loki_cache_append(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                       cache_seqlens: torch.Tensor, basis: LokiBasis, *, k_lowrank: torch.Tensor | None = None,
-                      backend: str | None = None) -> None:
+                      block_table: torch.Tensor | None = None, backend: str | None = None) -> None:
     """Rotate new keys into the basis and append them (and the values) to a Loki cache, in place.
 
     Row `b`'s `T` new tokens go to positions ``cache_seqlens[b] .. cache_seqlens[b] + T - 1``.
@@ -125,13 +139,19 @@ def loki_cache_append(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: tor
         basis: the :class:`LokiBasis` of the cache (`Hk` heads, dim `D`).
         k_lowrank: optional `[B, Hk, Smax, R]` low-rank key buffer (``1 <= R <= D``), same dtype;
             receives the first `R` rotated dims of each new key.
+        block_table: int32 `[B, max_blocks]` for a paged cache: `k_cache_rot [num_blocks,
+            block_size, Hk, D]`, `v_cache [num_blocks, block_size, Hk, Dv]`, `k_lowrank
+            [num_blocks, Hk, block_size, R]`; token `s` of row `b` goes to block
+            ``block_table[b, s // block_size]``, offset ``s % block_size``. Blocks not referenced
+            are never written; two rows may not write one slot.
         backend: ``None`` (automatic), ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Example:
         >>> loki_cache_append(k, v, k_rot, v_cache, seqlens, basis, k_lowrank=k_low)
         >>> seqlens += k.shape[1]
     """
-    call = _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, basis, k_lowrank=k_lowrank)
+    call = _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, basis, k_lowrank=k_lowrank,
+                                      block_table=block_table)
     dispatch.run("loki_cache_append", call, backend)
 
 
@@ -140,10 +160,10 @@ def loki_cache_append(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: tor
 
 @dispatch.op("loki_attention_decode_lowrank")
 def _prepare_loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, basis, *, rank,
-                                           top_k, scale=None, selection="head") -> dispatch.Call:
+                                           top_k, scale=None, selection="head", block_table=None) -> dispatch.Call:
     call = _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis, rank=rank, top_k=top_k,
-                                          scale=scale, selection=selection)
-    _check_lowrank(k_lowrank, k_cache_rot, min_rank=call.kwargs["rank"])
+                                          scale=scale, selection=selection, block_table=block_table)
+    _check_lowrank(k_lowrank, k_cache_rot, min_rank=call.kwargs["rank"], paged=block_table is not None)
     i = call.inputs
     inputs = dispatch.Inputs(op="loki_attention_decode_lowrank", device=i.device, dtype=i.dtype,
                              head_dims=i.head_dims, features=i.features | {"lowrank"})
@@ -158,7 +178,7 @@ def _reference_decode_lowrank(*, k_lowrank, **kwargs) -> torch.Tensor:
 def loki_attention_decode_lowrank(q: torch.Tensor, k_lowrank: torch.Tensor, k_cache_rot: torch.Tensor,
                                   v_cache: torch.Tensor, cache_seqlens: torch.Tensor, basis: LokiBasis, *,
                                   rank: int, top_k: int, scale: float | None = None, selection: str = "head",
-                                  backend: str | None = None) -> torch.Tensor:
+                                  block_table: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """:func:`attnkit.loki_attention_decode` with the approximate scores read from a contiguous
     low-rank key buffer (see the module docstring).
 
@@ -167,7 +187,9 @@ def loki_attention_decode_lowrank(q: torch.Tensor, k_lowrank: torch.Tensor, k_ca
             for :func:`attnkit.loki_attention_decode`.
         k_lowrank: `[B, Hk, Smax, R]`, ``rank <= R <= D``, same dtype as the caches, holding
             ``k_cache_rot[b, s, h, :R]`` at ``[b, h, s]`` for every valid position (what
-            :func:`loki_cache_append` writes).
+            :func:`loki_cache_append` writes); paged (with `block_table`) `[num_blocks, Hk,
+            block_size, R]`, holding ``k_cache_rot[blk, i, h, :R]`` at ``[blk, h, i]``.
+        block_table: as for :func:`attnkit.loki_attention_decode` (int32 `[B, max_blocks]`).
 
     Returns:
         `o [B, 1, H, Dv]` in q's dtype.
@@ -177,7 +199,8 @@ def loki_attention_decode_lowrank(q: torch.Tensor, k_lowrank: torch.Tensor, k_ca
         >>> o = loki_attention_decode_lowrank(q, k_low, k_rot, v_cache, seqlens + 1, basis, rank=32, top_k=256)
     """
     call = _prepare_loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, basis,
-                                                  rank=rank, top_k=top_k, scale=scale, selection=selection)
+                                                  rank=rank, top_k=top_k, scale=scale, selection=selection,
+                                                  block_table=block_table)
     return dispatch.run("loki_attention_decode_lowrank", call, backend)
 
 
@@ -192,10 +215,17 @@ dispatch.register("loki_attention_decode_lowrank", "reference", _reference_decod
 class LokiCache:
     """A preallocated Loki KV cache: rotated keys, values, the low-rank key buffer and lengths.
 
+    Contiguous (default): `k_rot [B, Smax, Hk, D]`, `v [B, Smax, Hk, Dv]`, `k_lowrank [B, Hk,
+    Smax, R]`. Paged (``block_size=`` given): a pool of `num_blocks` blocks, `k_rot [num_blocks,
+    block_size, Hk, D]`, `v [num_blocks, block_size, Hk, Dv]`, `k_lowrank [num_blocks, Hk,
+    block_size, R]` and `block_table` int32 `[B, ceil(max_seqlen / block_size)]` (row `b` owns
+    blocks `b * max_blocks ...` until the caller assigns other blocks, e.g. from a block allocator;
+    blocks no row references are never read or written).
+
     Attributes:
         basis: the :class:`LokiBasis` keys are rotated with.
-        k_rot: `[B, Smax, Hk, D]` rotated keys. v: `[B, Smax, Hk, Dv]` values.
-        k_lowrank: `[B, Hk, Smax, R]` the first `R = max_rank` rotated dims, position-contiguous.
+        k_rot, v, k_lowrank: the buffers above (`R = max_rank`).
+        block_table: the table of a paged cache, else ``None``.
         seqlens: int32 `[B]`, tokens cached per row (advanced on the device by :meth:`append`).
 
     Example:
@@ -206,7 +236,8 @@ class LokiCache:
     """
 
     def __init__(self, basis: LokiBasis, batch_size: int, max_seqlen: int, *, max_rank: int,
-                 v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, device=None) -> None:
+                 v_head_dim: int | None = None, dtype: torch.dtype = torch.float32, device=None,
+                 block_size: int | None = None, num_blocks: int | None = None) -> None:
         if not isinstance(basis, LokiBasis):
             raise TypeError(f"basis must be a LokiBasis (from loki_calibrate), got {type(basis).__name__}")
         Hk, D = basis.num_kv_heads, basis.head_dim
@@ -216,9 +247,20 @@ class LokiCache:
         Dv = D if v_head_dim is None else V.expect_int("v_head_dim", v_head_dim, 1)
         device = basis.device if device is None else torch.device(device)
         self.basis = basis.to(device)
-        self.k_rot = torch.zeros(B, Smax, Hk, D, device=device, dtype=dtype)
-        self.v = torch.zeros(B, Smax, Hk, Dv, device=device, dtype=dtype)
-        self.k_lowrank = torch.zeros(B, Hk, Smax, R, device=device, dtype=dtype)
+        self.block_table = None
+        if block_size is None:
+            if num_blocks is not None:
+                raise ValueError("num_blocks needs block_size (a paged cache); pass both or neither")
+            n0, n1 = B, Smax
+        else:
+            page = V.expect_int("block_size", block_size, 1)
+            max_blocks = -(-Smax // page)
+            n1 = page
+            n0 = B * max_blocks if num_blocks is None else V.expect_int("num_blocks", num_blocks, B * max_blocks)
+            self.block_table = torch.arange(B * max_blocks, device=device, dtype=torch.int32).view(B, max_blocks)
+        self.k_rot = torch.zeros(n0, n1, Hk, D, device=device, dtype=dtype)
+        self.v = torch.zeros(n0, n1, Hk, Dv, device=device, dtype=dtype)
+        self.k_lowrank = torch.zeros(n0, Hk, n1, R, device=device, dtype=dtype)
         self.seqlens = torch.zeros(B, device=device, dtype=torch.int32)
 
     @property
@@ -228,13 +270,16 @@ class LokiCache:
 
     @property
     def max_seqlen(self) -> int:
+        """Tokens a row can hold (`max_blocks * block_size` when paged)."""
+        if self.block_table is not None:
+            return self.block_table.shape[1] * self.k_rot.shape[1]
         return self.k_rot.shape[1]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None) -> None:
         """Append `k [B, T, Hk, D]` (not rotated) and `v [B, T, Hk, Dv]` to every row and advance
         :attr:`seqlens` by `T` (on the device: no host synchronisation)."""
         loki_cache_append(k, v, self.k_rot, self.v, self.seqlens, self.basis, k_lowrank=self.k_lowrank,
-                          backend=backend)
+                          block_table=self.block_table, backend=backend)
         self.seqlens += k.shape[1]
 
     def attend(self, q: torch.Tensor, *, rank: int, top_k: int, scale: float | None = None,
@@ -242,13 +287,16 @@ class LokiCache:
         """Loki attention of `q [B, 1, H, D]` (not rotated) over everything cached; `rank <= max_rank`."""
         return loki_attention_decode_lowrank(q, self.k_lowrank, self.k_rot, self.v, self.seqlens, self.basis,
                                              rank=rank, top_k=top_k, scale=scale, selection=selection,
-                                             backend=backend)
+                                             block_table=self.block_table, backend=backend)
 
     def reset(self) -> None:
         """Forget every cached token (the buffers are kept)."""
         self.seqlens.zero_()
 
     def __repr__(self) -> str:
-        B, Smax, Hk, D = self.k_rot.shape
-        return (f"LokiCache(batch_size={B}, max_seqlen={Smax}, num_kv_heads={Hk}, head_dim={D}, "
-                f"v_head_dim={self.v.shape[3]}, max_rank={self.max_rank}, dtype={V.dtype_name(self.k_rot.dtype)})")
+        _, _, Hk, D = self.k_rot.shape
+        paged = "" if self.block_table is None else (f", block_size={self.k_rot.shape[1]}, "
+                                                      f"num_blocks={self.k_rot.shape[0]}")
+        return (f"LokiCache(batch_size={self.seqlens.shape[0]}, max_seqlen={self.max_seqlen}, num_kv_heads={Hk}, "
+                f"head_dim={D}, v_head_dim={self.v.shape[3]}, max_rank={self.max_rank}{paged}, "
+                f"dtype={V.dtype_name(self.k_rot.dtype)})")

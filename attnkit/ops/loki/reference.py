@@ -55,16 +55,49 @@ def rotate(x: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def cache_slots(block_table: torch.Tensor | None, block_size: int, rows: torch.Tensor,
+                pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) index into a cache of token `pos` of row `rows` (same shapes): `(row, pos)`
+    for a contiguous cache, `(block_table[row, pos // block_size], pos % block_size)` for a paged
+    `[num_blocks, block_size, ...]` one."""
+    if block_table is None:
+        return rows, pos
+    return block_table[rows, pos // block_size].long(), pos % block_size
+
+
+def unpage(cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """A paged cache `[num_blocks, block_size, Hk, X]` as the padded `[B, Smax, Hk, X]` it stands for
+    (`Smax = max_blocks * block_size`): positions `< cache_seqlens[b]` are gathered through the
+    table, every other slot is zero. Only the table entries and blocks of valid tokens are read."""
+    B, max_blocks = block_table.shape
+    block_size = cache.shape[1]
+    Smax = max_blocks * block_size
+    out = cache.new_zeros(B, Smax, *cache.shape[2:])
+    pos = torch.arange(Smax, device=cache.device)
+    valid = pos[None] < cache_seqlens.long()[:, None]  # [B, Smax]
+    rows = torch.arange(B, device=cache.device)[:, None].expand(B, Smax)[valid]
+    i0, i1 = cache_slots(block_table, block_size, rows, pos[None].expand(B, Smax)[valid])
+    out[valid] = cache[i0, i1]
+    return out
+
+
 def loki_attention_decode(*, q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                           cache_seqlens: torch.Tensor, components: torch.Tensor, rank: int,
-                          top_k: int, scale: float, selection: str) -> torch.Tensor:
+                          top_k: int, scale: float, selection: str,
+                          block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Reference Loki decode (contract in docs/contracts.md): `q [B, 1, H, D]` unrotated,
-    caches `[B, Smax, Hk, D/Dv]`, `components [Hk, D, D]` -> `o [B, 1, H, Dv]` in q's dtype.
+    caches `[B, Smax, Hk, D/Dv]` (or paged `[num_blocks, block_size, Hk, D/Dv]` through
+    `block_table [B, max_blocks]`), `components [Hk, D, D]` -> `o [B, 1, H, Dv]` in q's dtype.
 
     Positions at or past ``cache_seqlens[b]`` are never read into the result: their scores are
     replaced before selection and their gathered keys/values are masked out afterwards, so
-    garbage (even NaN) in the unused part of the caches cannot leak into the output.
+    garbage (even NaN) in the unused part of the caches cannot leak into the output. A paged
+    cache is first gathered into the padded layout, reading only the blocks of valid tokens.
     """
+    if block_table is not None:
+        with torch.no_grad():
+            k_cache_rot = unpage(k_cache_rot, block_table, cache_seqlens)
+            v_cache = unpage(v_cache, block_table, cache_seqlens)
     B, _, H, D = q.shape
     Smax, Hk, Dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[3]
     G = H // Hk

@@ -38,10 +38,19 @@ import triton
 import triton.language as tl
 
 from ..common.triton_utils import device_guard, dot_precision, interpreted
-from ..softmax.triton_decode import num_splits_heuristic, sm_count
+from ..softmax.triton_decode import _token_rows, num_splits_heuristic, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+
+# Checked by `python -m attnkit.tools.gpu_audit` (CI: `--quick`, whose Loki cases are bf16 D = 128:
+# the portable op at B = 8 and B = 1 with the segmented selection, the low-rank and paged layouts,
+# the appends): every Loki kernel variant compiled for sm_90 spills nothing.
+AUDIT_REQUIREMENTS = [
+    dict(kernel=r"^_loki_", arch="sm_90", dtypes=("bfloat16",), head_dims=(128,), max_spill_stores=0,
+         why="issue 12: the Loki kernels (rotate/append, score, selection, sparse attention, reduce) spill "
+             "nothing at D = 128"),
+]
 
 
 # ------------------------------------------------------------------------------------ blocks
@@ -57,6 +66,11 @@ NUM_STAGES = 2
 # (8 warps), once per pass.
 SELECT_RESIDENT = 8192
 SELECT_BLOCK = 8192
+# Segmented selection (few rows, e.g. B = 1): each row is cut into segments of SEGMENT_MIN or more
+# slots (a power of two) so that the selection launches run about SEGMENT_WAVES programs per SM;
+# used when the rows alone leave SMs idle (fewer rows than SMs).
+SEGMENT_MIN = 512
+SEGMENT_WAVES = 4
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -91,18 +105,21 @@ def _num_splits(programs: int, n_sel: int, BN: int, device: torch.device) -> int
     "HAS_OFFSETS": lambda args: args["cache_seqlens"] is not None,
     "HAS_LOWRANK": lambda args: args["y_low"] is not None,
     "HAS_V": lambda args: args["v_new"] is not None,
+    "PAGED": lambda args: args["block_table"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "Smax", "n_t", "n_e"])
 def _loki_rotate_kernel(
-    x, comps, y, y_low, v_new, v_cache, cache_seqlens, T, Smax, n_t, n_e,
+    x, comps, y, y_low, v_new, v_cache, cache_seqlens, block_table, T, Smax, n_t, n_e,
     s_xb, s_xt, s_xh, s_xd, s_yb, s_yt, s_yh, s_yd, s_lb, s_lh, s_lt, s_ld,
-    s_nvb, s_nvt, s_nvh, s_nvd, s_vb, s_vt, s_vh, s_vd,
+    s_nvb, s_nvt, s_nvh, s_nvd, s_vb, s_vt, s_vh, s_vd, s_btb,
     HK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
     HAS_OFFSETS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_V: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BT rows, block of BE output dims), folded on axis 0
-    # x [B, T, HK, D] rows -> y[b, pos, hk, :] = x[b, t, hk, :] @ comps[hk], pos = t (+ cache_seqlens[b])
+    # x [B, T, HK, D] rows -> y[b, pos, hk, :] = x[b, t, hk, :] @ comps[hk], pos = t (+ cache_seqlens[b]);
+    # PAGED: position pos of row b is slot (block_table[b, pos // PAGE], pos % PAGE) of the caches
     pid = tl.program_id(0).to(tl.int64)
     i_e = pid % n_e
     i_t = (pid // n_e) % n_t
@@ -129,28 +146,34 @@ def _loki_rotate_kernel(
         b_c = tl.load(c_base + o_k[:, None] * D, mask=m_k[:, None] & m_e[None, :], other=0.)
         b_y += tl.dot(b_x, b_c, input_precision="ieee")
     b_y = b_y.to(y.dtype.element_ty)
-    tl.store(y + i_b * s_yb + i_hk * s_yh + pos[:, None] * s_yt + o_e[None, :] * s_yd, b_y,
-             mask=m_row[:, None] & m_e[None, :])
+    # [BT] element offsets of the rows' slots (table entries read only for rows written)
+    p_y = _token_rows(pos, m_row, i_b, block_table, s_btb, s_yb, s_yt, PAGED, PAGE)
+    tl.store(y + i_hk * s_yh + p_y[:, None] + o_e[None, :] * s_yd, b_y, mask=m_row[:, None] & m_e[None, :])
     if HAS_LOWRANK:
         # the same rounded values as the full cache, so both layouts score identically
-        tl.store(y_low + i_b * s_lb + i_hk * s_lh + pos[:, None] * s_lt + o_e[None, :] * s_ld,
+        p_l = _token_rows(pos, m_row, i_b, block_table, s_btb, s_lb, s_lt, PAGED, PAGE)
+        tl.store(y_low + i_hk * s_lh + p_l[:, None] + o_e[None, :] * s_ld,
                  b_y.to(y_low.dtype.element_ty), mask=m_row[:, None] & (o_e < R)[None, :])
     if HAS_V:
         # values are copied unchanged, columns of this program's block
         m_v = m_row[:, None] & (o_e < DV)[None, :]
         b_v = tl.load(v_new + i_b * s_nvb + i_hk * s_nvh + rows[:, None] * s_nvt + o_e[None, :] * s_nvd, mask=m_v)
-        tl.store(v_cache + i_b * s_vb + i_hk * s_vh + pos[:, None] * s_vt + o_e[None, :] * s_vd, b_v, mask=m_v)
+        p_v = _token_rows(pos, m_row, i_b, block_table, s_btb, s_vb, s_vt, PAGED, PAGE)
+        tl.store(v_cache + i_hk * s_vh + p_v[:, None] + o_e[None, :] * s_vd, b_v, mask=m_v)
 
 
+@triton.heuristics({"PAGED": lambda args: args["block_table"] is not None,
+                    "HIST0": lambda args: args["hist"] is not None})
 @triton.jit(do_not_specialize=["Smax", "rank", "n_blocks"])
 def _loki_score_kernel(
-    q_rot, k, cache_seqlens, scores, Smax, rank, n_blocks,
-    s_kb, s_kh, s_kt, s_kd,
+    q_rot, k, cache_seqlens, block_table, scores, hist, Smax, rank, n_blocks,
+    s_kb, s_kh, s_kt, s_kd, s_btb,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BG: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GROUP: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, HIST0: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BN positions) folded on axis 0; the G query heads
-    # share each key load
+    # share each key load. Keys [B, HK, Smax, >= rank] by strides, or paged [num_blocks, HK, PAGE, .]
     pid = tl.program_id(0).to(tl.int64)
     i_n, i_bh = pid % n_blocks, pid // n_blocks
     i_b, i_hk = i_bh // HK, i_bh % HK
@@ -160,7 +183,8 @@ def _loki_score_kernel(
     o_g = tl.arange(0, BG)
     m_g = o_g < G
     q_base = q_rot + (i_b * H + i_hk * G) * D
-    k_base = k + i_b * s_kb + i_hk * s_kh
+    # [BN] element offsets of the positions' keys (table entries read only for valid positions)
+    p_k = k + i_hk * s_kh + _token_rows(cols, m_col, i_b, block_table, s_btb, s_kb, s_kt, PAGED, PAGE)
     # blocks past the row's length load nothing
     r_end = tl.where(i_n * BN < seq_len, rank, 0)
     acc = tl.zeros([BG, BN], dtype=tl.float32)
@@ -169,7 +193,7 @@ def _loki_score_kernel(
         m_r = o_r < rank
         # [BG, BR] float32 rotated queries, [BN, BR] leading key dims
         b_q = tl.load(q_base + o_g[:, None] * D + o_r[None, :], mask=m_g[:, None] & m_r[None, :], other=0.)
-        b_k = tl.load(k_base + cols[:, None] * s_kt + o_r[None, :] * s_kd, mask=m_col[:, None] & m_r[None, :],
+        b_k = tl.load(p_k[:, None] + o_r[None, :] * s_kd, mask=m_col[:, None] & m_r[None, :],
                       other=0.).to(tl.float32)
         # [BG, 1, BR] * [1, BN, BR] -> [BG, BN]: exact float32 products, no tile padding for small G
         acc += tl.sum(b_q[:, None, :] * b_k[None, :, :], axis=2)
@@ -181,6 +205,12 @@ def _loki_score_kernel(
         b_s = tl.max(tl.where(m_g[:, None], acc, float("-inf")), axis=0)
         b_s = tl.where(m_col, b_s, float("-inf"))
         tl.store(scores + i_bh * Smax + cols, b_s, mask=m_out)
+        if HIST0:
+            # the segmented selection's first radix pass, fused: this block's 256-bin histogram of
+            # the top 8 key bits of its valid scores, added (integer counts) to the row's histogram
+            bins = tl.arange(0, 256)
+            h0 = tl.histogram((_score_key(b_s) >> 24).to(tl.int32), 256, mask=m_col & m_out)
+            tl.atomic_add(hist + i_bh * 4 * 256 + bins, h0, mask=h0 > 0)
     else:
         b_s = tl.where(m_col[None, :], acc, float("-inf"))
         p_s = scores + (i_b * H + i_hk * G + o_g)[:, None] * Smax + cols[None, :]
@@ -275,6 +305,118 @@ def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.conste
 
 
 @triton.jit
+def _radix_state(hist, row, k, PASSES: tl.constexpr):
+    """Digits chosen by the first `PASSES` radix passes of selecting row `row` from their complete
+    histograms `hist[row, r, :]`: (the key prefix so far, how many of the k largest are still to be
+    found among the scores that share it). Every program of the row derives the same values."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([1], dtype=tl.uint32)
+    k_rem = tl.zeros([1], dtype=tl.int32) + k
+    for r in tl.static_range(PASSES):
+        h = tl.load(hist + (row * 4 + r) * 256 + bins)
+        d, above = _select_digit(h, k_rem, bins)
+        k_rem -= above
+        prefix = prefix | (d.to(tl.uint32) << (24 - 8 * r))
+    return prefix, k_rem
+
+
+SEG_STATS = 258  # per segment: suffix counts of the last digit (257, the last one 0) and the count above
+
+
+@triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
+def _loki_select_hist_kernel(scores, cache_seqlens, hist, stats, Smax, top_k, n_seg, seg_len, HSEL: tl.constexpr,
+                             BLK: tl.constexpr, PASS: tl.constexpr):
+    # program = (selecting row, segment of seg_len slots), folded on axis 0. Radix pass PASS of the
+    # segmented selection: the 256-bin histogram of key digit PASS among the segment's scores that
+    # share the digits chosen by the earlier passes, added to the row's histogram hist[row, PASS].
+    # Integer additions: the counts (and everything derived from them) do not depend on the order
+    # in which the segments add them.
+    # The last pass also keeps what the write pass needs of this segment, whatever the last digit
+    # d turns out to be: stats[row, seg, j] = its scores sharing the first three digits whose last
+    # digit is >= j (j = 0..256), stats[row, seg, 257] = its scores whose first three digits are
+    # above the chosen ones. Then #(key > tau) = stats[257] + stats[d + 1] and #(key == tau) =
+    # stats[d] - stats[d + 1].
+    pid = tl.program_id(0).to(tl.int64)
+    i_seg, row = pid % n_seg, pid // n_seg
+    i_b = row // HSEL
+    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
+    k = tl.minimum(top_k, seq_len)
+    prefix, k_rem = _radix_state(hist, row, k, PASS)
+    shift = 24 - 8 * PASS
+    base = scores + row * Smax
+    o = tl.arange(0, BLK)
+    local = tl.zeros([256], dtype=tl.int32)
+    n_above = tl.zeros([1], dtype=tl.int32)
+    start = i_seg * seg_len
+    end = tl.minimum(start + seg_len, seq_len)
+    for n0 in range(start, end, BLK):
+        cols = n0 + o
+        m = cols < end
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        if PASS == 3:
+            n_above += tl.sum((m & ((key >> 8) > (prefix >> 8))).to(tl.int32), 0)
+        if PASS > 0:
+            m = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+        local += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=m)
+    bins = tl.arange(0, 256)
+    tl.atomic_add(hist + (row * 4 + PASS) * 256 + bins, local, mask=local > 0)
+    if PASS == 3:
+        p_st = stats + pid * 258
+        tl.store(p_st + bins, tl.sum(local, 0) - tl.cumsum(local, 0) + local)
+        c = tl.arange(0, 2)
+        tl.store(p_st + 256 + c, tl.where(c == 0, 0, n_above))
+
+
+@triton.jit(do_not_specialize=["Smax", "top_k", "n_seg", "seg_len"])
+def _loki_select_write_kernel(scores, cache_seqlens, hist, stats, idx, Smax, top_k, n_seg, seg_len,
+                              HSEL: tl.constexpr, BLK: tl.constexpr, SB: tl.constexpr):
+    # program = (selecting row, segment): writes the segment's selected positions (key > tau, and
+    # key == tau while the row still needs ties, lowest positions first) at its place in the row's
+    # output, after those of the earlier segments (an exclusive prefix sum of their counts, read
+    # from the last histogram pass's stats): the indices come out in increasing position order, as
+    # the single-program selection writes them.
+    pid = tl.program_id(0).to(tl.int64)
+    i_seg, row = pid % n_seg, pid // n_seg
+    i_b = row // HSEL
+    seq_len = tl.minimum(tl.load(cache_seqlens + i_b), Smax)
+    k = tl.minimum(top_k, seq_len)
+    tau, k_rem = _radix_state(hist, row, k, 4)
+    d = (tau & 255).to(tl.int64)  # [1] the last digit
+    o_s = tl.arange(0, SB)
+    gt_before = tl.zeros([1], dtype=tl.int32)
+    eq_before = tl.zeros([1], dtype=tl.int32)
+    for s0 in range(0, i_seg, SB):
+        m_s = s0 + o_s < i_seg
+        p_st = stats + (row * n_seg + s0 + o_s) * 258  # [SB] earlier segments
+        at_d = tl.load(p_st + d, mask=m_s, other=0)
+        above_d = tl.load(p_st + d + 1, mask=m_s, other=0)
+        gt_before += tl.sum(tl.load(p_st + 257, mask=m_s, other=0) + above_d, 0)
+        eq_before += tl.sum(at_d - above_d, 0)
+    n_tie = eq_before
+    n_out = gt_before + tl.minimum(eq_before, k_rem)
+    base = scores + row * Smax
+    out = idx + row * top_k
+    o = tl.arange(0, BLK)
+    start = i_seg * seg_len
+    end = tl.minimum(start + seg_len, seq_len)
+    for n0 in range(start, end, BLK):
+        cols = n0 + o
+        m = cols < end
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        gt = m & (key > tau)
+        eq = (m & (key == tau)).to(tl.int32)
+        take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
+        t32 = take.to(tl.int32)
+        tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
+        n_out += tl.sum(t32, 0)
+        n_tie += tl.sum(eq, 0)
+    if i_seg == 0:
+        # a row shorter than top_k: the remaining slots point past its length (masked by index later)
+        for j0 in range(k, top_k, BLK):
+            tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
+
+
+@triton.jit
 def _rows_dot(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """`a [BM, K] · b [BN, K]ᵀ -> [BM, BN]` float32: `tl.dot` for tiles of >= 16 rows, else an
     exact float32 broadcast sum (one row: no padding to the 16 rows `tl.dot` needs)."""
@@ -295,14 +437,16 @@ def _rows_mm(p, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     return out
 
 
-@triton.heuristics({"HAS_INDEX": lambda args: args["idx"] is not None})
+@triton.heuristics({"HAS_INDEX": lambda args: args["idx"] is not None,
+                    "PAGED": lambda args: args["block_table"] is not None})
 @triton.jit(do_not_specialize=["n_sel", "chunk", "n_splits"])
 def _loki_sparse_attn_fwd_kernel(
-    q_rot, k, v, cache_seqlens, idx, o, o_part, lse_part, scale, n_sel, chunk, n_splits,
-    s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_ib, s_ih, s_ij,
+    q_rot, k, v, cache_seqlens, block_table, idx, o, o_part, lse_part, scale, n_sel, chunk, n_splits,
+    s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_ib, s_ih, s_ij, s_btb,
     H: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     SHARED: tl.constexpr, SPLIT: tl.constexpr, HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     # program = (split of `chunk` selected slots, batch row x selecting head).
     # SHARED: the selecting head is KV head i_sel; the BM rows are its G query heads (one gather each).
@@ -329,8 +473,8 @@ def _loki_sparse_attn_fwd_kernel(
     b_q = tl.load(q_rot + (i_b * H + heads)[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.)
     if SHARED:
         b_q = b_q.to(k.dtype.element_ty)  # tensor-core operands, as flash attention
-    k_base = k + i_b * s_kb + i_hk * s_kh
-    v_base = v + i_b * s_vb + i_hk * s_vh
+    k_base = k + i_hk * s_kh
+    v_base = v + i_hk * s_vh
 
     j_start = i_s * chunk
     j_end = tl.minimum(j_start + chunk, n_sel)
@@ -348,10 +492,12 @@ def _loki_sparse_attn_fwd_kernel(
             m_j = m_j & (pos < seq_len)
         else:
             pos = o_j
+        # [BN] offsets of the slots (paged: through the table, entries of valid slots only)
+        p_k = _token_rows(pos, m_j, i_b, block_table, s_btb, s_kb, s_kt, PAGED, PAGE)
+        p_v = _token_rows(pos, m_j, i_b, block_table, s_btb, s_vb, s_vt, PAGED, PAGE)
         # [BN, BD], [BN, BDV]: gathered rows, each one contiguous span of the cache
-        b_k = tl.load(k_base + pos[:, None] * s_kt + o_d[None, :] * s_kd, mask=m_j[:, None] & m_d[None, :], other=0.)
-        b_v = tl.load(v_base + pos[:, None] * s_vt + o_dv[None, :] * s_vd, mask=m_j[:, None] & m_dv[None, :],
-                      other=0.)
+        b_k = tl.load(k_base + p_k[:, None] + o_d[None, :] * s_kd, mask=m_j[:, None] & m_d[None, :], other=0.)
+        b_v = tl.load(v_base + p_v[:, None] + o_dv[None, :] * s_vd, mask=m_j[:, None] & m_dv[None, :], other=0.)
         # [BM, BD] . [BN, BD]^T -> [BM, BN] logits in log2 units
         b_s = _rows_dot(b_q, b_k, SHARED, DOT_PRECISION) * qk_scale
         b_s = tl.where(m_j[None, :], b_s, float("-inf"))
@@ -406,11 +552,22 @@ def _loki_sparse_attn_reduce_kernel(o_part, lse_part, o, n_rows, n_splits,
 # ---------------------------------------------------------------------------- host launchers
 
 
+def _paging(block_table: torch.Tensor | None, k_cache_rot: torch.Tensor) -> tuple[int, int, int]:
+    """(page size, capacity Smax, row stride of the table): a paged cache is `[num_blocks, page,
+    Hk, D]` with capacity `max_blocks * page`; a padded one `[B, Smax, Hk, D]` (page 1: unused)."""
+    if block_table is None:
+        return 1, k_cache_rot.shape[1], 0
+    page = k_cache_rot.shape[1]
+    return page, block_table.shape[1] * page, block_table.stride(0)
+
+
 def _rotate_launch(x_view: tuple, y_view: tuple, components: torch.Tensor, T: int, B: int, HK: int,
                    low_view: tuple | None = None, v_views: tuple | None = None,
-                   cache_seqlens: torch.Tensor | None = None, Smax: int = 0, R: int = 0, DV: int = 0) -> None:
+                   cache_seqlens: torch.Tensor | None = None, Smax: int = 0, R: int = 0, DV: int = 0,
+                   block_table: torch.Tensor | None = None, page: int = 1) -> None:
     """Launch `_loki_rotate_kernel`; views are `(tensor, s_b, s_t, s_h, s_d)` (low: `s_b, s_h,
-    s_t, s_d`), so one kernel serves queries (`T` = query heads of a group) and appended keys."""
+    s_t, s_d`), so one kernel serves queries (`T` = query heads of a group) and appended keys
+    (through `block_table` when the cache is paged: `s_b` is then the stride of a block)."""
     D = components.shape[-1]
     BK = 16
     BE = min(_pow2(D, 16), 64)
@@ -423,9 +580,9 @@ def _rotate_launch(x_view: tuple, y_view: tuple, components: torch.Tensor, T: in
     y_low, *s_l = low_view if low_view is not None else (None, *none4)
     (v_new, *s_nv), (v_cache, *s_v) = v_views if v_views is not None else ((None, *none4), (None, *none4))
     _loki_rotate_kernel[(B * HK * n_t * n_e,)](
-        x, components, y, y_low, v_new, v_cache, cache_seqlens, T, Smax, n_t, n_e,
-        *s_x, *s_y, *s_l, *s_nv, *s_v,
-        HK=HK, D=D, DV=DV, R=R, BT=BT, BK=BK, BE=BE, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        x, components, y, y_low, v_new, v_cache, cache_seqlens, block_table, T, Smax, n_t, n_e,
+        *s_x, *s_y, *s_l, *s_nv, *s_v, block_table.stride(0) if block_table is not None else 0,
+        HK=HK, D=D, DV=DV, R=R, BT=BT, BK=BK, BE=BE, PAGE=page, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def rotate_queries(q: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
@@ -443,13 +600,16 @@ def rotate_queries(q: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
 
 def loki_append_fwd(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                     cache_seqlens: torch.Tensor, components: torch.Tensor,
-                    k_lowrank: torch.Tensor | None = None) -> None:
+                    k_lowrank: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> None:
     """Rotates `k_new [B, T, Hk, D]` and writes it at `cache_seqlens[b] + t` into `k_cache_rot`
-    (and its first `R` dims into `k_lowrank [B, Hk, Smax, R]`), and `v_new` into `v_cache`, in place."""
+    (and its first `R` dims into `k_lowrank [B, Hk, Smax, R]`), and `v_new` into `v_cache`, in place;
+    through `block_table [B, max_blocks]` into paged caches `[num_blocks, page, Hk, D]` (`k_lowrank
+    [num_blocks, Hk, page, R]`) when given."""
     B, T, HK, D = k_new.shape
     if B == 0 or T == 0 or HK == 0:
         return
-    Smax, DV = k_cache_rot.shape[1], v_cache.shape[3]
+    page, Smax, _ = _paging(block_table, k_cache_rot)
+    DV = v_cache.shape[3]
     s_nk, s_k, s_nv, s_v = k_new.stride(), k_cache_rot.stride(), v_new.stride(), v_cache.stride()
     low = None
     if k_lowrank is not None:
@@ -460,35 +620,89 @@ def loki_append_fwd(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: torch
                        components.contiguous(), T, B, HK, low_view=low,
                        v_views=((v_new, s_nv[0], s_nv[1], s_nv[2], s_nv[3]), (v_cache, s_v[0], s_v[1], s_v[2], s_v[3])),
                        cache_seqlens=cache_seqlens, Smax=Smax, R=k_lowrank.shape[3] if k_lowrank is not None else 0,
-                       DV=DV)
+                       DV=DV, block_table=block_table, page=page)
 
 
 def loki_scores_fwd(q_rot: torch.Tensor, keys: torch.Tensor, cache_seqlens: torch.Tensor, HK: int, *, rank: int,
-                    group: bool) -> torch.Tensor:
+                    group: bool, block_table: torch.Tensor | None = None,
+                    hist: torch.Tensor | None = None) -> torch.Tensor:
     """Approximate scores from `q̃ [B, H, D]` and `keys`, a `[B, Hk, Smax, >= rank]` view by
-    strides (the low-rank buffer, or `k_cache_rot.transpose(1, 2)`). Returns float32
-    `[B, H or Hk, Smax]`, `-inf` at positions `>= cache_seqlens[b]`."""
+    strides (the low-rank buffer, or `k_cache_rot.transpose(1, 2)`; paged: `[num_blocks, Hk, page,
+    >= rank]` read through `block_table`). Returns float32 `[B, H or Hk, Smax]`, `-inf` at
+    positions `>= cache_seqlens[b]`. With `hist` (zeroed int32 `[B * Hk, 4, 256]`, group selection
+    only) the first radix pass of the segmented selection is added into `hist[:, 0]`."""
+    assert hist is None or group, "the fused first radix pass serves group selection"
     B, H, D = q_rot.shape
-    Smax = keys.shape[2]
+    page = keys.shape[2]
+    Smax = keys.shape[2] if block_table is None else block_table.shape[1] * page
     G = H // HK
     scores = torch.empty(B, HK if group else H, Smax, device=q_rot.device, dtype=torch.float32)
     BG, BN, BR = _score_blocks(G, rank)
     n_blocks = triton.cdiv(Smax, BN)
     _loki_score_kernel[(n_blocks * B * HK,)](
-        q_rot, keys, cache_seqlens, scores, Smax, rank, n_blocks, *keys.stride(),
-        H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        q_rot, keys, cache_seqlens, block_table, scores, hist, Smax, rank, n_blocks, *keys.stride(),
+        block_table.stride(0) if block_table is not None else 0,
+        H=H, HK=HK, G=G, D=D, BG=BG, BN=BN, BR=BR, GROUP=group, PAGE=page if block_table is not None else 1,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return scores
 
 
-def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -> torch.Tensor:
+def select_segments(rows: int, Smax: int, num_sms: int) -> tuple[int, int]:
+    """(segment length, segments per row) of the selection, from shapes only. One segment (the
+    single-program radix select) when the rows alone give every SM a program; else segments of a
+    power of two >= SEGMENT_MIN slots, enough for about SEGMENT_WAVES programs per SM."""
+    if rows >= num_sms or Smax <= SEGMENT_MIN:
+        return Smax, 1
+    seg_len = max(SEGMENT_MIN, triton.next_power_of_2(triton.cdiv(rows * Smax, SEGMENT_WAVES * num_sms)))
+    n_seg = triton.cdiv(Smax, seg_len)
+    return (Smax, 1) if n_seg == 1 else (seg_len, n_seg)
+
+
+def _select_segmented(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int, idx: torch.Tensor,
+                      seg_len: int, n_seg: int, hist: torch.Tensor | None = None) -> None:
+    """The radix select of `loki_select` spread over `n_seg` programs per row: four histogram
+    launches (one per 8-bit digit; segments add integer counts into the row's histogram; the last
+    also keeps per-segment counts), then one that writes each segment's positions after those of
+    the earlier segments. Exactly the single-program result. `hist` given: the first pass is
+    already in it (fused into the score kernel), three histogram launches remain."""
+    B, HSEL, Smax = scores.shape
+    rows = B * HSEL
+    first = 0 if hist is None else 1
+    if hist is None:
+        hist = torch.zeros(rows, 4, 256, device=scores.device, dtype=torch.int32)
+    stats = torch.empty(rows, n_seg, SEG_STATS, device=scores.device, dtype=torch.int32)
+    blk = min(seg_len, 128 if interpreted() else SELECT_BLOCK)
+    warps = max(4, min(8, blk // 1024))
+    grid = (rows * n_seg,)
+    for r in range(first, 4):
+        _loki_select_hist_kernel[grid](scores, cache_seqlens, hist, stats, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
+                                       BLK=blk, PASS=r, num_warps=warps, num_stages=1)
+    _loki_select_write_kernel[grid](scores, cache_seqlens, hist, stats, idx, Smax, top_k, n_seg, seg_len, HSEL=HSEL,
+                                    BLK=blk, SB=128, num_warps=warps, num_stages=1)
+
+
+def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int,
+                segment: int | None = None, hist: torch.Tensor | None = None) -> torch.Tensor:
     """Positions of the `min(top_k, cache_seqlens[b])` largest valid scores of each `[B, Hsel,
     Smax]` row, int32 `[B, Hsel, top_k]` in increasing position order (ties at the threshold: the
-    lowest positions); slots past a short row's count hold `Smax`. One radix-select program per
-    row: no sort, no host synchronisation."""
+    lowest positions); slots past a short row's count hold `Smax`. Radix select, no sort, no host
+    synchronisation: one program per row, or (few rows: :func:`select_segments`; or `segment`
+    slots per program if given) several programs per row. `hist`: the row histograms with the
+    first radix pass done by the score kernel (segmented selection only)."""
     B, HSEL, Smax = scores.shape
     idx = torch.empty(B, HSEL, top_k, device=scores.device, dtype=torch.int32)
     if idx.numel() == 0:
         return idx
+    if segment is not None:
+        if segment < 1 or segment & (segment - 1):
+            raise ValueError(f"segment must be a power of two, got {segment}")
+        seg_len, n_seg = segment, triton.cdiv(Smax, segment)
+    else:
+        seg_len, n_seg = select_segments(B * HSEL, Smax, sm_count(scores.device))
+    if n_seg > 1:
+        _select_segmented(scores, cache_seqlens, top_k, idx, seg_len, n_seg, hist)
+        return idx
+    assert hist is None, "a histogram from the scorer serves the segmented selection only"
     row = triton.next_power_of_2(Smax)
     if interpreted():
         blk = max(16, row) if row <= 256 else 128
@@ -502,12 +716,14 @@ def loki_select(scores: torch.Tensor, cache_seqlens: torch.Tensor, top_k: int) -
 
 def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
                          cache_seqlens: torch.Tensor, idx: torch.Tensor | None, *, scale: float, out_dtype: torch.dtype,
-                         num_splits: int | None = None) -> torch.Tensor:
-    """Exact attention of `q̃ [B, H, D]` over the selected slots `idx [B, H or Hk, n_sel]` (int64
+                         num_splits: int | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact attention of `q̃ [B, H, D]` over the selected slots `idx [B, H or Hk, n_sel]` (int32
     positions; `None`: every position, dense). `idx` with `Hk` heads (or dense with `G > 1`) lets
-    a group's query heads share each gathered key. Returns `o [B, 1, H, Dv]` in `out_dtype`."""
+    a group's query heads share each gathered key. Paged caches are read through `block_table`.
+    Returns `o [B, 1, H, Dv]` in `out_dtype`."""
     B, H, D = q_rot.shape
-    Smax, HK, DV = v_cache.shape[1], v_cache.shape[2], v_cache.shape[3]
+    page, Smax, s_btb = _paging(block_table, k_cache_rot)
+    HK, DV = v_cache.shape[2], v_cache.shape[3]
     G = H // HK
     shared = G > 1 and (idx is None or idx.shape[1] == HK)
     n_sel = Smax if idx is None else idx.shape[2]
@@ -523,9 +739,9 @@ def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache
     lse_part = torch.empty(B * H, n_splits, device=q_rot.device, dtype=torch.float32) if split else None
     s_i = idx.stride() if idx is not None else (0, 0, 0)
     _loki_sparse_attn_fwd_kernel[(n_splits * n_prog,)](
-        q_rot, k_cache_rot, v_cache, cache_seqlens, idx, o, o_part, lse_part, float(scale), n_sel, chunk, n_splits,
-        *k_cache_rot.stride(), *v_cache.stride(), *s_i,
-        H=H, HK=HK, G=G, D=D, DV=DV, BM=BM, BN=BN, BD=BD, BDV=BDV, SHARED=shared, SPLIT=split,
+        q_rot, k_cache_rot, v_cache, cache_seqlens, block_table, idx, o, o_part, lse_part, float(scale), n_sel, chunk,
+        n_splits, *k_cache_rot.stride(), *v_cache.stride(), *s_i, s_btb,
+        H=H, HK=HK, G=G, D=D, DV=DV, BM=BM, BN=BN, BD=BD, BDV=BDV, SHARED=shared, SPLIT=split, PAGE=page,
         DOT_PRECISION=dot_precision(v_cache), num_stages=NUM_STAGES,
         # per-head tiles run float32 broadcasts: 8 warps keep a [BN, BD >= 128] tile from spilling
         num_warps=NUM_WARPS if shared or BD < 128 else 8)
@@ -538,11 +754,15 @@ def loki_sparse_attn_fwd(q_rot: torch.Tensor, k_cache_rot: torch.Tensor, v_cache
 
 def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                     components: torch.Tensor, *, rank: int, top_k: int, scale: float, selection: str,
-                    k_lowrank: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    k_lowrank: torch.Tensor | None = None, num_splits: int | None = None,
+                    block_table: torch.Tensor | None = None) -> torch.Tensor:
     """One Loki decoding step (no host synchronisation). Scores come from `k_lowrank [B, Hk, Smax,
-    R >= rank]` when given, else from `k_cache_rot[..., :rank]`. Returns `o [B, 1, H, Dv]`."""
+    R >= rank]` when given, else from `k_cache_rot[..., :rank]`. With `block_table [B, max_blocks]`
+    the caches are paged (`[num_blocks, page, Hk, D]`, `k_lowrank [num_blocks, Hk, page, R]`).
+    Returns `o [B, 1, H, Dv]`."""
     B, _, H, D = q.shape
-    Smax, HK, DV = k_cache_rot.shape[1], k_cache_rot.shape[2], v_cache.shape[3]
+    _, Smax, _ = _paging(block_table, k_cache_rot)
+    HK, DV = k_cache_rot.shape[2], v_cache.shape[3]
     if B == 0 or H == 0 or Smax == 0:
         return torch.zeros(B, 1, H, DV, device=q.device, dtype=q.dtype)
     with device_guard(q):
@@ -550,34 +770,43 @@ def loki_decode_fwd(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.T
         idx = None
         if top_k < Smax:  # else every row is dense: no scoring, no selection
             keys = k_lowrank if k_lowrank is not None else k_cache_rot.transpose(1, 2)
-            scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=selection == "group")
-            idx = loki_select(scores, cache_seqlens, top_k)  # [B, H or Hk, top_k] int32, position order
+            group = selection == "group"
+            hist = None
+            if group and select_segments(B * HK, Smax, sm_count(q.device))[1] > 1:
+                # few rows, group selection: the scorer does the selection's first radix pass
+                hist = torch.zeros(B * HK, 4, 256, device=q.device, dtype=torch.int32)
+            scores = loki_scores_fwd(q_rot, keys, cache_seqlens, HK, rank=rank, group=group,
+                                     block_table=block_table, hist=hist)
+            # [B, H or Hk, top_k] int32, position order
+            idx = loki_select(scores, cache_seqlens, top_k, hist=hist)
         return loki_sparse_attn_fwd(q_rot, k_cache_rot, v_cache, cache_seqlens, idx, scale=scale, out_dtype=q.dtype,
-                                    num_splits=num_splits)
+                                    num_splits=num_splits, block_table=block_table)
 
 
 # ----------------------------------------------------------------------- backend entry points
 
 
 @torch.no_grad()
-def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale, selection):
+def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale, selection,
+                          block_table=None):
     """Triton backend of `attnkit.loki_attention_decode` (docs/contracts.md): the portable layout,
-    scores read from `k_cache_rot[..., :rank]`."""
+    scores read from `k_cache_rot[..., :rank]` (paged through `block_table` when given)."""
     return loki_decode_fwd(q, k_cache_rot, v_cache, cache_seqlens, components, rank=rank, top_k=top_k, scale=scale,
-                           selection=selection)
+                           selection=selection, block_table=block_table)
 
 
 @torch.no_grad()
 def loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale,
-                                  selection):
+                                  selection, block_table=None):
     """Triton backend of `loki_attention_decode_lowrank` (attnkit/ops/loki/cache.py): scores read
-    from the contiguous low-rank key buffer."""
+    from the contiguous (or paged) low-rank key buffer."""
     return loki_decode_fwd(q, k_cache_rot, v_cache, cache_seqlens, components, rank=rank, top_k=top_k, scale=scale,
-                           selection=selection, k_lowrank=k_lowrank)
+                           selection=selection, k_lowrank=k_lowrank, block_table=block_table)
 
 
 @torch.no_grad()
-def loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank):
+def loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank, block_table=None):
     """Triton backend of `loki_cache_append` (attnkit/ops/loki/cache.py): one fused launch rotates
-    the new keys and writes the rotated cache, the low-rank buffer and the values."""
-    loki_append_fwd(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank)
+    the new keys and writes the rotated cache, the low-rank buffer and the values (through the
+    block table when paged)."""
+    loki_append_fwd(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank, block_table)

@@ -16,6 +16,7 @@ from ..._validation import (
     REFERENCE_DTYPES,
     check_block_table,
     check_cu_seqlens,
+    cu_seqlens_values,
     check_float_scale,
     check_index,
     check_scale,
@@ -31,6 +32,7 @@ from ..._validation import (
     expect_same_dtype,
     expect_shape,
     expect_tensor,
+    index_values,
     shape_str,
     value_checks_enabled,
 )
@@ -131,8 +133,8 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
                           else ("cu_seqlens_k", "cu_seqlens_q"))
         raise ValueError(f"{given} was given without {missing}: packed variable-length inputs need "
                          "both (pass cu_seqlens_k = cu_seqlens_q for self-attention)")
-    n_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, T, B, "q")
-    n_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, S, B, "k")
+    n_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, T, B, "q", values=False)
+    n_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, S, B, "k", values=False)
     if n_q != n_k:
         raise ValueError(f"cu_seqlens_k must describe as many sequences as cu_seqlens_q ({n_q}), "
                          f"got shape {shape_str(cu_seqlens_k)} ({n_k} sequences)")
@@ -155,13 +157,27 @@ def _prepare_attention(q, k, v, *, causal=False, scale=None, qk_norm=None, q_nor
         features.add("tensor_scale")
     if _needs_grad(q, k, v, q_norm_weight, k_norm_weight, scale):
         features.add("grad")
+    kwargs = dict(q=q, k=k, v=v, causal=causal, scale=scale, qk_norm=qk_norm,
+                  q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
+                  window=window, softcap=softcap)
+    if cu_seqlens_q is not None and value_checks_enabled(cu_seqlens_q, cu_seqlens_k):
+        _attention_values(kwargs)
     return dispatch.Call(
         inputs=dispatch.Inputs("attention", q.device, q.dtype, head_dims=(D, Dv),
                                features=frozenset(features)),
-        kwargs=dict(q=q, k=k, v=v, causal=causal, scale=scale, qk_norm=qk_norm,
-                    q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps,
-                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
-                    window=window, softcap=softcap))
+        kwargs=kwargs)
+
+
+def _attention_values(kw: dict) -> None:
+    """The checks of `attention` that read tensor values (packed-sequence offsets)."""
+    cu_q = kw["cu_seqlens_q"]
+    if cu_q is not None:
+        cu_seqlens_values("cu_seqlens_q", cu_q, kw["q"].shape[1])
+        cu_seqlens_values("cu_seqlens_k", kw["cu_seqlens_k"], kw["k"].shape[1])
+
+
+_ATTENTION = dispatch.fast("attention", _prepare_attention, _attention_values)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -211,11 +227,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         >>> k, v = torch.randn(2, 128, 2, 64), torch.randn(2, 128, 2, 64)
         >>> o = attnkit.attention(q, k, v, causal=True, qk_norm="rms")  # [2, 128, 8, 64]
     """
-    call = _prepare_attention(q, k, v, causal=causal, scale=scale, qk_norm=qk_norm,
-                              q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
-                              norm_eps=norm_eps, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                              return_lse=return_lse, window=window, softcap=softcap)
-    return dispatch.run("attention", call, backend)
+    return _ATTENTION(backend, q, k, v, causal, scale, qk_norm, q_norm_weight, k_norm_weight, norm_eps,
+                      cu_seqlens_q, cu_seqlens_k, return_lse, window, softcap)
 
 
 # --------------------------------------------------------------------------- attention_decode
@@ -273,19 +286,11 @@ def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None,
     window = check_window(window, causal=True)  # decode queries are causal: only `left` matters
     softcap = check_softcap(softcap)
 
-    new_tokens = Tq if k_new is not None else 0
+    # cache_seqlens may equal Smax (a full cache) when nothing is appended.
+    check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "max_blocks * block_size" if paged else "Smax",
+                values=False)
     if paged:
-        check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "max_blocks * block_size")
-        block_table = check_block_table(block_table, B, num_blocks, block_size, cache_seqlens, new_tokens)
-    else:
-        # cache_seqlens may equal Smax (a full cache) when nothing is appended.
-        check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "Smax")
-        if k_new is not None and Tq > 0 and B > 0 and value_checks_enabled(cache_seqlens):
-            room = int(cache_seqlens.max())
-            if room + Tq > Smax:
-                b = int(cache_seqlens.argmax())
-                raise ValueError(f"cache_seqlens[b] + Tq must be <= Smax = {Smax} to append k_new/v_new, "
-                                 f"got cache_seqlens[{b}] = {room} and Tq = {Tq}: the cache is too small")
+        block_table = block_table.contiguous()
 
     features = {"append"} if k_new is not None else set()
     if window != (-1, -1):
@@ -294,12 +299,39 @@ def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None,
         features.add("softcap")
     if paged:
         features.update(("paged", f"block_size={block_size}"))
+    kwargs = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                  k_new=k_new, v_new=v_new, scale=scale, window=window, softcap=softcap,
+                  block_table=block_table)
+    if value_checks_enabled(cache_seqlens, block_table):
+        _attention_decode_values(kwargs)
     return dispatch.Call(
         inputs=dispatch.Inputs("attention_decode", q.device, q.dtype, head_dims=(D, Dv),
                                features=frozenset(features)),
-        kwargs=dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
-                    k_new=k_new, v_new=v_new, scale=scale, window=window, softcap=softcap,
-                    block_table=block_table))
+        kwargs=kwargs)
+
+
+def _attention_decode_values(kw: dict) -> None:
+    """The checks of `attention_decode` that read tensor values: `cache_seqlens` in range, room
+    for the appended tokens, the paged cache's `block_table` entries (one read of
+    `cache_seqlens`; the paged checks reduce on the device first)."""
+    q, k_cache, lens, block_table = kw["q"], kw["k_cache"], kw["cache_seqlens"], kw["block_table"]
+    B, Tq = q.shape[0], q.shape[1]
+    new_tokens = Tq if kw["k_new"] is not None else 0
+    if block_table is not None:
+        num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+        Smax = block_table.shape[1] * block_size
+        index_values("cache_seqlens", lens, Smax + 1, "max_blocks * block_size")
+        check_block_table(block_table, B, num_blocks, block_size, lens, new_tokens)
+        return
+    Smax = k_cache.shape[1]
+    got = index_values("cache_seqlens", lens, Smax + 1, "Smax")
+    if new_tokens and got is not None and got[1] + Tq > Smax:
+        room, b = got[1], int(lens.argmax())
+        raise ValueError(f"cache_seqlens[b] + Tq must be <= Smax = {Smax} to append k_new/v_new, "
+                         f"got cache_seqlens[{b}] = {room} and Tq = {Tq}: the cache is too small")
+
+
+_ATTENTION_DECODE = dispatch.fast("attention_decode", _prepare_attention_decode, _attention_decode_values)
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -347,10 +379,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         >>> o = attnkit.attention_decode(q, k_cache, v_cache, lens, k_new=k1, v_new=v1)
         >>> lens += 1  # the caller advances the lengths
     """
-    call = _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
-                                     scale=scale, window=window, softcap=softcap,
-                                     block_table=block_table)
-    return dispatch.run("attention_decode", call, backend)
+    return _ATTENTION_DECODE(backend, q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window, softcap,
+                             block_table)
 
 
 # ----------------------------------------------------------------------------------- qk_norm
@@ -396,8 +426,10 @@ def qk_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, mode: str = 
         >>> x, w = torch.randn(2, 16, 8, 128), torch.ones(128)
         >>> y = attnkit.qk_norm(x, w)  # [2, 16, 8, 128]
     """
-    return dispatch.run("qk_norm", _prepare_qk_norm(x, weight, mode=mode, eps=eps), backend)
+    return _QK_NORM(backend, x, weight, mode, eps)
 
+
+_QK_NORM = dispatch.fast("qk_norm", _prepare_qk_norm)
 
 _ANY_DTYPE = dict(priority=0, dtypes=REFERENCE_DTYPES)
 dispatch.register("attention", "reference", reference.attention, **_ANY_DTYPE)

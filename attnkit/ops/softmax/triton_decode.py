@@ -43,6 +43,14 @@ LOG2E = 1.4426950408889634
 DEFAULT_SMEM = 163 * 1024
 CPU_SM_COUNT = 132  # attnkit.tools.DEFAULT_SM_COUNT: what a plan assumes off CUDA (an H100/H200)
 
+# Checked by `python -m attnkit.tools.gpu_audit` (CI: `--quick` audits bf16 D = 128 decode at B = 8
+# and the split B = 1 MQA case): no decode kernel variant compiled for sm_90 spills.
+AUDIT_REQUIREMENTS = [
+    dict(kernel=r"^(_attention_decode_fwd_kernel|_attention_decode_reduce_kernel|_kv_append_kernel)$",
+         arch="sm_90", dtypes=("bfloat16",), head_dims=(128,), max_spill_stores=0,
+         why="issue 12: the decode kernels (split-KV forward, split merge, KV append) spill nothing at D = 128"),
+]
+
 
 def sm_count(device: torch.device | None = None) -> int:
     """Streaming multiprocessors to size the split count for: `attnkit.tools.sm_count`
@@ -152,16 +160,18 @@ def _token_rows(cols, m_col, i_b, block_table, s_btb, s_kb, s_kt, PAGED: tl.cons
     return off
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "Smax"])
 def _kv_append_kernel(
-    k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Smax,
+    k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Tq, Smax,
     s_nkb, s_nkt, s_nkh, s_nkd, s_nvb, s_nvt, s_nvh, s_nvd,
     s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_btb,
     HK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
-    # program = (new token t, batch row b); writes all HK heads of token t at cache_seqlens[b] + t
-    i_t, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # program = (batch row b, new token t) folded on grid axis 0 (B may exceed the 65,535 programs of
+    # axes 1 and 2); writes all HK heads of token t at cache_seqlens[b] + t
+    pid = tl.program_id(0).to(tl.int64)
+    i_t, i_b = pid % Tq, pid // Tq
     pos = tl.load(cache_seqlens + i_b).to(tl.int64) + i_t
     o_h = tl.arange(0, BH)
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
@@ -330,8 +340,8 @@ def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch
         return
     page, Smax, s_btb = _paging(block_table, k_cache)
     with device_guard(k_cache):
-        _kv_append_kernel[(Tq, B)](
-            k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Smax,
+        _kv_append_kernel[(B * Tq,)](
+            k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, Tq, Smax,
             *strides4(k_new), *strides4(v_new), *strides4(k_cache), *strides4(v_cache), s_btb,
             HK=HK, D=D, DV=DV, BH=triton.next_power_of_2(HK), BD=triton.next_power_of_2(D),
             BDV=triton.next_power_of_2(DV), PAGED=block_table is not None, PAGE=page)
