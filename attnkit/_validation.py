@@ -284,16 +284,31 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
                          f"size), got {shape_str(block_table)}")
     capacity = block_table.shape[1] * block_size
     if lengths is not None and value_checks_enabled(block_table, lengths) and batch > 0:
-        total = lengths.long() + new_tokens
-        longest = int(total.max())
+        total = [n + new_tokens for n in lengths.tolist()]  # one read
+        longest = max(total)
         if longest > capacity:
-            b = int(total.argmax())
+            b = total.index(longest)
             raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
                              f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
                              f"{block_size} = {capacity}")
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None] * block_size < total[:, None]
-        vals = block_table[used]
-        if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_blocks):
+        # Row b uses its first need[b] entries. One reduction over the columns every row uses, and
+        # one more, masked, only for ragged lengths (a decode step calls this every time: a few
+        # small ops, not a masked gather of the whole table).
+        need = [-(-n // block_size) for n in total]
+        lo_need, hi_need = min(need), max(need)
+        out_of_range = False
+        if lo_need > 0:
+            lo, hi = int_range(block_table[:, :lo_need])
+            out_of_range = lo < 0 or hi >= num_blocks
+        if not out_of_range and hi_need > lo_need:
+            dev = block_table.device
+            used = (torch.arange(lo_need, hi_need, device=dev)[None]
+                    < torch.tensor(need, device=dev)[:, None])
+            lo, hi = int_range(torch.where(used, block_table[:, lo_need:hi_need], 0))  # 0: fill, no block
+            out_of_range = lo < 0 or hi >= num_blocks  # (num_blocks = 0: some used entry is bad anyway)
+        if out_of_range:
+            used = (torch.arange(block_table.shape[1], device=block_table.device)[None]
+                    < torch.tensor(need, device=block_table.device)[:, None])
             bad = used & ((block_table < 0) | (block_table >= num_blocks))
             b, j = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
