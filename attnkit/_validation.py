@@ -291,34 +291,49 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
             raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
                              f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
                              f"{block_size} = {capacity}")
-        # Row b uses its first need[b] entries. One reduction over the columns every row uses, and
-        # one more, masked, only for ragged lengths (a decode step calls this every time: a few
-        # small ops, not a masked gather of the whole table).
+        # Row b uses its first need[b] entries. A small table is read in one transfer and checked
+        # on the host; a larger one with one min/max over the columns every row uses, and one more,
+        # masked, only for ragged rows (a decode step runs this every call: a few small ops, never
+        # a masked gather of the whole table).
         need = [-(-n // block_size) for n in total]
-        lo_need, hi_need = min(need), max(need)
-        out_of_range = False
-        if lo_need > 0:
-            lo, hi = int_range(block_table[:, :lo_need])
-            out_of_range = lo < 0 or hi >= num_blocks
-        if not out_of_range and hi_need > lo_need:
-            dev = block_table.device
-            used = (torch.arange(lo_need, hi_need, device=dev)[None]
-                    < torch.tensor(need, device=dev)[:, None])
-            lo, hi = int_range(torch.where(used, block_table[:, lo_need:hi_need], 0))  # 0: fill, no block
-            out_of_range = lo < 0 or hi >= num_blocks  # (num_blocks = 0: some used entry is bad anyway)
-        if out_of_range:
-            used = (torch.arange(block_table.shape[1], device=block_table.device)[None]
-                    < torch.tensor(need, device=block_table.device)[:, None])
-            bad = used & ((block_table < 0) | (block_table >= num_blocks))
-            b, j = (int(i) for i in bad.nonzero()[0])
+        bad_at, rows = None, None
+        if block_table.numel() <= SMALL_READ:
+            rows = block_table.tolist()
+            bad_at = next(((b, j) for b, row in enumerate(rows) for j in range(need[b])
+                           if not 0 <= row[j] < num_blocks), None)
+        else:
+            lo_need, hi_need = min(need), max(need)
+            out_of_range = False
+            if lo_need > 0:
+                lo, hi = int_range(block_table[:, :lo_need])
+                out_of_range = lo < 0 or hi >= num_blocks
+            if not out_of_range and hi_need > lo_need:
+                dev = block_table.device
+                used = (torch.arange(lo_need, hi_need, device=dev)[None]
+                        < torch.tensor(need, device=dev)[:, None])
+                lo, hi = int_range(torch.where(used, block_table[:, lo_need:hi_need], 0))  # 0: fill, no block
+                out_of_range = lo < 0 or hi >= num_blocks  # (num_blocks = 0: some used entry is bad anyway)
+            if out_of_range:
+                used = (torch.arange(block_table.shape[1], device=block_table.device)[None]
+                        < torch.tensor(need, device=block_table.device)[:, None])
+                bad = used & ((block_table < 0) | (block_table >= num_blocks))
+                bad_at = tuple(int(i) for i in bad.nonzero()[0])
+        if bad_at is not None:
+            b, j = bad_at
             raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
                              f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
                              f"(num_blocks = k_cache.shape[0])")
-        if new_tokens > 0:
+        if new_tokens > 0 and rows is not None:
+            slots = [rows[b][p // block_size] * block_size + p % block_size
+                     for b, n in enumerate(total) for p in range(n - new_tokens, n)]
+            if len(set(slots)) != len(slots):
+                raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
+                                 "slot; rows may share blocks they only read, not blocks they write")
+        elif new_tokens > 0:
             pos = lengths.long()[:, None] + torch.arange(new_tokens, device=lengths.device)
             rows = torch.arange(batch, device=lengths.device)[:, None].expand_as(pos)
             slots = block_table[rows, pos // block_size].long() * block_size + pos % block_size
             if torch.unique(slots).numel() != slots.numel():
                 raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
                                  "slot; rows may share blocks they only read, not blocks they write")
-    return block_table.contiguous()
+    return block_table if block_table.is_contiguous() else block_table.contiguous()
