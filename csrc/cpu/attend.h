@@ -304,12 +304,16 @@ void run_attend(const AttendParams& p) {
   const int64_t split_len = std::max<int64_t>(1, ceil_div(max_keys, nsplit));
   // Split boundaries of decode lists fall on multiples of `align` positions: whole key blocks,
   // and whole pages of a paged cache (lcm of kKeyBlock and block_size), so no page is shared
-  // between two splits. Selected lists split anywhere.
+  // between two splits, unless that multiple exceeds a split (pages longer than a split: kept
+  // whole, they would unbalance the splits). Selected lists split anywhere.
   const bool dense = p.sel_idx == nullptr;
   int64_t align = 1;
   if (dense) {
     align = kKeyBlock;
-    if (p.block_table != nullptr) align = align / std::gcd<int64_t>(align, p.block_size) * p.block_size;
+    if (p.block_table != nullptr) {
+      const int64_t page_align = align / std::gcd<int64_t>(align, p.block_size) * p.block_size;
+      if (page_align <= split_len) align = page_align;
+    }
   }
   // First entry of split k of a unit whose keys are [start, n).
   auto bound = [&](int64_t start, int64_t n, int64_t k) -> int64_t {
