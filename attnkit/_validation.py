@@ -299,8 +299,11 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
         bad_at, rows = None, None
         if block_table.numel() <= SMALL_READ:
             rows = block_table.tolist()
-            bad_at = next(((b, j) for b, row in enumerate(rows) for j in range(need[b])
-                           if not 0 <= row[j] < num_blocks), None)
+            for b, row in enumerate(rows):
+                used = row[:need[b]]
+                if used and (min(used) < 0 or max(used) >= num_blocks):
+                    bad_at = b, next(j for j, x in enumerate(used) if not 0 <= x < num_blocks)
+                    break
         else:
             lo_need, hi_need = min(need), max(need)
             out_of_range = False
