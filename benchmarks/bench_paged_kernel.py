@@ -7,9 +7,9 @@
 `benchmarks/run.py --op paged_decode` times the public op, which adds the per-call validation
 (on CPU tensors it reads `cache_seqlens` and the used `block_table` entries every call) to the
 kernel. This script separates the two: `kernel` calls the extension's `attention_decode` directly
-with the same tensors (a shuffled block pool next to the contiguous cache, 1 thread), `api`
-calls `attnkit.attention_decode` (`--dtype`, default float32). Variants run in bursts (`--burst` timed calls after 5 untimed
-ones, as run.py does), cycled `--rounds` times so that load changes hit every variant alike;
+with the same tensors (a shuffled block pool next to the contiguous cache, `--dtype`, 1 thread),
+`api` calls `attnkit.attention_decode`. Variants run in bursts (`--burst` timed calls after 5
+untimed ones, as run.py does), cycled `--rounds` times so that load changes hit every variant alike;
 medians over all timed calls. `--modules` loads already built extension modules by name (see
 `python -m attnkit.native --status`) from torch's extension folder or `$ATTNKIT_BUILD_DIR`, to
 compare kernel versions in one process (then only `kernel` variants run).
