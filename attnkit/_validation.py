@@ -282,61 +282,82 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
     if block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(f"block_table must have shape [B, max_blocks] with B = {batch} (q's batch "
                          f"size), got {shape_str(block_table)}")
+    if lengths is not None and batch > 0 and value_checks_enabled(block_table, lengths):
+        block_table_values(block_table, num_blocks, block_size, lengths, new_tokens)
+    return block_table.contiguous()
+
+
+def block_table_values(block_table: torch.Tensor, num_blocks: int, block_size: int, lengths: torch.Tensor,
+                       new_tokens: int) -> None:
+    """The value checks of :func:`check_block_table` (its shape checks passed; the caller decides
+    that value checks run): a small table (at most `SMALL_READ` entries) is read once and checked
+    on the host, a larger one is reduced on the device first."""
+    if lengths.numel() == 0:
+        return
+    if block_table.numel() <= SMALL_READ and lengths.numel() <= SMALL_READ:
+        _block_table_values_small(block_table, num_blocks, block_size, lengths, new_tokens)
+        return
     capacity = block_table.shape[1] * block_size
-    if lengths is not None and value_checks_enabled(block_table, lengths) and batch > 0:
-        total = [n + new_tokens for n in lengths.tolist()]  # one read
-        longest = max(total)
-        if longest > capacity:
-            b = total.index(longest)
-            raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
-                             f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
-                             f"{block_size} = {capacity}")
-        # Row b uses its first need[b] entries. A small table is read in one transfer and checked
-        # on the host; a larger one with one min/max over the columns every row uses, and one more,
-        # masked, only for ragged rows (a decode step runs this every call: a few small ops, never
-        # a masked gather of the whole table).
-        need = [-(-n // block_size) for n in total]
-        bad_at, rows = None, None
-        if block_table.numel() <= SMALL_READ:
-            rows = block_table.tolist()
-            for b, row in enumerate(rows):
-                used = row[:need[b]]
-                if used and (min(used) < 0 or max(used) >= num_blocks):
-                    bad_at = b, next(j for j, x in enumerate(used) if not 0 <= x < num_blocks)
-                    break
-        else:
-            lo_need, hi_need = min(need), max(need)
-            out_of_range = False
-            if lo_need > 0:
-                lo, hi = int_range(block_table[:, :lo_need])
-                out_of_range = lo < 0 or hi >= num_blocks
-            if not out_of_range and hi_need > lo_need:
-                dev = block_table.device
-                used = (torch.arange(lo_need, hi_need, device=dev)[None]
-                        < torch.tensor(need, device=dev)[:, None])
-                lo, hi = int_range(torch.where(used, block_table[:, lo_need:hi_need], 0))  # 0: fill, no block
-                out_of_range = lo < 0 or hi >= num_blocks  # (num_blocks = 0: some used entry is bad anyway)
-            if out_of_range:
-                used = (torch.arange(block_table.shape[1], device=block_table.device)[None]
-                        < torch.tensor(need, device=block_table.device)[:, None])
-                bad = used & ((block_table < 0) | (block_table >= num_blocks))
-                bad_at = tuple(int(i) for i in bad.nonzero()[0])
-        if bad_at is not None:
-            b, j = bad_at
-            raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
-                             f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
-                             f"(num_blocks = k_cache.shape[0])")
-        if new_tokens > 0 and rows is not None:
-            slots = [rows[b][p // block_size] * block_size + p % block_size
-                     for b, n in enumerate(total) for p in range(n - new_tokens, n)]
-            if len(set(slots)) != len(slots):
-                raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
-                                 "slot; rows may share blocks they only read, not blocks they write")
-        elif new_tokens > 0:
-            pos = lengths.long()[:, None] + torch.arange(new_tokens, device=lengths.device)
-            rows = torch.arange(batch, device=lengths.device)[:, None].expand_as(pos)
-            slots = block_table[rows, pos // block_size].long() * block_size + pos % block_size
-            if torch.unique(slots).numel() != slots.numel():
-                raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
-                                 "slot; rows may share blocks they only read, not blocks they write")
-    return block_table if block_table.is_contiguous() else block_table.contiguous()
+    batch = lengths.shape[0]
+    total = lengths.long() + new_tokens
+    longest = int(total.max())
+    if longest > capacity:
+        b = int(total.argmax())
+        raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
+                         f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
+                         f"{block_size} = {capacity}")
+    # Row b uses its first need[b] entries: one min/max over the columns every row uses, and one
+    # more, masked, only for ragged rows (no masked gather of the whole table on every call).
+    dev = block_table.device
+    need = total.add(block_size - 1).div_(block_size, rounding_mode="floor")
+    lo_need, hi_need = int_range(need)
+    out_of_range = False
+    if lo_need > 0:
+        lo, hi = int_range(block_table[:, :lo_need])
+        out_of_range = lo < 0 or hi >= num_blocks
+    if not out_of_range and hi_need > lo_need:
+        tail = torch.arange(lo_need, hi_need, device=dev)[None] < need[:, None]
+        lo, hi = int_range(torch.where(tail, block_table[:, lo_need:hi_need], 0))  # 0: fill, no block
+        out_of_range = lo < 0 or hi >= num_blocks  # (num_blocks = 0: some used entry is bad anyway)
+    if out_of_range:
+        used = torch.arange(block_table.shape[1], device=dev)[None] < need[:, None]
+        bad = used & ((block_table < 0) | (block_table >= num_blocks))
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
+                         f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
+                         f"(num_blocks = k_cache.shape[0])")
+    if new_tokens > 0:
+        pos = lengths.long()[:, None] + torch.arange(new_tokens, device=lengths.device)
+        rows = torch.arange(batch, device=lengths.device)[:, None].expand_as(pos)
+        slots = block_table[rows, pos // block_size].long() * block_size + pos % block_size
+        if torch.unique(slots).numel() != slots.numel():
+            raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
+                             "slot; rows may share blocks they only read, not blocks they write")
+
+
+def _block_table_values_small(block_table: torch.Tensor, num_blocks: int, block_size: int,
+                              lengths: torch.Tensor, new_tokens: int) -> None:
+    """The value checks of :func:`check_block_table` for a small table (at most `SMALL_READ`
+    entries): one read of the table and one of the lengths, the same checks and messages as the
+    on-device version."""
+    rows, totals = block_table.tolist(), [n + new_tokens for n in lengths.tolist()]
+    max_blocks = block_table.shape[1]
+    capacity = max_blocks * block_size
+    longest = max(totals)
+    if longest > capacity:
+        b = totals.index(longest)
+        raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
+                         f"row {b}: max_blocks * block_size = {max_blocks} * "
+                         f"{block_size} = {capacity}")
+    for b, (row, total) in enumerate(zip(rows, totals)):
+        for j in range(max(0, -(-total // block_size))):  # the blocks of the row's first `total` tokens
+            if not 0 <= row[j] < num_blocks:
+                raise ValueError(f"block_table[{b}, {j}] = {row[j]} is used by row {b} but "
+                                 f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
+                                 f"(num_blocks = k_cache.shape[0])")
+    if new_tokens > 0:
+        slots = [row[p // block_size] * block_size + p % block_size
+                 for row, total in zip(rows, totals) for p in range(total - new_tokens, total)]
+        if len(set(slots)) != len(slots):
+            raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
+                             "slot; rows may share blocks they only read, not blocks they write")

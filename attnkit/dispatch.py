@@ -51,6 +51,7 @@ __all__ = [
     "fast",
     "FastOp",
     "register",
+    "register_keyed",
     "registered",
     "run",
 ]
@@ -463,6 +464,17 @@ _python_key_on = torch._C._dispatch_tls_is_dispatch_key_included
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 _is_compiling, _is_exporting = torch.compiler.is_compiling, torch.compiler.is_exporting
 _get_mode = torch._C._get_dispatch_mode
+# Argument types keyed by some of their tensor attributes (register_keyed): type -> attribute names
+_KEYED: dict[type, tuple[str, ...]] = {}
+
+
+def register_keyed(cls: type, *attrs: str) -> None:
+    """Let :class:`FastOp` cache calls that take a `cls` object (e.g. a ``LokiBasis``): such an
+    argument is keyed by its type and the signatures of its attributes `attrs` (tensors or None,
+    read on every call), and a normalised argument that *is* one of those attributes is taken
+    from the object on every call. Without this, a call with an argument of another type is
+    never cached. Only for objects whose other attributes the prepare step does not depend on."""
+    _KEYED[cls] = tuple(attrs)
 
 
 def _signature(args: tuple | list) -> tuple | None:
@@ -470,7 +482,8 @@ def _signature(args: tuple | list) -> tuple | None:
     strides, dtype, device and requires_grad; every other argument with its type (``True``,
     ``1`` and ``1.0`` are different signatures); tuples and lists element by element. None for
     anything that cannot be a key (tensor subclasses such as FakeTensor/DTensor, unhashable
-    objects): such calls are never cached."""
+    objects): such calls are never cached. Objects of a :func:`register_keyed` type count by
+    their registered tensor attributes."""
     out = []
     app = out.append
     for a in args:
@@ -488,6 +501,11 @@ def _signature(args: tuple | list) -> tuple | None:
             app(inner)
         elif t in _SCALARS or t is _NONE or t is _FUNCTION:
             app(a)
+        elif t in _KEYED:  # by its tensor attributes, read now (they may be replaced in place)
+            inner = _signature([getattr(a, n) for n in _KEYED[t]])
+            if inner is None:
+                return None
+            app(inner)
         else:
             return None
     app(tuple(map(type, args)))
@@ -509,6 +527,9 @@ class FastOp:
     Traced calls (torch.compile, export, fake/proxy/functional modes, tensor subclasses),
     ``ATTNKIT_EAGER_CUSTOM_OPS=1`` and signatures the record cannot replay (a prepare step
     that makes new tensors, e.g. a `feature_map` callable) take the full path every time.
+    An argument of a :func:`register_keyed` type (a ``LokiBasis``) is keyed by its registered
+    tensor attributes, and a normalised argument that is one of them is read from the object on
+    every call.
     """
 
     __slots__ = ("name", "prepare", "names", "values", "cache")
@@ -539,10 +560,12 @@ class FastOp:
             return self._first(key, backend, env, args)
         if entry is _SLOW:
             return self.slow(backend, args)
-        fn, kw, slots, gate = entry
+        fn, kw, slots, attr_slots, gate = entry
         kw = kw.copy()
         for name, i in slots:
             kw[name] = args[i]
+        for name, i, attr in attr_slots:  # a tensor attribute of a register_keyed argument
+            kw[name] = getattr(args[i], attr)
         if gate is not None and (gate is True or not torch.cuda.is_current_stream_capturing()):
             self.values(kw)
         return fn(**kw)
@@ -556,15 +579,19 @@ class FastOp:
         return run(self.name, call, backend)
 
     def _record(self, call: Call, backend: str, env: tuple, args: tuple) -> Any:
-        const, slots = {}, []
+        const, slots, attr_slots = {}, [], []
         position = {n: i for i, n in enumerate(self.names)}
         for k, v in call.kwargs.items():
             if isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list))
                                                and any(isinstance(x, torch.Tensor) for x in v)):
                 i = position.get(k)
-                if i is None or args[i] is not v:  # not the argument of that name: cannot be replayed
+                if i is not None and args[i] is v:
+                    slots.append((k, i))
+                    continue
+                found = _attribute_slot(v, args)
+                if found is None:  # a tensor the prepare step made: cannot be replayed
                     return _SLOW
-                slots.append((k, i))
+                attr_slots.append((k, *found))
             else:
                 const[k] = v
         kind = call.inputs.device.type
@@ -574,7 +601,16 @@ class FastOp:
             gate = _CUDA_GATE if env[4] in (b"1", "1") else None  # env[4]: ATTNKIT_CHECKS
         else:
             gate = True
-        return (_IMPLS[self.name][backend].function(), const, tuple(slots), gate)
+        return (_IMPLS[self.name][backend].function(), const, tuple(slots), tuple(attr_slots), gate)
+
+
+def _attribute_slot(v: Any, args: tuple) -> tuple[int, str] | None:
+    """`(i, attr)` if `v` is the keyed attribute `attr` of the argument `args[i]`, else None."""
+    for i, a in enumerate(args):
+        for attr in _KEYED.get(type(a), ()):
+            if getattr(a, attr) is v:
+                return i, attr
+    return None
 
 
 def fast(name: str, prepare: Callable[..., Call], values: Callable[[dict], None] | None = None) -> FastOp:

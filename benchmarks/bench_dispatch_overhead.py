@@ -7,7 +7,8 @@ For tiny inputs (so the kernel itself costs little), each op is timed four ways:
 * ``custom op``: the ``torch.ops.attnkit.<op>`` call the public function makes (torch's
   dispatcher, the op's autograd wrapper), no validation;
 * ``public``: ``attnkit.<op>(..., backend=<backend>)``: validation (shape, dtype and, on CPU
-  tensors, value checks), cached backend choice, then the custom op;
+  tensors, value checks) or its cached signature, cached backend choice, then the backend
+  (eager calls run it directly; docs/compile.md);
 * ``public auto``: the same with the automatic backend choice (``backend=None``);
 * ``validate``: the prepare step alone (shape/dtype/option checks; on CPU tensors also the value
   checks, which read small tensors on the host);
@@ -26,6 +27,7 @@ inflates far less.
 Examples:
     python benchmarks/bench_dispatch_overhead.py
     python benchmarks/bench_dispatch_overhead.py --ops qk_norm attention_decode --reps 50
+    python benchmarks/bench_dispatch_overhead.py --ops loki_attention_decode loki_cache_append --clock process
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnkit  # noqa: E402
 from attnkit import _custom_ops, dispatch  # noqa: E402
+from attnkit.ops import loki as loki_ops  # noqa: E402
 from attnkit.native import _build  # noqa: E402
 
 
@@ -50,17 +53,24 @@ def _native() -> str:
 
 
 def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
-    """op -> (backend, public function, tiny arguments)."""
+    """case -> (backend, public function, tiny arguments); a case is an op name, optionally with a
+    `[label]` (e.g. ``attention_decode[paged]``)."""
     r = lambda *s: torch.randn(*s, device=device)  # noqa: E731
     lens = torch.tensor([5, 9], dtype=torch.int32, device=device)
     native = "cuda" if device == "cuda" else _native()
     decay = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device)
+    basis = attnkit.loki_calibrate(torch.randn(64, 2, 16)).to(device)
+    table = torch.arange(8, dtype=torch.int32, device=device).view(2, 4)  # 8 blocks of 4 tokens
     return {
         "qk_norm": ("reference", attnkit.qk_norm, dict(args=(r(2, 1, 4, 16), r(16)))),
         "attention": ("reference", attnkit.attention,
                       dict(args=(r(1, 4, 2, 16), r(1, 4, 2, 16), r(1, 4, 2, 16)), kwargs=dict(causal=True))),
         "attention_decode": (native, attnkit.attention_decode,
                              dict(args=(r(2, 1, 4, 16), r(2, 16, 2, 16), r(2, 16, 2, 16), lens))),
+        # paged: the block table's value checks run on every call
+        "attention_decode[paged]": (native, attnkit.attention_decode,
+                                    dict(args=(r(2, 1, 4, 16), r(8, 4, 2, 16), r(8, 4, 2, 16), lens),
+                                         kwargs=dict(block_table=table))),
         "linear_attention_step": (native, attnkit.linear_attention_step,
                                   dict(args=(r(2, 1, 4, 16), r(2, 1, 2, 16), r(2, 1, 2, 16), torch.zeros(
                                       2, 2, 16, 16, device=device)))),
@@ -68,6 +78,15 @@ def cases(device: str) -> dict[str, tuple[str, callable, dict]]:
                              dict(args=(r(1, 4, 2, 16), r(1, 4, 2, 16), r(1, 4, 2, 16)))),
         "lightning_attention": ("reference", attnkit.lightning_attention,
                                 dict(args=(r(1, 4, 4, 16), r(1, 4, 2, 16), r(1, 4, 2, 16), decay))),
+        "loki_attention_decode": (native, attnkit.loki_attention_decode,
+                                  dict(args=(r(2, 1, 4, 16), r(2, 16, 2, 16), r(2, 16, 2, 16), lens, basis),
+                                       kwargs=dict(rank=4, top_k=4))),
+        "loki_attention_decode_lowrank[paged]": ("reference", loki_ops.loki_attention_decode_lowrank,
+                                          dict(args=(r(2, 1, 4, 16), r(8, 2, 4, 4), r(8, 4, 2, 16), r(8, 4, 2, 16),
+                                                     lens, basis), kwargs=dict(rank=4, top_k=4, block_table=table))),
+        "loki_cache_append": ("reference", loki_ops.loki_cache_append,
+                              dict(args=(r(2, 1, 2, 16), r(2, 1, 2, 16), r(2, 16, 2, 16), r(2, 16, 2, 16), lens,
+                                         basis), kwargs=dict(k_lowrank=r(2, 2, 16, 4)))),
     }
 
 
@@ -125,13 +144,14 @@ def main(argv=None) -> int:
     names = args.ops or list(all_cases)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"clock={args.clock} (median of {args.reps} x {args.inner} calls, µs per call)")
-    head = f"{'op':24s} {'backend':10s} {'direct':>8s} {'custom op':>10s} {'public':>8s} {'auto':>8s}" \
+    head = f"{'op':36s} {'backend':10s} {'direct':>8s} {'custom op':>10s} {'public':>8s} {'auto':>8s}" \
            f" {'validate':>9s} {'added':>6s} {'public-direct':>14s} {'op-direct':>10s}"
     print(head)
     print("-" * len(head))
     with torch.no_grad():
-        for name in names:
-            backend, public, a = all_cases[name]
+        for case in names:
+            backend, public, a = all_cases[case]
+            name = case.split("[")[0]
             pos, kw = a["args"], a.get("kwargs", {})
             call = dispatch._OPS[name](*pos, **kw)
             impl = dispatch.implementation(name, backend)
@@ -144,7 +164,7 @@ def main(argv=None) -> int:
             prepare = dispatch._OPS[name]
             t_val = _time(lambda: prepare(*pos, **kw), args.warmup, args.reps, args.inner, sync)
             t_add = _time_added(name, backend, lambda: public(*pos, **kw, backend=backend), args, sync)
-            print(f"{name:24s} {backend:10s} {t_direct:8.1f} {t_op:10.1f} {t_pub:8.1f} {t_auto:8.1f}"
+            print(f"{case:36s} {backend:10s} {t_direct:8.1f} {t_op:10.1f} {t_pub:8.1f} {t_auto:8.1f}"
                   f" {t_val:9.1f} {t_add:6.1f} {t_pub - t_direct:14.1f} {t_op - t_direct:10.1f}")
     return 0
 

@@ -46,6 +46,7 @@ def over(key: str, values, label: str, **fixed) -> list[dict]:
 
 
 K = 1024
+LOKI_OPS = ("loki_decode", "paged_loki_decode")
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -64,9 +65,9 @@ def resolve(op: str, shape: dict) -> dict:
             s["S"] = s["T"]
         s.setdefault("causal", True)
     s.setdefault("scale", s["D"] ** -0.5)
-    if op in ("attention_decode", "loki_decode"):
+    if op in ("attention_decode", "loki_decode", "paged_loki_decode"):
         s.setdefault("Tq", 1)
-    if op == "loki_decode":
+    if op in LOKI_OPS:
         if s.get("rank") is None:
             s["rank"] = max(1, s["D"] // 4)
         if s.get("top_k") is None:
@@ -118,7 +119,7 @@ def build_decode(case: Case) -> None:
          "k_cache": _randn((B, S, Hk, D), case, grad=False),
          "v_cache": _randn((B, S, Hk, Dv), case, grad=False),
          "cache_seqlens": torch.full((B,), S, dtype=torch.int32, device=case.device)}
-    if case.op == "loki_decode":
+    if case.op in LOKI_OPS:
         sample = t["k_cache"][0, : min(S, 4096)]  # [N, Hk, D] keys to calibrate the basis on
         basis = attnkit.loki_calibrate(sample)
         t["basis"] = basis
@@ -540,6 +541,10 @@ def make_runner(cfg: OpConfig, case: Case, name: str) -> Runner:
 # ratio of the totals, so the scaling can be read on a machine without a GPU.
 # paged_decode: attention_decode through a shuffled block table next to the same cache stored
 # contiguously ("attnkit:contiguous", the baseline): same bytes, so the same GB/s is the goal.
+# paged_loki_decode: the same for loki_attention_decode (rank = D/4, top_k = S/8): the portable op
+# on the paged rotated caches per backend, next to the contiguous call ("attnkit:contiguous", the
+# baseline) and the low-rank-buffer op on the paged buffers ("attnkit:lowrank", its
+# `[num_blocks, Hk, block_size, R]` buffer paged by the same table) and on the contiguous ones.
 
 
 class _OwnPeers(OpConfig):
@@ -640,6 +645,49 @@ def paged_contiguous(case: Case) -> Runner:
     return attnkit_auto(case, call_decode(case), "attnkit:contiguous")
 
 
+def build_paged_loki(case: Case) -> None:
+    """`build_paged` for Loki: rotated caches and the low-rank buffer, each also in the block pool
+    (the low-rank buffer as `[num_blocks, Hk, block_size, R]`, the same table)."""
+    build_paged(case)
+    t = case.tensors
+    B, S, bs = case["B"], case["S"], case["block_size"]
+    nb = S // bs
+    low = t["k_lowrank"]  # [B, Hk, S, R]
+    blocks = low.view(B, low.shape[1], nb, bs, low.shape[3]).transpose(1, 2).reshape(B * nb, low.shape[1], bs,
+                                                                                     low.shape[3])
+    pool = torch.empty_like(blocks)
+    pool[t["block_table"].flatten().long()] = blocks
+    t["k_lowrank_paged"] = pool
+
+
+def call_paged_loki(case: Case) -> AttnkitCall:
+    t = case.tensors
+    return ("loki_attention_decode", attnkit.loki_attention_decode,
+            (t["q"], t["k_cache_paged"], t["v_cache_paged"], t["cache_seqlens"], t["basis"]),
+            {"rank": case["rank"], "top_k": case["top_k"], "scale": case["scale"], "block_table": t["block_table"]})
+
+
+def paged_loki_contiguous(case: Case) -> Runner:
+    """The same Loki decode over the contiguous rotated cache."""
+    return attnkit_auto(case, call_loki(case), "attnkit:contiguous")
+
+
+def paged_loki_lowrank(case: Case) -> Runner:
+    """Loki scoring from the paged low-rank buffer (a paged LokiCache's layout)."""
+    t = case.tensors
+    call = ("loki_attention_decode_lowrank", loki_attention_decode_lowrank,
+            (t["q"], t["k_lowrank_paged"], t["k_cache_paged"], t["v_cache_paged"], t["cache_seqlens"], t["basis"]),
+            {"rank": case["rank"], "top_k": case["top_k"], "scale": case["scale"], "block_table": t["block_table"]})
+    return attnkit_auto(case, call, "attnkit:lowrank")
+
+
+def paged_loki_lowrank_contiguous(case: Case) -> Runner:
+    """The low-rank-buffer op on the contiguous buffers."""
+    runner = loki_lowrank(case)
+    runner.name = "attnkit:lowrank-contiguous"
+    return runner
+
+
 def _window_presets() -> dict[str, dict[str, list[dict]]]:
     def rows(Ts, W, **fixed):
         return [dict(fixed, T=T, S=T, W=W, causal=True, sweep=f"W={W}") for T in Ts]
@@ -676,4 +724,11 @@ OPS["paged_decode"] = _OwnPeers(
     ("decode",), "decode", "S", "bandwidth", _PAGED_BASE, _decode_presets({"block_size": 16, "Tq": 1}),
     build_paged, call_paged, model_decode,
     comparators={"attnkit:contiguous": paged_contiguous}, baseline="attnkit:contiguous")
+OPS["paged_loki_decode"] = _OwnPeers(
+    "paged_loki_decode", "Loki decoding through a shuffled paged cache (block_size 16, rank = D/4, top_k = S/8) "
+    "vs the contiguous cache", ("decode",), "decode", "S", "bandwidth", _PAGED_BASE,
+    _decode_presets({"block_size": 16, "Tq": 1}), build_paged_loki, call_paged_loki, model_loki,
+    comparators={"attnkit:contiguous": paged_loki_contiguous, "attnkit:lowrank": paged_loki_lowrank,
+                 "attnkit:lowrank-contiguous": paged_loki_lowrank_contiguous},
+    baseline="attnkit:contiguous")
 ALL = tuple(OPS)

@@ -123,13 +123,13 @@ def shape_label(row: dict[str, Any]) -> str:
     op = row["op"]
     if op == "linear_attention_step":
         return f"{row['kind']} B{row['B']} {heads} {dims}"
-    if op in ("attention_decode", "loki_decode", "paged_decode"):
+    if op in ("attention_decode", "loki_decode", "paged_decode", "paged_loki_decode"):
         s = f"B{row['B']} S{row['S']} {heads} {dims}"
         if row.get("block_size") is not None:
             s += f" bs{row['block_size']}"
         if row.get("Tq", 1) != 1:
             s += f" Tq{row['Tq']}"
-        if op == "loki_decode":
+        if op in ("loki_decode", "paged_loki_decode"):
             s += f" r{row['rank']} k{row['top_k']}"
         return s
     s = f"B{row['B']} T{row['T']}"

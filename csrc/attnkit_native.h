@@ -103,6 +103,12 @@ struct LokiParams {
   const void* v = nullptr;
   int64_t v_sb = 0, v_ss = 0, v_sh = 0;
   const int32_t* lens = nullptr;
+  // Paged caches (as in AttendParams): k/v are [num_blocks, block_size, Hk, D/Dv], k_sb/v_sb the
+  // strides of one block, position s of row b in block block_table[b * bt_stride + s / block_size]
+  // at offset s % block_size; Smax = bt_stride * block_size. Null for contiguous caches.
+  const int32_t* block_table = nullptr;
+  int64_t bt_stride = 0;
+  int block_size = 1;
   // Workspaces, allocated by the caller: q_rot [B, H, D], scores [B, Hk, Gs, Smax],
   // sel_idx [B, Hk, Gs, top_k], sel_count [B, Hk, Gs] (Gs = 1 if group else G).
   float* q_rot = nullptr;

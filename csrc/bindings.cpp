@@ -173,7 +173,8 @@ at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 at::Tensor loki_attention_decode(const at::Tensor& q, const at::Tensor& k_cache_rot, const at::Tensor& v_cache,
                                  const at::Tensor& cache_seqlens, const at::Tensor& components, int64_t rank,
-                                 int64_t top_k, double scale, bool group, int64_t stream, int64_t num_sms) {
+                                 int64_t top_k, double scale, bool group,
+                                 const std::optional<at::Tensor>& block_table, int64_t stream, int64_t num_sms) {
   check_rows("q", q, 4);
   check_rows("k_cache_rot", k_cache_rot, 4);
   check_rows("v_cache", v_cache, 4);
@@ -183,7 +184,17 @@ at::Tensor loki_attention_decode(const at::Tensor& q, const at::Tensor& k_cache_
               "attnkit native: components must be contiguous float32");
   check_device(q, {&k_cache_rot, &v_cache, &cache_seqlens, &components});
   const int B = q.size(0), H = q.size(2), D = q.size(3);
-  const int64_t Smax = k_cache_rot.size(1);
+  // Paged: [num_blocks, block_size, Hk, D] caches, a row holds max_blocks * block_size positions.
+  const bool paged = block_table.has_value();
+  if (paged) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.is_contiguous() && bt.dim() == 2 && bt.size(0) == B,
+                "attnkit native: block_table must be contiguous int32 [B, max_blocks]");
+    check_device(q, {&bt});
+    TORCH_CHECK(v_cache.size(0) == k_cache_rot.size(0) && v_cache.size(1) == k_cache_rot.size(1),
+                "attnkit native: paged k_cache_rot and v_cache must have the same blocks");
+  }
+  const int64_t Smax = paged ? block_table->size(1) * k_cache_rot.size(1) : k_cache_rot.size(1);
   const int Hk = k_cache_rot.size(2), Dv = v_cache.size(3), G = H / Hk;
   const int Gs = group ? 1 : G;
   TORCH_CHECK(Smax >= 1 && top_k >= 1, "attnkit native: empty caches are handled by the caller");
@@ -221,6 +232,11 @@ at::Tensor loki_attention_decode(const at::Tensor& q, const at::Tensor& k_cache_
   p.v_ss = v_cache.stride(1);
   p.v_sh = v_cache.stride(2);
   p.lens = cache_seqlens.data_ptr<int32_t>();
+  if (paged) {
+    p.block_table = block_table->data_ptr<int32_t>();
+    p.bt_stride = block_table->size(1);
+    p.block_size = static_cast<int>(k_cache_rot.size(1));
+  }
   p.q_rot = q_rot.data_ptr<float>();
   p.scores = scores.data_ptr<float>();
   p.sel_idx = sel_idx.data_ptr<int32_t>();

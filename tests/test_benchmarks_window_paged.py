@@ -1,4 +1,4 @@
-"""The window_attention and paged_decode benchmark configs (issue 15) compute what they claim:
+"""The window_attention, paged_decode and paged_loki_decode benchmark configs (issue 15) compute what they claim:
 the paged call equals the contiguous one, the windowed call equals the definition, and the
 chunked comparator is the same tokens cut into chunks."""
 
@@ -34,6 +34,22 @@ def test_paged_decode_config_matches_contiguous():
     paged = fn(*args, backend="reference", **kwargs)
     contiguous = cfg.comparators["attnkit:contiguous"](case).fn()
     torch.testing.assert_close(paged, contiguous, rtol=1e-6, atol=1e-6)
+
+
+def test_paged_loki_decode_config_matches_contiguous():
+    # the paged Loki case: shuffled blocks, the low-rank buffer paged by the same table; the paged
+    # portable op, the paged low-rank op and both contiguous comparators compute one result
+    cfg, case = _case("paged_loki_decode", "decode", B=2, S=64, H=4, Hk=2, D=16, Tq=1, block_size=16)
+    t = case.tensors
+    assert case["rank"] == 4 and case["top_k"] == 8
+    assert not torch.equal(t["block_table"].flatten().sort().values, t["block_table"].flatten())  # shuffled
+    assert t["k_lowrank_paged"].shape == (2 * 4, 2, 16, 4)  # [num_blocks, Hk, block_size, R]
+    _, fn, args, kwargs = cfg.call(case)
+    assert kwargs["block_table"] is t["block_table"]
+    paged = fn(*args, backend="reference", **kwargs)
+    for name in ("attnkit:contiguous", "attnkit:lowrank", "attnkit:lowrank-contiguous"):
+        torch.testing.assert_close(cfg.comparators[name](case).fn(), paged, rtol=1e-6, atol=1e-6)
+    assert cfg.model(case)[1] > 0
 
 
 def test_window_attention_config_and_chunks():

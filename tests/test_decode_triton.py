@@ -209,6 +209,10 @@ def test_plan_gpu_configuration(monkeypatch):
     p80 = triton_decode.decode_plan(1, 1, 32, 8, 256, 256, 32768, 2, smem=163 * 1024)
     assert (p80["num_stages"] - 1) * p80["BN"] * 512 * 2 <= 163 * 1024 - 8 * 1024
     assert triton_decode.num_splits_heuristic(200, 132, 100) == 1
+    # windowed bf16 D = 128: 8 warps for the 128-key tile (4 spill on sm_90 with triton 3.6)
+    w = triton_decode.decode_plan(8, 1, 32, 8, 128, 128, 65536, 2, window_left=4096, smem=227 * 1024)
+    assert (w["BN"], w["num_warps"]) == (128, 8)
+    assert triton_decode.decode_plan(8, 1, 32, 8, 128, 128, 65536, 2, smem=227 * 1024)["num_warps"] == 4
 
 
 def test_decode_kernels_are_not_autotuned():

@@ -90,20 +90,25 @@ def test_reference_paged_equals_contiguous(case):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)
-@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in CASES])
-def test_triton_paged_equals_contiguous_and_reference(case, dtype):
-    c = case
+def _check_paged_backend(c, dtype, backend):
+    """`backend`'s paged call equals its contiguous call bit for bit and is close to float64."""
     q, k_rot, v, lens, basis = _data(c["B"], c["S"], c["H"], c["Hk"], c["D"], c["Dv"], c["lens"])
     kw = dict(rank=c["rank"], top_k=c["top_k"], selection=c["sel"])
     golden = attnkit.loki_attention_decode(q, k_rot, v, lens, basis, backend="reference", **kw)
     pk, pv, table, _ = _paged_args(c, q, k_rot, v, lens, basis)
     qd, pk, pv = q.to(dtype), pk.to(dtype), pv.to(dtype)
-    contiguous = attnkit.loki_attention_decode(qd, k_rot.to(dtype), v.to(dtype), lens, basis, backend="triton", **kw)
-    out = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend="triton", **kw)
+    contiguous = attnkit.loki_attention_decode(qd, k_rot.to(dtype), v.to(dtype), lens, basis, backend=backend, **kw)
+    out = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend=backend, **kw)
+    assert not torch.isnan(out).any()
     torch.testing.assert_close(out, contiguous, rtol=0, atol=0)
     ref = attnkit.loki_attention_decode(qd, pk, pv, lens, basis, block_table=table, backend="reference", **kw)
     assert_close_to_golden("o", out, ref, golden)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)
+@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in CASES])
+def test_triton_paged_equals_contiguous_and_reference(case, dtype):
+    _check_paged_backend(case, dtype, "triton")
 
 
 def test_table_entries_past_the_length_are_not_read():
@@ -331,3 +336,66 @@ def test_paged_with_segmented_selection(sel, monkeypatch):
     ref = attnkit.loki_attention_decode(q.to(f), pk.to(f), pv.to(f), lens, basis, block_table=table,
                                         backend="reference", **kw)
     assert_close_to_golden("o", out, ref, golden)
+
+
+# ------------------------------------------------------------------- native (`cuda` backend)
+# The C++ CPU kernels (csrc/cpu/loki.cpp), and csrc/cuda/loki.cu on a GPU: scoring walks the cache
+# page by page, the sparse attention reads the selected rows through the table.
+
+NATIVE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NATIVE_CASES = CASES + [
+    # a score chunk / CUDA score block straddles pages of 5; split keys (long dense-ish selection)
+    dict(B=2, S=2100, H=6, Hk=1, D=64, Dv=64, rank=16, top_k=1500, sel="group", lens=[2100, 701], page=5),
+    dict(B=2, S=320, H=8, Hk=2, D=32, Dv=32, rank=8, top_k=40, sel="head", lens=[319, 130], page=1),
+]
+
+
+@pytest.fixture(scope="module")
+def native():
+    """Build (or load) the extension; skip only when no compiler can build it."""
+    import attnkit.native
+    from attnkit.native import _build
+
+    if _build.cxx() is None:
+        pytest.skip("no C++ compiler to build the native extension (install g++ or set CXX)")
+    if DEVICE == "cuda" and _build.cuda_home() is None:
+        pytest.skip("nvcc not found to build the CUDA kernels (set CUDA_HOME)")
+    return attnkit.native.load()
+
+
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [pytest.param(c, id=_id(c)) for c in NATIVE_CASES])
+def test_native_paged_equals_contiguous_and_reference(native, case, dtype):
+    _check_paged_backend(case, dtype, "cuda")
+
+
+def test_native_table_entries_past_the_length_are_not_read(native):
+    c = dict(B=2, S=64, H=4, Hk=2, D=16, Dv=16, rank=4, top_k=6, sel="head", lens=[17, 32], page=16)
+    q, k_rot, v, lens, basis = _data(c["B"], c["S"], c["H"], c["Hk"], c["D"], c["Dv"], c["lens"], torch.float32)
+    pk, pv, table, unused = _paged_args(c, q, k_rot, v, lens, basis)
+    for sel in ("head", "group"):
+        kw = dict(rank=4, top_k=6, selection=sel, backend="cuda")
+        want = attnkit.loki_attention_decode(q, k_rot, v, lens, basis, **kw)
+        t = table.clone()
+        t[0, 2:] = int(unused[0])  # a NaN block
+        t[1, 2:] = -1  # not a block at all
+        got = attnkit.loki_attention_decode(q, pk, pv, lens, basis, block_table=t, **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_native_is_chosen_for_paged_loki_on_cpu(native):
+    # the paged call is no longer refused: on CPU tensors the automatic choice is the C++ kernel
+    basis, q, pk, pv, table, lens = _small()
+    ex = attnkit.explain("loki_attention_decode", q.cpu(), pk.cpu(), pv.cpu(), lens.cpu(), basis.to("cpu"),
+                         rank=2, top_k=3, block_table=table.cpu())
+    assert ex.inputs.has("paged") and not ex.refusals["cuda"], ex.refusals
+    assert ex.backend == "cuda"
+
+
+def test_native_paged_custom_op(native):
+    basis, q, pk, pv, table, lens = _small()
+    o = torch.ops.attnkit.loki_attention_decode(q, pk, pv, lens, basis.components, table, rank=2, top_k=3,
+                                                scale=0.25, selection="group", backend="cuda")
+    want = attnkit.loki_attention_decode(q, pk, pv, lens, basis, block_table=table, rank=2, top_k=3, scale=0.25,
+                                         selection="group", backend="cuda")
+    torch.testing.assert_close(o, want, rtol=0, atol=0)

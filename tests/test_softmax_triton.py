@@ -262,6 +262,64 @@ def test_qk_norm(case, dtype, nan_empty):
     compare_op(attnkit.qk_norm, make_args, dtype, BACKEND, grad=True, output_names=["y"])
 
 
+def test_qk_norm_backward_grid_follows_the_shared_sm_count(monkeypatch, nan_empty):
+    """The backward's program count comes from `attnkit.tools.sm_count` (ATTNKIT_SM_COUNT), 4 per
+    SM: with 1 SM, 9 row blocks run on 4 programs, each looping over several blocks and summing
+    its weight partial, and the gradients stay exact."""
+    from attnkit.ops.softmax.triton_qk_norm import _bwd_programs
+
+    monkeypatch.setenv("ATTNKIT_SM_COUNT", "1")
+    assert _bwd_programs(9, torch.device("cpu")) == 4 and _bwd_programs(3, torch.device("cpu")) == 3
+    monkeypatch.setenv("ATTNKIT_SM_COUNT", "7")
+    assert _bwd_programs(100, torch.device("cpu")) == 28
+    monkeypatch.setenv("ATTNKIT_SM_COUNT", "1")
+    x = _data(9, 64, 64)  # 576 rows of 64: 9 blocks of 64 rows
+    w = _data(64) * 0.5 + 1
+
+    def make_args(dt):
+        return (_as(x, dt), _aux_as(w, dt, "f32")), dict(mode="rms", eps=1e-5)
+
+    compare_op(attnkit.qk_norm, make_args, torch.float32, BACKEND, grad=True, output_names=["y"])
+
+
+# --------------------------------------------------------------------- tensor descriptors (TMA)
+
+
+def test_tma_is_used_only_where_tma_can_address_the_tensors(monkeypatch):
+    from attnkit.ops.softmax import triton_attention as ta
+
+    monkeypatch.delenv("ATTNKIT_TMA", raising=False)
+    k = torch.zeros(2, 64, 4, 32, dtype=torch.float32)
+    assert ta.use_tma(k, k)
+    assert not ta.use_tma(k, k.transpose(1, 3))                    # last stride != 1
+    assert not ta.use_tma(torch.zeros(k.numel() + 1)[1:].view(k.shape), k)  # base 4 B past 16-B alignment
+    assert not ta.use_tma(torch.zeros(2, 64, 4, 33)[..., :32], k)  # row stride 33 x 4 B, not 16-B aligned
+    monkeypatch.setenv("ATTNKIT_TMA", "0")
+    assert not ta.use_tma(k, k)
+    # compiled path on CPU/meta tensors (the audit): the target arch decides, Hopper or newer only
+    monkeypatch.delenv("ATTNKIT_TMA")
+    monkeypatch.setattr(ta, "interpreted", lambda: False)
+    for arch, want in (("sm_90", True), ("sm_80", False), ("sm_89", False)):
+        monkeypatch.setenv("ATTNKIT_TARGET_ARCH", arch)
+        assert ta.use_tma(k, k) is want, arch
+
+
+@pytest.mark.parametrize("norm", [None, "rms"])
+def test_tma_and_pointer_paths_agree(monkeypatch, norm):
+    """The interpreter emulates the descriptors: the forward through TMA (whole tiles) equals the
+    pointer path bit for bit, and matches the float64 reference (non-causal T = S = 100: whole
+    32-key tiles plus a boundary tile; D = 48 pads the head dim inside the descriptor)."""
+    q, k, v = _data(1, 100, 4, 48), _data(1, 100, 2, 48), _data(1, 100, 2, 48)
+    kw = dict(causal=False, qk_norm=norm, backend=BACKEND)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ATTNKIT_TMA", flag)
+        outs.append(attnkit.attention(q.float(), k.float(), v.float(), **kw))
+    assert torch.equal(outs[0], outs[1])
+    ref = attnkit.attention(q, k, v, causal=False, qk_norm=norm, backend="reference")
+    torch.testing.assert_close(outs[0].double(), ref, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------- dispatch, tuning
 
 

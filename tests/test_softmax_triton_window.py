@@ -243,6 +243,24 @@ def test_shared_memory_prune_is_device_aware():
     assert len(ta.prune_fwd(cfgs, 128, 128, 2, (9, 0))) > len(ta.prune_fwd(cfgs, 128, 128, 2, (8, 0)))
 
 
+def test_forward_prune_drops_the_configs_the_sm90_audit_found_spilling(monkeypatch):
+    """GPU config list (not the interpreter's): at 4 warps the register estimate carries
+    FWD_4WARP_REGS, which drops the configs that spilled on sm_90 (64x64/D128/s3: 44 B,
+    64x128/D64/s3: 56 B) and keeps the 4-warp ones that did not; 64x32 on 8 warps is a fallback
+    only (Triton 3.6's ptxas crashes on it at D64), kept where nothing else fits."""
+    monkeypatch.setattr(ta, "interpreted", lambda: False)
+    cfgs = ta.fwd_configs()
+
+    def kept(BD, elsize, cap):
+        return {(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in ta.prune_fwd(cfgs, BD, BD, elsize, cap)}
+
+    sm90_128, sm90_64 = kept(128, 2, (9, 0)), kept(64, 2, (9, 0))
+    assert (64, 64, 4, 3) not in sm90_128 and (64, 32, 4, 2) in sm90_128 and (128, 64, 8, 3) in sm90_128
+    assert (64, 128, 4, 3) not in sm90_64 and (64, 64, 4, 3) in sm90_64 and (128, 128, 8, 2) in sm90_64
+    assert (64, 32, 8, 2) not in sm90_64 | sm90_128 | kept(128, 2, (8, 0))
+    assert kept(256, 2, (8, 0)) == {(64, 32, 8, 2)}  # the only config that fits: kept
+
+
 def test_length_bucket_is_coarse():
     assert ta.len_bucket(1) == ta.len_bucket(100) == ta.len_bucket(1025) == ta.len_bucket(2048)
     assert ta.len_bucket(2049) == ta.len_bucket(16384) != ta.len_bucket(16385)

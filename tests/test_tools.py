@@ -119,7 +119,129 @@ def test_audit_compiles_one_kernel_within_shared_memory(tmp_path):
                 "^_attention_bwd_preprocess_kernel$", "--arch", "sm_90", "--json", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
-    assert report["compiled"] == 0 and report["cached"] == 1
+    assert report["compiled"] == 0 and report["cached"] == len(report["variants"]) >= 1
+
+
+# ----------------------------------------------------------------------------- requirements
+
+
+def _row(kernel="_k", arch="sm_90", dtype="bf16", head_dim=128, config="BM=64 w4s2", case="op fwd bf16 D=128",
+         spill=0, mma="wgmma", wgmma=8, mma_sync=0, error=None):
+    return dict(kernel=kernel, arch=arch, dtype=dtype, head_dim=head_dim, config=config, case=case, cases=[case],
+                spill_stores=spill, mma=mma, wgmma=wgmma, mma_sync=mma_sync, error=error)
+
+
+def test_requirement_validation_names_the_key():
+    from attnkit.tools._requirements import parse_requirement
+
+    ok = dict(kernel="^_k$", arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), max_spill_stores=0,
+              mma="wgmma", why="issue 12")
+    req = parse_requirement(ok, "m[0]", known_archs={"sm_80", "sm_90"})
+    assert req.dtypes == ("bf16",) and req.archs == ("sm_90",) and req.head_dims == (64, 128)
+    for bad, needle in ((dict(ok, spills=0), "spills"), (dict(ok, mma="wmma"), "mma"),
+                        (dict(ok, dtypes=("bfloat17",)), "dtypes"), (dict(ok, arch="sm_91"), "arch"),
+                        (dict(ok, head_dims=("64",)), "head_dims"), (dict(ok, max_spill_stores=-1), "max_spill_stores"),
+                        (dict(ok, kernel="(["), "kernel"), (dict(ok, why=""), "why"),
+                        ({k: v for k, v in ok.items() if k not in ("max_spill_stores", "mma")}, "check something")):
+        with pytest.raises(ValueError, match=needle) as e:
+            parse_requirement(bad, "mod[3]", known_archs={"sm_80", "sm_90"})
+        assert "mod[3]" in str(e.value)
+
+
+def test_requirements_fail_on_violations_and_on_matching_nothing():
+    from attnkit.tools._requirements import Scope, check, parse_requirement
+
+    def req(**kw):
+        return parse_requirement(dict(dict(kernel="^_k$", arch="sm_90", dtypes=("bf16",), head_dims=(64, 128),
+                                           max_spill_stores=0, mma="wgmma", why="test"), **kw), "m[0]")
+
+    rows = [_row(head_dim=64), _row(head_dim=128), _row(head_dim=128, config="BM=128 w8s2", arch="sm_80",
+                                                          mma="mma.sync", spill=96)]
+    scope = Scope(archs=["sm_90", "sm_80"])
+    table, failures = check([req()], rows, scope)
+    assert not failures and table[0]["status"] == "ok" and table[0]["variants"] == 2
+    # a spilling variant, a wrong MMA kind, a compile failure: one failure each, naming the config
+    for bad, needle in ((dict(spill=8), "spills 8 B > 0 B"), (dict(mma="mma.sync"), "mma mma.sync != wgmma"),
+                        (dict(mma="mixed"), "mixed"), (dict(error="boom", mma=None), "did not compile")):
+        table, failures = check([req()], [rows[0], _row(head_dim=128, config="BM=32 w4s2", **bad)], scope)
+        assert len(failures) == 1 and needle in failures[0]["error"], failures
+        assert failures[0]["config"] == "BM=32 w4s2" and table[0]["status"] == "FAIL"
+    # a named combination no variant matches: fails (cannot pass vacuously), naming what is missing
+    table, failures = check([req()], [rows[0]], scope)
+    assert len(failures) == 1 and "sm_90/bf16/128" in failures[0]["error"] and table[0]["missing"] == ["sm_90/bf16/128"]
+    table, failures = check([req(kernel="^_renamed$")], rows, scope)
+    assert len(failures) == 2 and table[0]["status"] == "FAIL"
+    # an arch the run does not audit is not required
+    table, failures = check([req(arch="sm_80", mma="mma.sync", max_spill_stores=None)], rows[:2], Scope(["sm_90"]))
+    assert not failures and table[0]["status"].startswith("not audited")
+    # --kernel excluding the requirement's kernel: out of scope; --kernel keeping it: still covered
+    launched = frozenset({("sm_90", "_k", "bf16", 64, "op fwd D=64"), ("sm_90", "_other", "bf16", 64, "op fwd D=64")})
+    table, failures = check([req()], [], Scope(["sm_90"], kernel_filter="_other", launched=launched))
+    assert not failures and table[0]["status"] == "not in this run"
+    table, failures = check([req()], [rows[0]], Scope(["sm_90"], kernel_filter="_k", launched=launched))
+    assert [f["error"] for f in failures if "sm_90/bf16/128" in f["error"]], failures
+    # --op/--case: only the dtype/head dims the narrowed calls launch the kernel with are required
+    table, failures = check([req()], [rows[0]], Scope(["sm_90"], narrowed_calls=True, launched=launched))
+    assert not failures and table[0]["status"] == "ok"
+    # ... and only calls its `case` regex selects
+    table, failures = check([req(case="norm=rms")], [], Scope(["sm_90"], narrowed_calls=True, launched=launched))
+    assert not failures and table[0]["status"] == "not in this run"
+    table, failures = check([req(case="D=64")], [], Scope(["sm_90"], narrowed_calls=True, launched=launched))
+    assert len(failures) == 1 and "sm_90/bf16/64" in failures[0]["error"]
+
+
+def test_requirement_same_mma_count():
+    from attnkit.tools._requirements import Scope, check, parse_requirement
+
+    req = parse_requirement(dict(kernel="^_k$", case="norm=rms", same_mma_count_as=r"^plain ", why="t"), "m[0]")
+    plain = _row(case="plain D=128", wgmma=12)
+    for n, ok in ((12, True), (16, False)):
+        table, failures = check([req], [plain, _row(case="x norm=rms", wgmma=n)], Scope(["sm_90"]))
+        assert (not failures) is ok, failures
+        assert ok or "(16, 0) != [(12, 0)]" in failures[0]["error"]
+    # no plain variant of the same config to compare with: a failure, not a pass
+    table, failures = check([req], [plain, _row(case="x norm=rms", config="other", wgmma=12)], Scope(["sm_90"]))
+    assert len(failures) == 1 and "same config" in failures[0]["error"]
+
+
+def test_audit_enforces_requirements_end_to_end(tmp_path):
+    """The CLI: requirements from a module (--requirements-from), a violated one and an uncovered
+    one fail the run (exit 1) and are in the table and the JSON; satisfied ones pass. Compiles only
+    the tiny preprocess kernel (cached for the second run)."""
+    (tmp_path / "fake_reqs_bad.py").write_text(textwrap.dedent("""
+        K = r"^_attention_bwd_preprocess_kernel$"
+        AUDIT_REQUIREMENTS = [
+            dict(kernel=K, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), max_spill_stores=0, mma="none",
+                 why="satisfied"),
+            dict(kernel=K, arch="sm_90", mma="wgmma", why="violated"),
+            dict(kernel=K, arch="sm_90", head_dims=(96,), max_spill_stores=0, why="matches nothing"),
+            dict(kernel=r"^_attention_fwd_kernel$", arch="sm_90", mma="wgmma", why="excluded by --kernel"),
+            dict(kernel=K, arch="sm_80", max_spill_stores=0, why="arch not audited"),
+        ]
+    """))
+    (tmp_path / "fake_reqs_good.py").write_text(textwrap.dedent("""
+        AUDIT_REQUIREMENTS = [dict(kernel=r"^_attention_bwd_preprocess_kernel$", arch="sm_90", dtypes=("bf16",),
+                                   head_dims=(64, 128), max_spill_stores=0, mma="none", why="satisfied")]
+    """))
+    out = tmp_path / "audit.json"
+    args = ["-m", "attnkit.tools.gpu_audit", "--quick", "--kernel", "^_attention_bwd_preprocess_kernel$",
+            "--arch", "sm_90", "--jobs", "1", "--json", str(out)]
+    env = dict(PYTHONPATH=str(ROOT) + os.pathsep + str(tmp_path))
+    res = _run([*args, "--requirements-from", "fake_reqs_bad"], tmp_path, **env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    report = json.loads(out.read_text())
+    status = [r["status"] for r in report["requirements"]]
+    assert status[0] == "ok" and status[1] == "FAIL" and status[2] == "FAIL", status
+    assert status[3] == "not in this run" and status[4].startswith("not audited"), status
+    errors = [f["error"] for f in report["failures"]]
+    assert len(errors) == 3, errors  # one per preprocess variant (D=64, 128) + the uncovered D=96
+    assert sum("mma none != wgmma" in e for e in errors) == 2
+    assert any("fake_reqs_bad[2]" in e and "matches no audited variant" in e and "sm_90/96" in e for e in errors)
+    assert "requirements (AUDIT_REQUIREMENTS" in res.stdout and "FAIL" in res.stdout
+    res = _run([*args, "--requirements-from", "fake_reqs_good"], tmp_path, **env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(out.read_text())
+    assert [r["status"] for r in report["requirements"]] == ["ok"] and report["compiled"] == 0
 
 
 def test_every_kernel_is_reached_by_the_audit_calls(tmp_path):

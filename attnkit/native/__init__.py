@@ -74,9 +74,6 @@ def _check_attention_decode(inputs: dispatch.Inputs) -> list[str]:
 
 
 def _check_loki(inputs: dispatch.Inputs) -> list[str]:
-    if inputs.has("paged"):
-        return ["the native Loki kernel reads contiguous caches only (no block_table); "
-                "paged Loki caches run on backend='triton' or 'reference'"]
     return _cuda_head_dims(inputs, 256, vector_loads=True)
 
 

@@ -95,9 +95,12 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, wi
 
 
 @torch.no_grad()
-def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale, selection):
+def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, rank, top_k, scale, selection,
+                          block_table=None):
     B, _, H, _ = q.shape
-    Smax, Dv = v_cache.shape[1], v_cache.shape[3]
+    Dv = v_cache.shape[3]
+    # Paged ([num_blocks, block_size, Hk, D] caches): a row holds max_blocks * block_size positions.
+    Smax = v_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if B == 0 or H == 0 or Smax == 0:
         return q.new_zeros(B, 1, H, Dv)
     ext = _ext()
@@ -110,7 +113,7 @@ def loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, components, ra
     ctx, stream, sms = _launch(q)
     with ctx:
         return ext.loki_attention_decode(_unit_last(q), k, v, cache_seqlens.contiguous(), comps, int(rank),
-                                         int(top_k), float(scale), selection == "group", stream, sms)
+                                         int(top_k), float(scale), selection == "group", block_table, stream, sms)
 
 
 # ------------------------------------------------------------------------- linear_attention_step

@@ -303,7 +303,11 @@ def audit_cases(quick: bool) -> list[Case]:
     train = dict(B=1, T=1024, H=16, Hk=4)
     dec = dict(B=8, S=65536, H=32, Hk=8)
     # softmax attention (prefill / training)
-    add("attention", "fwd+bwd", BF16, {**train, "D": 128}, {"causal": True}, hot=True)
+    # the cases the softmax AUDIT_REQUIREMENTS name (triton_attention.py): bf16, D = 64/128, plain
+    # and RMS QK-norm (with weights)
+    for d in (64, 128):
+        add("attention", "fwd+bwd", BF16, {**train, "D": d}, {"causal": True}, hot=True)
+        add("attention", "fwd+bwd", BF16, {**train, "D": d}, {"causal": True, "norm": "rms"}, hot=True)
     for dtype in (BF16, FP16, FP32):
         for d in (64, 128, 256):
             add("attention", "fwd+bwd", dtype, {**train, "D": d}, {"causal": True})

@@ -4,10 +4,12 @@ Records the Triton launches of the public ops at GPU-like shapes (meta tensors: 
 allocated or executed), compiles each specialisation for the requested architectures at every
 autotune config the kernel's prune keeps, and reports per variant: kernel, config, dtype, head
 dim, shared memory, registers, spill bytes and the MMA kind of its products. Exits 1 when a
-variant fails to compile, a kept config needs more shared memory than the architecture has, or
-a (non-optional) call fails to record. See ``docs/gpu_audit.md``.
+variant fails to compile, a kept config needs more shared memory than the architecture has, a
+(non-optional) call fails to record, or a variant violates an ``AUDIT_REQUIREMENTS`` entry of
+a kernel module under ``attnkit/ops`` (``attnkit/tools/_requirements.py``; a requirement that
+matches no audited variant fails too). See ``docs/gpu_audit.md``.
 
-    python -m attnkit.tools.gpu_audit --arch sm_90 --quick            # CI: hot kernels
+    python -m attnkit.tools.gpu_audit --arch sm_90 --arch sm_80 --quick   # CI: hot kernels
     python -m attnkit.tools.gpu_audit --arch sm_90 --arch sm_80 --json audit.json
 """
 
@@ -39,6 +41,7 @@ TARGET_ARCH_ENV = "ATTNKIT_TARGET_ARCH"
 from ._compile import (ResultCache, compile_launch, default_cache_dir, shared_limit, variant_key,  # noqa: E402
                        verify_launch)
 from ._recorder import TARGETS, Launch, record, triton_version  # noqa: E402
+from ._requirements import Requirement, Scope, check as check_requirements, collect as collect_requirements  # noqa: E402
 from .cases import SHORT_DTYPE, Case, audit_cases, make_call  # noqa: E402
 
 
@@ -106,8 +109,11 @@ def _indexed(i: int) -> tuple[int, dict[str, Any]]:
 
 def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: str | None = None,
               case: str | None = None, jobs: int = 1, cache: Path | None = None,
-              verbose: bool = True) -> dict[str, Any]:
-    """Record, compile and judge; returns the report (the JSON document)."""
+              verbose: bool = True, requirements: list[Requirement] | None = None,
+              requirement_modules: list[str] | None = None) -> dict[str, Any]:
+    """Record, compile and judge; returns the report (the JSON document). The requirements are
+    `requirements`, else the ``AUDIT_REQUIREMENTS`` of `requirement_modules`, else those of every
+    module under ``attnkit.ops``."""
     start = time.perf_counter()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     pattern = re.compile(kernel) if kernel else None
@@ -117,7 +123,11 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
     failures: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     variants: dict[tuple[str, str], Variant] = {}
+    launched: set[tuple[str, str, str, int, str]] = set()  # (arch, kernel, dtype, D, call), before --kernel
     n_launches = 0
+    if requirements is None:
+        requirements, req_errors = collect_requirements(modules=requirement_modules, known_archs=TARGETS)
+        failures.extend(req_errors)
     saved_target = os.environ.get(TARGET_ARCH_ENV)
     try:
         for arch in archs:
@@ -133,6 +143,7 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
                         (skipped if c.optional else failures).append(entry)
                     continue
                 for launch in launches:
+                    launched.add((arch, launch.kernel, SHORT_DTYPE[c.dtype], c.head_dim, c.name))
                     if pattern is not None and not pattern.search(launch.kernel):
                         continue
                     n_launches += 1
@@ -177,10 +188,14 @@ def run_audit(archs: list[str], quick: bool, *, kernel: str | None = None, op: s
             failures.append(dict(case=r["case"], kernel=r["kernel"], arch=r["arch"], config=r["config"],
                                  error=f"shared memory {r['shared']} B exceeds the {r['arch']} limit "
                                        f"{r['shared_limit']} B"))
+    scope = Scope(archs=list(archs), narrowed_calls=op is not None or case is not None, kernel_filter=kernel,
+                  launched=frozenset(launched))
+    req_table, req_failures = check_requirements(requirements, rows, scope)
+    failures.extend(req_failures)
     report = dict(
         tool="attnkit.tools.gpu_audit", triton=triton_version(), archs=archs, quick=quick,
         sm_count=os.environ.get(SM_COUNT_ENV), calls=len(cases), launches=n_launches, variants=rows,
-        summary=summarize(rows), failures=failures, skipped=skipped,
+        summary=summarize(rows), requirements=req_table, failures=failures, skipped=skipped,
         compiled=len(todo), cached=len(variants) - len(todo), elapsed_s=round(time.perf_counter() - start, 1))
     report["_variants"] = list(variants.values())  # for --verify; dropped from the JSON
     return report
@@ -275,6 +290,16 @@ def format_report(report: dict[str, Any], variants: bool = True) -> str:
          "worst spill", "mma"],
         [[s["arch"], s["kernel"], s["variants"], s["failed"], s["max_shared"], s["shared_limit"], s["over_shared"],
           s["max_registers"], s["spilling"], s["max_spill_stores"], s["mma"]] for s in report["summary"]]))
+    if report.get("requirements"):
+        parts.append("")
+        parts.append("requirements (AUDIT_REQUIREMENTS of the kernel modules):")
+        parts.append(_fmt_table(
+            ["requirement", "kernel", "arch", "dtypes", "D", "checks", "variants", "worst spill", "mma",
+             "mma count", "status"],
+            [[q["requirement"], q["kernel"] + (f" case~{q['case']}" if q["case"] else ""), q["arch"], q["dtypes"],
+              q["head_dims"], q["checks"], q["variants"], q["worst_spill"], q["mma"], q["mma_counts"],
+              q["status"] + (f" (missing {', '.join(q['missing'])})" if q["missing"] else "")]
+             for q in report["requirements"]]))
     for s in report["skipped"]:
         parts.append(f"skipped (optional feature): {s['case']}: {s['error']}")
     for f in report["failures"]:
@@ -307,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                         "env ATTNKIT_AUDIT_CACHE)")
     parser.add_argument("--no-cache", action="store_true", help="compile everything, store nothing")
     parser.add_argument("--summary-only", action="store_true", help="print only the per-kernel summary")
+    parser.add_argument("--requirements-from", action="append", metavar="MODULE",
+                        help="take AUDIT_REQUIREMENTS from this importable module (repeatable) instead of "
+                             "every module under attnkit.ops")
     parser.add_argument("--verify", type=int, default=0, metavar="N",
                         help="recompile N variants (one per kernel, worst spiller first) and compare with "
                              "cuobjdump of the cubin, the SASS and the CUDA toolkit's ptxas")
@@ -320,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(SM_COUNT_ENV, str(DEFAULT_SM_COUNT))
     cache = None if args.no_cache else Path(args.cache) if args.cache else default_cache_dir()
     report = run_audit(args.arch or ["sm_90"], args.quick, kernel=args.kernel, op=args.op, case=args.case,
-                       jobs=args.jobs, cache=cache)
+                       jobs=args.jobs, cache=cache, requirement_modules=args.requirements_from)
     variants = report.pop("_variants")
     print(format_report(report, variants=not args.summary_only))
     failed = bool(report["failures"])

@@ -1,4 +1,5 @@
 // CPU loki_attention_decode: rotate q, low-rank scores, per-list top-k, sparse attention.
+// Contiguous [B, Smax, Hk, D] or paged [num_blocks, block_size, Hk, D] caches (block_table).
 #include <numeric>
 
 #include "attend.h"
@@ -14,6 +15,43 @@ inline uint32_t order_key(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Rows a paged walk prefetches ahead of the one it scores: about 32 (at least one page).
+constexpr int64_t kPrefetchRows = 32;
+
+// Calls f(s, off) for s in [s0, s1) of batch row b, with off the element offset of position s's
+// row (head 0) in a cache of batch (or block) stride sb and position stride ss. Paged caches are
+// walked page by page: one block-table read per page, consecutive rows inside it. Pages sit
+// anywhere in the pool, so the hardware prefetcher loses the stream at every page boundary: the
+// walk calls pf(off) for the rows of the page `ahead` pages on (about kPrefetchRows rows) when it
+// reads that page's table entry, and keeps the entry until it gets there.
+template <typename F, typename P>
+inline void for_each_position(const LokiParams& p, int b, int64_t s0, int64_t s1, int64_t sb, int64_t ss, F&& f,
+                              P&& pf) {
+  if (s0 >= s1) return;
+  if (p.block_table == nullptr) {
+    for (int64_t s = s0; s < s1; ++s) f(s, b * sb + s * ss);
+    return;
+  }
+  const int32_t* table = p.block_table + b * p.bt_stride;
+  const int64_t bs = p.block_size, first = s0 / bs, last = (s1 - 1) / bs;
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchRows / bs);
+  constexpr int kRing = kPrefetchRows + 1;  // > ahead: entries read and not yet walked
+  int64_t base[kRing];                      // per page: its entry's offset minus page * bs * ss
+  auto fetch = [&](int64_t page) {
+    base[page % kRing] = static_cast<int64_t>(table[page]) * sb - page * bs * ss;  // + s * ss: offset of s
+    // the first kPrefetchRows rows of a long page: the hardware prefetcher follows inside it
+    const int64_t lo = std::max(s0, page * bs), hi = std::min({s1, (page + 1) * bs, lo + kPrefetchRows});
+    for (int64_t s = lo; s < hi; ++s) pf(base[page % kRing] + s * ss);
+  };
+  for (int64_t page = first; page <= std::min(last, first + ahead - 1); ++page) fetch(page);
+  for (int64_t page = first; page <= last; ++page) {
+    if (page + ahead <= last) fetch(page + ahead);
+    const int64_t off = base[page % kRing];
+    const int64_t end = std::min(s1, (page + 1) * bs);
+    for (int64_t s = std::max(s0, page * bs); s < end; ++s) f(s, off + s * ss);
+  }
 }
 
 template <typename T>
@@ -33,7 +71,8 @@ void rotate_and_score(const LokiParams& p) {
     }
   });
   // scores[b, hk, gs, s] = q_rot[:rank] . k_rot[s, :rank] (max over the group for "group").
-  constexpr int64_t kChunk = 1024;
+  // Chunks of about 1024 positions; paged, a whole number of pages (no page is split between two).
+  const int64_t kChunk = p.block_table == nullptr ? 1024 : ceil_div(1024, p.block_size) * p.block_size;
   const int64_t chunks = ceil_div(std::max<int64_t>(p.Smax, 1), kChunk);
   at::parallel_for(0, static_cast<int64_t>(p.B) * p.Hk * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kf(rank);
@@ -42,8 +81,9 @@ void rotate_and_score(const LokiParams& p) {
       const int64_t s0 = i % chunks * kChunk, s1 = std::min<int64_t>(p.lens[b], s0 + kChunk);
       const float* qr = p.q_rot + (static_cast<int64_t>(b) * H + hk * G) * D;
       float* sc = p.scores + (static_cast<int64_t>(b) * p.Hk + hk) * Gs * p.Smax;
-      for (int64_t s = s0; s < s1; ++s) {
-        const T* kp = static_cast<const T*>(p.k) + b * p.k_sb + s * p.k_ss + hk * p.k_sh;
+      const T* kh = static_cast<const T*>(p.k) + hk * p.k_sh;
+      for_each_position(p, b, s0, s1, p.k_sb, p.k_ss, [&](int64_t s, int64_t off) {
+        const T* kp = kh + off;
         const float* kr;
         if constexpr (std::is_same<T, float>::value) {
           kr = kp;
@@ -58,7 +98,7 @@ void rotate_and_score(const LokiParams& p) {
         } else {
           for (int g = 0; g < G; ++g) sc[g * p.Smax + s] = dot(qr + g * D, kr, rank);
         }
-      }
+      }, [&](int64_t off) { prefetch_row<3>(kh + off, rank); });
     }
   });
 }
@@ -123,6 +163,9 @@ void loki_attention_decode(const LokiParams& p) {
   a.v_ss = p.v_ss;
   a.v_sh = p.v_sh;
   a.lens = p.lens;
+  a.block_table = p.block_table;  // selected positions are read through the table
+  a.bt_stride = p.bt_stride;
+  a.block_size = p.block_size;
   a.causal = false;
   a.sel_idx = p.sel_idx;
   a.sel_count = p.sel_count;

@@ -1,5 +1,6 @@
 // CUDA loki_attention_decode: rotate q, low-rank scores, per-list radix top-k, then the split-KV
 // attention of attend.cu over the selected positions. All on one stream, no host sync.
+// Contiguous [B, Smax, Hk, D] or paged [num_blocks, block_size, Hk, D] caches (block_table).
 #include <algorithm>
 
 #include "common.cuh"
@@ -29,13 +30,34 @@ __global__ void rotate_kernel(const LokiParams p) {
 }
 
 // scores[b, hk, g, s] = q_rot[b, hk G + g, :rank] . k_rot[b, s, hk, :rank] for s < lens[b]
-// (selection="group": one list per KV head, the max over g). One position per thread.
+// (selection="group": one list per KV head, the max over g). One position per thread. Paged
+// caches: the block reads the table entries of the pages its positions cover once (one read per
+// page, into shared memory), then each thread addresses its row from its page's entry; entries
+// of pages past the row's length are not read.
 template <typename T>
 __global__ void score_kernel(const LokiParams p) {
+  __shared__ int32_t s_blocks[kScoreThreads + 1];  // pages a run of kScoreThreads positions can touch
   const int hk = blockIdx.y, b = blockIdx.z;
-  const int64_t s = static_cast<int64_t>(blockIdx.x) * kScoreThreads + threadIdx.x;
-  if (s >= p.lens[b]) return;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + s * p.k_ss + hk * p.k_sh;
+  const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kScoreThreads;
+  const int64_t s = s_first + threadIdx.x;
+  const int64_t L = p.lens[b];
+  int64_t off = 0;
+  if (p.block_table != nullptr) {
+    if (s_first >= L) return;  // the whole block is past the row's length
+    const int64_t bs = p.block_size, page0 = s_first / bs;
+    const int64_t last = L < s_first + kScoreThreads ? L - 1 : s_first + kScoreThreads - 1;
+    const int64_t pages = last / bs - page0 + 1;
+    for (int64_t i = threadIdx.x; i < pages; i += blockDim.x)
+      s_blocks[i] = p.block_table[b * p.bt_stride + page0 + i];
+    __syncthreads();
+    if (s >= L) return;
+    const int64_t page = s / bs;
+    off = static_cast<int64_t>(s_blocks[page - page0]) * p.k_sb + (s - page * bs) * p.k_ss;
+  } else {
+    if (s >= L) return;
+    off = b * p.k_sb + s * p.k_ss;
+  }
+  const T* k = static_cast<const T*>(p.k) + off + hk * p.k_sh;
   const float* qr = p.q_rot + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * p.G) * p.D;
   const int Gs = p.group ? 1 : p.G;
   float* out = p.scores + (static_cast<int64_t>(b) * p.Hk + hk) * Gs * p.Smax + s;
@@ -160,6 +182,9 @@ std::string loki_attention_decode(const LokiParams& p, const Workspace& ws, std:
   a.v_ss = p.v_ss;
   a.v_sh = p.v_sh;
   a.lens = p.lens;
+  a.block_table = p.block_table;  // selected positions are read through the table
+  a.bt_stride = p.bt_stride;
+  a.block_size = p.block_size;
   a.causal = false;
   a.sel_idx = p.sel_idx;
   a.sel_count = p.sel_count;

@@ -276,15 +276,13 @@ def _check_caches(k_cache_rot: Any, v_cache: Any, B: int, D: int, block_table: A
     return block_table.shape[1] * n1, Hk, Dv, n1
 
 
-def _check_table_values(block_table: torch.Tensor | None, k_cache_rot: torch.Tensor, B: int,
-                        cache_seqlens: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
-    """Where values may be read: every table entry a row uses (the blocks of its first
-    `cache_seqlens[b] + new_tokens` tokens) is a block of the cache, the row fits the table, and
-    (appending) no two rows write one cache slot. Returns the table contiguous."""
-    if block_table is None:
-        return None
-    return V.check_block_table(block_table, B, k_cache_rot.shape[0], k_cache_rot.shape[1], cache_seqlens,
-                               new_tokens)
+def _check_table_values(block_table: torch.Tensor | None, k_cache_rot: torch.Tensor,
+                        cache_seqlens: torch.Tensor, new_tokens: int) -> None:
+    """The table's value checks (part of the ops' value-check functions): every table entry a
+    row uses (the blocks of its first `cache_seqlens[b] + new_tokens` tokens) is a block of the
+    cache, the row fits the table, and (appending) no two rows write one cache slot."""
+    if block_table is not None:
+        V.block_table_values(block_table, k_cache_rot.shape[0], k_cache_rot.shape[1], cache_seqlens, new_tokens)
 
 
 @dispatch.op("loki_attention_decode")
@@ -300,9 +298,9 @@ def _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis
     V.expect_same_dtype(["q", "k_cache_rot", "v_cache"], [q, k_cache_rot, v_cache])
     V.expect_same_device(["q", "k_cache_rot", "v_cache", "cache_seqlens", "block_table"],
                          [q, k_cache_rot, v_cache, V.expect_tensor("cache_seqlens", cache_seqlens), block_table])
-    capacity = "max_blocks * block_size, the capacity of block_table" if page else "Smax, the capacity of k_cache_rot"
-    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, f"Smax = {Smax}, {capacity}")
-    block_table = _check_table_values(block_table, k_cache_rot, B, cache_seqlens, 0)
+    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "", values=False)  # values: below
+    if block_table is not None:
+        block_table = block_table.contiguous()
     _check_basis(basis, Hk, D, q.device, against="k_cache_rot")
     rank = V.expect_int("rank", rank, 1, D)
     top_k = V.expect_int("top_k", top_k, 1)
@@ -322,7 +320,26 @@ def _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis
                   components=components, rank=rank, top_k=top_k, scale=scale, selection=selection)
     if block_table is not None:  # only when set (backends' contract: docs/loki.md)
         kwargs["block_table"] = block_table
+    if V.value_checks_enabled(cache_seqlens, block_table):
+        _loki_attention_decode_values(kwargs)
     return dispatch.Call(inputs=inputs, kwargs=kwargs)
+
+
+def _loki_attention_decode_values(kw: dict) -> None:
+    """The checks of `loki_attention_decode[_lowrank]` that read tensor values: `cache_seqlens`
+    in `0..Smax` and, paged, the `block_table` entries the rows use (:func:`_check_table_values`)."""
+    lens, k_cache_rot, block_table = kw["cache_seqlens"], kw["k_cache_rot"], kw.get("block_table")
+    if block_table is not None:
+        Smax = block_table.shape[1] * k_cache_rot.shape[1]
+        capacity = "max_blocks * block_size, the capacity of block_table"
+    else:
+        Smax, capacity = k_cache_rot.shape[1], "Smax, the capacity of k_cache_rot"
+    V.index_values("cache_seqlens", lens, Smax + 1, f"Smax = {Smax}, {capacity}")
+    _check_table_values(block_table, k_cache_rot, lens, 0)
+
+
+_LOKI_ATTENTION_DECODE = dispatch.fast("loki_attention_decode", _prepare_loki_attention_decode,
+                                       _loki_attention_decode_values)
 
 
 def loki_attention_decode(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: torch.Tensor,
@@ -368,10 +385,12 @@ def loki_attention_decode(q: torch.Tensor, k_cache_rot: torch.Tensor, v_cache: t
         >>> o = attnkit.loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis,
         ...                                   rank=D // 4, top_k=T // 8)
     """
-    call = _prepare_loki_attention_decode(q, k_cache_rot, v_cache, cache_seqlens, basis, rank=rank,
-                                          top_k=top_k, scale=scale, selection=selection, block_table=block_table)
-    return dispatch.run("loki_attention_decode", call, backend)
+    return _LOKI_ATTENTION_DECODE(backend, q, k_cache_rot, v_cache, cache_seqlens, basis, rank, top_k, scale,
+                                  selection, block_table)
 
 
 dispatch.register("loki_attention_decode", "reference", reference.loki_attention_decode, priority=0,
                   dtypes=V.REFERENCE_DTYPES)
+# A cached call reads the basis' components afresh (load_state_dict replaces them); the ops use
+# nothing else of the basis, and _check_basis depends only on the components' shape and device.
+dispatch.register_keyed(LokiBasis, "components")

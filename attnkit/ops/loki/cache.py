@@ -29,7 +29,8 @@ import torch
 from ... import _validation as V
 from ... import dispatch
 from . import reference
-from .api import LokiBasis, _check_basis, _check_caches, _check_table_values, _prepare_loki_attention_decode
+from .api import (LokiBasis, _check_basis, _check_caches, _check_table_values, _loki_attention_decode_values,
+                  _prepare_loki_attention_decode)
 
 __all__ = ["LokiCache", "loki_attention_decode_lowrank", "loki_cache_append"]
 
@@ -74,23 +75,15 @@ def _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens
     V.expect_same_device(["k_cache_rot", "k_new", "v_new", "v_cache", "cache_seqlens", "block_table"],
                          [k_cache_rot, k_new, v_new, v_cache, V.expect_tensor("cache_seqlens", cache_seqlens),
                           block_table])
-    capacity = "max_blocks * block_size, the capacity of block_table" if page else "the capacity of k_cache_rot"
-    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, f"Smax = {Smax}, {capacity}")
+    V.check_index("cache_seqlens", cache_seqlens, B, Smax + 1, "", values=False)  # values: below
     _check_basis(basis, Hk, D, k_new.device, against="k_new")
     features = set()
     if k_lowrank is not None:
         _check_lowrank(k_lowrank, k_cache_rot, paged=bool(page))
         features.add("lowrank")
     if page:
-        # rows fit the table, used entries are blocks, no two rows write one slot
-        block_table = _check_table_values(block_table, k_cache_rot, B, cache_seqlens, T)
+        block_table = block_table.contiguous()
         features.update(("paged", f"block_size={page}"))
-    elif B > 0 and T > 0 and V.value_checks_enabled(cache_seqlens):
-        room = int(cache_seqlens.max())
-        if room + T > Smax:
-            b = int(cache_seqlens.argmax())
-            raise ValueError(f"cache_seqlens[b] + T must be <= Smax = {Smax} to append k_new/v_new, got "
-                             f"cache_seqlens[{b}] = {room} and T = {T}: the cache is too small")
     inputs = dispatch.Inputs(op="loki_cache_append", device=k_new.device, dtype=k_new.dtype, head_dims=(D, Dv),
                              features=frozenset(features))
     components = basis.components.to(reference.compute_dtype(k_new.dtype))
@@ -98,7 +91,32 @@ def _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens
                   components=components, k_lowrank=k_lowrank)
     if block_table is not None:
         kwargs["block_table"] = block_table
+    if V.value_checks_enabled(cache_seqlens, block_table):
+        _loki_cache_append_values(kwargs)
     return dispatch.Call(inputs=inputs, kwargs=kwargs)
+
+
+def _loki_cache_append_values(kw: dict) -> None:
+    """The checks of `loki_cache_append` that read tensor values: `cache_seqlens` in `0..Smax`,
+    room for the `T` new tokens and, paged, the `block_table` entries the rows write (they are
+    blocks of the cache, rows fit the table, no two rows write one slot)."""
+    lens, k_cache_rot, block_table = kw["cache_seqlens"], kw["k_cache_rot"], kw.get("block_table")
+    T = kw["k_new"].shape[1]
+    if block_table is not None:
+        Smax = block_table.shape[1] * k_cache_rot.shape[1]
+        capacity = "max_blocks * block_size, the capacity of block_table"
+    else:
+        Smax, capacity = k_cache_rot.shape[1], "the capacity of k_cache_rot"
+    got = V.index_values("cache_seqlens", lens, Smax + 1, f"Smax = {Smax}, {capacity}")
+    if block_table is not None:
+        _check_table_values(block_table, k_cache_rot, lens, T)
+    elif T > 0 and got is not None and got[1] + T > Smax:
+        room, b = got[1], int(lens.argmax())
+        raise ValueError(f"cache_seqlens[b] + T must be <= Smax = {Smax} to append k_new/v_new, got "
+                         f"cache_seqlens[{b}] = {room} and T = {T}: the cache is too small")
+
+
+_LOKI_CACHE_APPEND = dispatch.fast("loki_cache_append", _prepare_loki_cache_append, _loki_cache_append_values)
 
 
 def _reference_append(*, k_new, v_new, k_cache_rot, v_cache, cache_seqlens, components, k_lowrank,
@@ -150,9 +168,7 @@ def loki_cache_append(k_new: torch.Tensor, v_new: torch.Tensor, k_cache_rot: tor
         >>> loki_cache_append(k, v, k_rot, v_cache, seqlens, basis, k_lowrank=k_low)
         >>> seqlens += k.shape[1]
     """
-    call = _prepare_loki_cache_append(k_new, v_new, k_cache_rot, v_cache, cache_seqlens, basis, k_lowrank=k_lowrank,
-                                      block_table=block_table)
-    dispatch.run("loki_cache_append", call, backend)
+    _LOKI_CACHE_APPEND(backend, k_new, v_new, k_cache_rot, v_cache, cache_seqlens, basis, k_lowrank, block_table)
 
 
 # ------------------------------------------------------------------------------------ decode
@@ -168,6 +184,11 @@ def _prepare_loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, c
     inputs = dispatch.Inputs(op="loki_attention_decode_lowrank", device=i.device, dtype=i.dtype,
                              head_dims=i.head_dims, features=i.features | {"lowrank"})
     return dispatch.Call(inputs=inputs, kwargs=dict(call.kwargs, k_lowrank=k_lowrank))
+
+
+# the same value checks as loki_attention_decode (k_lowrank's values are not checked)
+_LOKI_ATTENTION_DECODE_LOWRANK = dispatch.fast("loki_attention_decode_lowrank",
+                                               _prepare_loki_attention_decode_lowrank, _loki_attention_decode_values)
 
 
 def _reference_decode_lowrank(*, k_lowrank, **kwargs) -> torch.Tensor:
@@ -198,10 +219,8 @@ def loki_attention_decode_lowrank(q: torch.Tensor, k_lowrank: torch.Tensor, k_ca
         >>> loki_cache_append(k, v, k_rot, v_cache, seqlens, basis, k_lowrank=k_low)
         >>> o = loki_attention_decode_lowrank(q, k_low, k_rot, v_cache, seqlens + 1, basis, rank=32, top_k=256)
     """
-    call = _prepare_loki_attention_decode_lowrank(q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, basis,
-                                                  rank=rank, top_k=top_k, scale=scale, selection=selection,
-                                                  block_table=block_table)
-    return dispatch.run("loki_attention_decode_lowrank", call, backend)
+    return _LOKI_ATTENTION_DECODE_LOWRANK(backend, q, k_lowrank, k_cache_rot, v_cache, cache_seqlens, basis, rank,
+                                          top_k, scale, selection, block_table)
 
 
 dispatch.register("loki_cache_append", "reference", _reference_append, priority=0, dtypes=V.REFERENCE_DTYPES)

@@ -14,6 +14,7 @@ import torch
 from ... import dispatch
 from ..._validation import (
     REFERENCE_DTYPES,
+    block_table_values,
     check_block_table,
     check_cu_seqlens,
     cu_seqlens_values,
@@ -313,15 +314,15 @@ def _prepare_attention_decode(q, k_cache, v_cache, cache_seqlens, *, k_new=None,
 def _attention_decode_values(kw: dict) -> None:
     """The checks of `attention_decode` that read tensor values: `cache_seqlens` in range, room
     for the appended tokens, the paged cache's `block_table` entries (one read of
-    `cache_seqlens`; the paged checks reduce on the device first)."""
+    `cache_seqlens`, one of a small table; large tables are reduced on the device first)."""
     q, k_cache, lens, block_table = kw["q"], kw["k_cache"], kw["cache_seqlens"], kw["block_table"]
-    B, Tq = q.shape[0], q.shape[1]
+    Tq = q.shape[1]
     new_tokens = Tq if kw["k_new"] is not None else 0
     if block_table is not None:
         num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
         Smax = block_table.shape[1] * block_size
         index_values("cache_seqlens", lens, Smax + 1, "max_blocks * block_size")
-        check_block_table(block_table, B, num_blocks, block_size, lens, new_tokens)
+        block_table_values(block_table, num_blocks, block_size, lens, new_tokens)
         return
     Smax = k_cache.shape[1]
     got = index_values("cache_seqlens", lens, Smax + 1, "Smax")

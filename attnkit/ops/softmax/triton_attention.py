@@ -33,7 +33,7 @@ program finds its sequence by a binary search over `cu_seqlens`.
 
 from __future__ import annotations
 
-import functools
+import contextvars
 import os
 
 import torch
@@ -45,17 +45,21 @@ from ..common.triton_utils import device_guard, dot_precision, interpreted
 NORMS = {None: 0, "rms": 1, "l2": 2}
 LOG2E = 1.4426950408889634
 
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); 4 for the CPU interpreter."""
-    if device.type != "cuda":
-        return 4
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+# Checked by the static GPU audit (attnkit/tools/_requirements.py; CI: `gpu_audit --arch sm_90
+# --quick`): on sm_90, every kept config of the forward and both backward kernels runs every
+# product on wgmma and spills nothing, with and without the RMS QK-norm, and the QK-norm adds no
+# tensor-core work to the forward (no second QKᵀ product).
+_ATTN_KERNELS = r"^_attention_(fwd|bwd_dkdv|bwd_dq)_kernel$"
+_PLAIN_CALL = r"^attention fwd\+bwd \S+ \S+ causal=True$"
+AUDIT_REQUIREMENTS = [
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=_PLAIN_CALL,
+         max_spill_stores=0, mma="wgmma", why="issue 12: softmax fwd/bwd on wgmma without spills"),
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=r"norm=rms",
+         max_spill_stores=0, mma="wgmma", why="issue 12: softmax fwd/bwd with RMS QK-norm on wgmma without spills"),
+    dict(kernel=r"^_attention_fwd_kernel$", arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
+         case=r"norm=rms", same_mma_count_as=_PLAIN_CALL,
+         why="issue 12: the RMS-norm forward has the same number of MMA instructions as the plain forward"),
+]
 
 
 def head_block(d: int) -> int:
@@ -91,6 +95,43 @@ def _capability(t: torch.Tensor) -> tuple[int, int] | None:
         return None
     arch = os.environ.get("ATTNKIT_TARGET_ARCH", "sm_80").removeprefix("sm_")
     return (int(arch[:-1]), int(arch[-1])) if arch.isdigit() and len(arch) >= 2 else (8, 0)
+
+
+#: Set to "0" to keep the forward on the pointer path everywhere (no tensor descriptors).
+TMA_ENV = "ATTNKIT_TMA"
+
+
+def use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward loads its whole K/V tiles through tensor descriptors (TMA): on sm_90 or
+    newer (the target arch when recording on CPU/meta tensors; any device under the interpreter,
+    which emulates descriptors, so the CPU tests run this path), unless `$ATTNKIT_TMA` is "0", and
+    only when TMA can address the tensors: unit last stride, 16-byte aligned base and every other
+    stride a multiple of 16 bytes. Other inputs (unaligned, strided views) take the pointer path."""
+    if os.environ.get(TMA_ENV, "1") == "0":
+        return False
+    if not interpreted():
+        cap = _capability(k)
+        if cap is None or cap[0] < 9:
+            return False
+    for x in (k, v):
+        e = x.element_size()
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any((st * e) % 16 for st in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _scratch_allocator(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch_with_scratch(launch):
+    """Runs `launch()` with Triton's scratch allocator set in a copy of the current context, so the
+    caller's allocator setting (a context variable) is left as it was."""
+    def run():
+        triton.set_allocator(_scratch_allocator)
+        return launch()
+    return contextvars.copy_context().run(run)
 
 
 def len_bucket(n: int) -> int:
@@ -134,18 +175,38 @@ def _mma_sync_regs(capability) -> int:
     return 64 if capability is not None and capability[0] < 9 else 0
 
 
+# Extra registers of a 4-warp forward (one warp group, M = 64 wgmma): the sm_90 audit
+# (2026-12-02, bf16) had 64 x 64 / D128 / 3 stages at an estimate of 184 spill 44 B and
+# 64 x 128 / D64 / 3 stages at 200 spill 56 B, while 64 x 64 / D64 / 3 stages (136) and
+# 64 x 32 / D128 / 2 stages (128) compiled at 164 and 174 registers without spilling.
+FWD_4WARP_REGS = 32
+
+
 def fwd_regs(cfg: triton.Config, BD: int, BDV: int, elsize: int) -> float:
-    """Accumulator `[BM, BDV]` and logits/probabilities `2 x [BM, BN]` in float32, `[BM, BD]` Q."""
+    """Accumulator `[BM, BDV]` and logits/probabilities `2 x [BM, BN]` in float32, `[BM, BD]` Q
+    (+ FWD_4WARP_REGS at 4 warps)."""
     bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
-    return _regs(bm * BDV + 2 * bm * bn, bm * BD, elsize, cfg.num_warps, cfg.num_stages)
+    return (_regs(bm * BDV + 2 * bm * bn, bm * BD, elsize, cfg.num_warps, cfg.num_stages)
+            + FWD_4WARP_REGS * (cfg.num_warps <= 4))
+
+
+# Forward tiles (BM, BN, num_warps) kept only when no other config survives the prune: 64 x 32 on
+# 8 warps is the smallest tile (the fallback of fp32 / head dim 256 / sm_80), dominated by 64 x 64
+# on 8 warps wherever that fits, and the GPU machine's Triton 3.6 ptxas crashes on it for sm_90 at
+# head dim 64 bf16 (`ptxas` error code -11, audit of 2026-12-02; Triton 3.9 compiles it).
+FWD_FALLBACK_ONLY = {(64, 32, 8)}
 
 
 def prune_fwd(configs, BD: int, BDV: int, elsize: int, capability) -> list[triton.Config]:
-    """Configs that fit the device's shared memory and the register budget; when none fits the
-    budget, the one with the fewest estimated registers that fits shared memory."""
+    """Configs that fit the device's shared memory and the register budget (the FWD_FALLBACK_ONLY
+    tiles only when nothing else does); when none fits the budget, the one with the fewest
+    estimated registers that fits shared memory."""
     limit = smem_limit(capability)
     fits = [c for c in configs if fwd_smem_bytes(c, BD, BDV, elsize) <= limit]
     kept = [c for c in fits if fwd_regs(c, BD, BDV, elsize) + _mma_sync_regs(capability) <= REG_BUDGET]
+    preferred = [c for c in kept if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps) not in FWD_FALLBACK_ONLY]
+    if preferred:
+        return preferred
     if kept:
         return kept
     if fits:
@@ -527,29 +588,51 @@ _HEURISTICS = {
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
-              o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
-              BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-              NORM: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax. MASK: a boundary tile (key bounds and window tested);
-    otherwise every row of the block sees every key of the tile and nothing is tested. With a
-    norm, `b_rs = sc1·r_q` per row and `r_k` per key scale the product."""
+def _kv_tile_logits(b_q, r_row, k_desc, v_desc, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
+                    BN: tl.constexpr, MASK: tl.constexpr, NORM: tl.constexpr, EVEN_D: tl.constexpr,
+                    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """The K/V tile at key `n0` for resident query rows `b_q [BM, BD]` (forward and dq): loads
+    `K [BN, BD]`, `V [BN, BDV]` (masked only on a boundary tile, MASK; through the tensor
+    descriptors `k_desc`/`v_desc` on whole tiles when USE_TMA) and returns
+    `(raw, b_k, b_v, r_k, cols, m_col)` with the raw logits `raw = q·kᵀ [BM, BN]` in float32,
+    scaled by `r_row[:, None]·r_k[None, :]` with a norm (`r_k` the keys' rstd from the pre-pass,
+    loaded once per tile; `r_row` the caller's per-row factor), unscaled without one."""
     o_n = tl.arange(0, BN)
     cols = n0 + o_n
     m_col = cols < s_len
     # [BN, BD], [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
-    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
-    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
+    if USE_TMA and not MASK:
+        # TMA (Hopper): head-dim padding past D comes back as zeros from the descriptor's bounds
+        b_k = k_desc.load([n0, 0])
+        b_v = v_desc.load([n0, 0])
+    else:
+        b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
+        b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
     # [BM, BD] @ [BD, BN] -> [BM, BN]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    b_raw = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    r_k = m_col.to(tl.float32)  # unused without a norm
     if NORM != 0:
         if MASK:
             r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
         else:
             r_k = tl.load(rk_base + cols * HK)
-        b_s = b_s * b_rs[:, None] * r_k[None, :]
-    else:
+        b_raw = b_raw * r_row[:, None] * r_k[None, :]
+    return b_raw, b_k, b_v, r_k, cols, m_col
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2, WL, WR,
+              o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK,
+              BN: tl.constexpr, MASK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+              NORM: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """One key tile of the online softmax. MASK: a boundary tile (key bounds and window tested);
+    otherwise every row of the block sees every key of the tile and nothing is tested. With a
+    norm, `b_rs = sc1·r_q` per row and `r_k` per key scale the product."""
+    b_s, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, s_len, o_d, m_d, o_dv,
+                                                      m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, MASK, NORM, EVEN_D,
+                                                      EVEN_DV, DOT_PRECISION, USE_TMA)
+    if NORM == 0:
         b_s = b_s * sc1
     if SOFTCAP:
         b_s = tanh(b_s) * sc2
@@ -571,7 +654,7 @@ def _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_ro
     return acc, l_i, m_new
 
 
-@triton.heuristics(_HEURISTICS)
+@triton.heuristics({**_HEURISTICS, "USE_TMA": lambda args: use_tma(args["k"], args["v"])})
 @triton.autotune(configs=fwd_configs(), key=["BD", "BDV", "G", "HAS_WL", "HAS_WR", "NORM", "SOFTCAP", "LEN_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["T", "S", "N", "WL", "WR", "LEN_BUCKET"])
@@ -583,7 +666,7 @@ def _attention_fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
-    IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # program = (batch row x KV head, block of BM packed query rows of one sequence); longest
     # blocks first when the window is bounded on the right (causal)
@@ -632,18 +715,25 @@ def _attention_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
+    k_desc = k_base  # unused on the pointer path
+    v_desc = v_base
+    if USE_TMA:
+        # K/V of this (sequence, KV head) as 2-D [s_len, D] tensors for the whole tiles (the host
+        # checked 16-byte alignment of the bases and strides, unit last stride)
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[s_len, D], strides=[s_kt, 1], block_shape=[BN, BD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[s_len, DV], strides=[s_vt, 1], block_shape=[BN, BDV])
     for n0 in range(a, u0, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
-                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION, False)
     for n0 in range(u0, u1, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, False,
-                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION, USE_TMA)
     for n0 in range(u1, b, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, b_q, b_rs, k_desc, v_desc, k_base, v_base, rk_base, n0, q_pos, m_row, s_len, sc1, sc2,
                                   WL, WR, o_d, m_d, o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, True,
-                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                  HAS_WL, HAS_WR, NORM, SOFTCAP, EVEN_D, EVEN_DV, DOT_PRECISION, False)
 
     # a row that sees no key: o = 0, lse = -inf
     empty = l_i == 0.
@@ -834,8 +924,11 @@ def _attention_bwd_dkdv_kernel(
              mask=m_col[:, None] & m_dv[None, :])
     b_dk = b_dk * scale
     if NORM != 0:
-        # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward
-        b_dk, _ = row_norm_bwd_x(b_dk, b_k, r_k, k_base, o_d, m_d, D, NORM, False)
+        # dL/dy_k with y_k = x_k·r_k (w_k lives on the query side): the unweighted norm backward.
+        # The raw keys are read again rather than kept in registers through the loop (the
+        # products read them from shared memory; holding them spilled at D = 128)
+        b_xk = load_tile(k_base + tl.cast(c0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, True, EVEN_D)
+        b_dk, _ = row_norm_bwd_x(b_dk, b_xk, r_k, k_base, o_d, m_d, D, NORM, False)
     tl.store(dk + p_kv[:, None] * D + o_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_col[:, None] & m_d[None, :])
 
 
@@ -847,20 +940,10 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile for the resident query rows: accumulates Σ_j dz_j·(r_j x_j) (dz = dL/dz,
     z = scale·q̂·k̂ the logits before the cap) and the three tensor-scale row sums."""
-    o_n = tl.arange(0, BN)
-    cols = n0 + o_n
-    m_col = cols < s_len
-    # [BN, BD] raw keys, [BN, BDV]: 64-bit tile base, 32-bit offsets inside the tile
-    b_k = load_tile(k_base + tl.cast(n0, tl.int64) * s_kt, o_n, o_d, m_col, m_d, s_kt, s_kd, MASK, EVEN_D)
-    b_v = load_tile(v_base + tl.cast(n0, tl.int64) * s_vt, o_n, o_dv, m_col, m_dv, s_vt, s_vd, MASK, EVEN_DV)
-    # [BM, BD] @ [BD, BN] -> [BM, BN]
-    b_raw = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-    if NORM != 0:
-        if MASK:
-            r_k = tl.load(rk_base + cols * HK, mask=m_col, other=0.)
-        else:
-            r_k = tl.load(rk_base + cols * HK)
-        b_raw = b_raw * r_q[:, None] * r_k[None, :]  # q̂·k̂
+    # raw = q̂·k̂ (with a norm, r_q·r_k scale the product of the operands)
+    b_raw, b_k, b_v, r_k, cols, m_col = _kv_tile_logits(b_q, r_q, k_base, v_base, k_base, v_base, rk_base, n0, s_len, o_d, m_d,
+                                                        o_dv, m_dv, s_kt, s_kd, s_vt, s_vd, HK, BN, MASK, NORM,
+                                                        EVEN_D, EVEN_DV, DOT_PRECISION, False)
     b_s = b_raw * sc1
     if SOFTCAP:
         b_th = tanh(b_s)
@@ -996,16 +1079,25 @@ def _attention_bwd_dq_kernel(
         b_wq = load_weight(q_w, o_d, m_d, HAS_QW)
         b_wk = load_weight(k_w, o_d, m_d, HAS_KW)
         b_xq = load_rows(q_base, t.to(tl.int64), h, o_d, m_row, m_d, s_qt, s_qh, s_qd)
-        if HAS_KW:
-            tl.store(dkw_part + i_prog * D + o_d,
-                     tl.sum(b_acc * b_xq.to(tl.float32) * r_q[:, None], 0) * b_wq * scale, mask=m_d)
-        b_dq, b_dqw = row_norm_bwd_x(b_acc * (b_wk * scale)[None, :], b_xq, r_q, q_w, o_d, m_d, D, NORM, HAS_QW)
-        if HAS_QW:
-            tl.store(dqw_part + i_prog * D + o_d, b_dqw, mask=m_d)
+        # the norm backward of `row_norm_bwd_x` with g·w_q = scale · acc ⊙ w_k ⊙ w_q formed in place
+        b_gy = b_acc * (b_wk * b_wq * scale)[None, :]
+        b_c = tl.sum(b_gy * b_xq.to(tl.float32), 1) * r_q
+        if NORM == 1:
+            b_c = b_c / D
+        b_dq = r_q[:, None] * (b_gy - b_xq.to(tl.float32) * (r_q * b_c)[:, None])
+        tl.store(dq + p_row[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
+                 mask=m_row[:, None] & m_d[None, :])
+        if HAS_QW or HAS_KW:
+            # after dq is stored (registers): both weight gradients share Σ_rows acc ⊙ y_q
+            # (y_q = x_q·r_q): dw_k = scale·w_q ⊙ it, dw_q = scale·w_k ⊙ it (one column sum)
+            b_cs = tl.sum(b_acc * b_xq.to(tl.float32) * r_q[:, None], 0) * scale
+            if HAS_KW:
+                tl.store(dkw_part + i_prog * D + o_d, b_cs * b_wq, mask=m_d)
+            if HAS_QW:
+                tl.store(dqw_part + i_prog * D + o_d, b_cs * b_wk, mask=m_d)
     else:
-        b_dq = b_acc * scale
-    tl.store(dq + p_row[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_row[:, None] & m_d[None, :])
+        tl.store(dq + p_row[:, None] * D + o_d[None, :], (b_acc * scale).to(dq.dtype.element_ty),
+                 mask=m_row[:, None] & m_d[None, :])
 
 
 # -------------------------------------------------------------------------------- host launchers
@@ -1081,7 +1173,13 @@ def attention_fwd(q, k, v, *, causal: bool, scale: float | torch.Tensor, norm: s
     with device_guard(q):
         args = _common_args(q, k, v, scale, softcap, q_w, k_w, eps, cu_seqlens_q, cu_seqlens_k,
                             window_bounds(window, causal), norm)
-        _attention_fwd_kernel[grid](o=o, lse=lse, rq=rq, rk=rk, **{**args, **q_op})
+        def launch():
+            _attention_fwd_kernel[grid](o=o, lse=lse, rq=rq, rk=rk, **{**args, **q_op})
+
+        if q.is_cuda and use_tma(k, v):
+            _launch_with_scratch(launch)
+        else:
+            launch()
     return o, lse, rq, rk
 
 

@@ -74,13 +74,15 @@ def strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())
 
 
-def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SMEM) -> dict:
+def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SMEM, window: bool = False) -> dict:
     """The launch configuration of the split-KV kernel, from shapes only (no tuning).
 
     `BM`: packed query rows per tile (all `Tq * G` rows of a group up to 64, at least 16 for
     `tl.dot`). `BN = 128` keys per tile where a K and a V tile fit in `smem` (else 64, 32), with
     as many pipeline stages (4, 3, 2; `stages - 1` tiles buffered) as fit: decoding is bound by
-    HBM, so the aim is bytes in flight, not arithmetic. 4 warps (8 for 64-row query tiles).
+    HBM, so the aim is bytes in flight, not arithmetic. 4 warps (8 for 64-row query tiles, and
+    for the windowed 128 x 128 key tile at D = 128: the window's second bound on every key takes
+    the registers that triton 3.6 lacks at 4 warps, a 4-byte spill on sm_90; 2026-12-02).
     float32 (FMA products): 16-64 keys.
     """
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
@@ -98,7 +100,8 @@ def decode_config(rows: int, bd: int, bdv: int, elt: int, smem: int = DEFAULT_SM
         for stages in (4, 3, 2):
             # Triton's pipeliner keeps `num_stages - 1` K/V tiles in flight in shared memory
             if (stages - 1) * stage <= budget:
-                return dict(BM=bm, BN=bn, num_warps=8 if bm >= 64 else 4, num_stages=stages)
+                wide = bm >= 64 or (window and bn == 128 and bd == 128)
+                return dict(BM=bm, BN=bn, num_warps=8 if wide else 4, num_stages=stages)
     return dict(BM=bm, BN=16, num_warps=4, num_stages=1)
 
 
@@ -123,7 +126,7 @@ def decode_plan(B: int, Tq: int, H: int, HK: int, D: int, DV: int, Smax: int, el
     G = H // HK
     rows = Tq * G
     bd, bdv = head_block(D), head_block(DV)
-    cfg = decode_config(rows, bd, bdv, elt, smem)
+    cfg = decode_config(rows, bd, bdv, elt, smem, window=window_left >= 0)
     row_blocks = triton.cdiv(rows, cfg["BM"])
     # keys a tile can see: the whole cache, or its window plus the tile's own steps
     span = Smax if window_left < 0 else min(Smax, window_left + Tq)

@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ...tools import sm_count
 from ..common.triton_utils import device_guard, interpreted
-from .triton_attention import NORMS, row_norm, row_norm_bwd, sm_count
+from .triton_attention import NORMS, row_norm, row_norm_bwd
 
 
 def _row_block(bd: int) -> int:
@@ -21,7 +22,9 @@ def _row_block(bd: int) -> int:
 
 
 def _bwd_programs(n_blocks: int, device: torch.device) -> int:
-    """A fixed number of programs (a few per SM) so that the `[P, D]` weight partials stay small."""
+    """A fixed number of programs (a few per SM) so that the `[P, D]` weight partials stay small;
+    the SM count is `attnkit.tools.sm_count` (honours `ATTNKIT_SM_COUNT`, 132 off CUDA), like the
+    other kernels' grids."""
     return max(1, min(n_blocks, 4 * sm_count(device)))
 
 
