@@ -306,9 +306,21 @@ def block_table_values(block_table: torch.Tensor, num_blocks: int, block_size: i
         raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
                          f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
                          f"{block_size} = {capacity}")
-    used = torch.arange(block_table.shape[1], device=block_table.device)[None] * block_size < total[:, None]
-    vals = block_table[used]
-    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_blocks):
+    # Row b uses its first need[b] entries: one min/max over the columns every row uses, and one
+    # more, masked, only for ragged rows (no masked gather of the whole table on every call).
+    dev = block_table.device
+    need = total.add(block_size - 1).div_(block_size, rounding_mode="floor")
+    lo_need, hi_need = int_range(need)
+    out_of_range = False
+    if lo_need > 0:
+        lo, hi = int_range(block_table[:, :lo_need])
+        out_of_range = lo < 0 or hi >= num_blocks
+    if not out_of_range and hi_need > lo_need:
+        tail = torch.arange(lo_need, hi_need, device=dev)[None] < need[:, None]
+        lo, hi = int_range(torch.where(tail, block_table[:, lo_need:hi_need], 0))  # 0: fill, no block
+        out_of_range = lo < 0 or hi >= num_blocks  # (num_blocks = 0: some used entry is bad anyway)
+    if out_of_range:
+        used = torch.arange(block_table.shape[1], device=dev)[None] < need[:, None]
         bad = used & ((block_table < 0) | (block_table >= num_blocks))
         b, j = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "

@@ -151,6 +151,102 @@ def test_attention_decode_rejected_inputs_change_nothing():
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 
+# ---------------------------------------------------------------- attention_decode, paged cache
+# The kernels walk a paged cache page by page (one table read per page run) and align their key
+# blocks and split-KV partitions to pages; these cases cross page boundaries everywhere: block
+# sizes that divide the key block (1, 16), that do not (3, 17) and larger (64), rows long
+# enough to be split, windows starting mid-page, appends straddling two blocks.
+
+PAGED_CASES = [
+    dict(B=1, Tq=1, H=8, Hk=2, D=64, Dv=64, S=2100, lens=(2085,), append=True, window=None, softcap=None),
+    dict(B=2, Tq=3, H=8, Hk=2, D=32, Dv=48, S=1400, lens=(1290, 40), append=True, window=(1100, 0), softcap=30.0),
+    dict(B=3, Tq=1, H=4, Hk=4, D=16, Dv=16, S=210, lens=(0, 77, 199), append=False, window=(50, 0), softcap=None),
+    dict(B=1, Tq=2, H=6, Hk=3, D=80, Dv=80, S=1500, lens=(1497,), append=True, window=None, softcap=5.0),
+]
+PAGED_BLOCK_SIZES = [1, 3, 16, 17, 64]
+
+
+def page_cache(x, lens_after, block_size, seed):
+    """`x [B, S, Hk, D]` scattered into a shuffled block pool with three spare blocks; NaN in
+    every unreferenced block and every slot past a row's length. Returns (pool, table), table
+    int32 `[B, ceil(S / block_size)]` with -1 where a row has no block."""
+    B, S = x.shape[:2]
+    need = [-(-int(n) // block_size) for n in lens_after]
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(sum(need) + 3, generator=gen)
+    pool = torch.full((perm.numel(), block_size, *x.shape[2:]), float("nan"), dtype=x.dtype, device=x.device)
+    table = torch.full((B, -(-S // block_size)), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens_after):
+        blocks = perm[used:used + need[b]]
+        used += need[b]
+        table[b, :need[b]] = blocks.to(torch.int32)
+        pos = torch.arange(int(n))
+        pool[blocks[pos // block_size].to(x.device), (pos % block_size).to(x.device)] = x[b, :int(n)]
+    return pool, table.to(x.device)
+
+
+def paged_args(base, c, block_size, poison_new=True):
+    """make_args for compare_op: the case's caches paged (same blocks for every dtype)."""
+    Tq = c["Tq"]
+    after = [n + (Tq if c["append"] else 0) for n in c["lens"]]
+
+    def make(dtype):
+        (q, kc, vc, lens), kw = decode_args(base)(dtype)
+        k_pool, table = page_cache(kc, after, block_size, seed=block_size)
+        v_pool, _ = page_cache(vc, after, block_size, seed=block_size)
+        if c["append"] and poison_new:  # the slots the append writes start as NaN
+            for b, n in enumerate(c["lens"]):
+                pos = torch.arange(n, n + Tq, device=DEVICE)
+                blk = table[b, pos // block_size].long()
+                k_pool[blk, pos % block_size] = float("nan")
+                v_pool[blk, pos % block_size] = float("nan")
+        kw.update(block_table=table, window=c["window"], softcap=c["softcap"])
+        return (q, k_pool, v_pool, lens), kw
+    return make
+
+
+@pytest.mark.parametrize("block_size", PAGED_BLOCK_SIZES, ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", params(PAGED_CASES))
+def test_attention_decode_paged(case, dtype, block_size):
+    """Paged decode against the float64 oracle (shuffled blocks, NaN-poisoned unreferenced blocks
+    and slots, window and softcap), and the pools after the in-place append equal the
+    reference's: the new tokens where the table says, nothing else touched."""
+    base = decode_data(case)
+    make = paged_args(base, case, block_size)
+    compare_op(attnkit.attention_decode, make, dtype, "cuda")
+    pools = {}
+    for backend in ("reference", "cuda"):
+        (q, kp, vp, lens), kw = make(dtype)
+        o = attnkit.attention_decode(q, kp, vp, lens, backend=backend, **kw)
+        assert not o.isnan().any(), f"{backend}: NaN leaked from an unreferenced block or slot"
+        pools[backend] = (kp, vp)
+    for i, name in enumerate(("k_cache", "v_cache")):
+        assert torch.equal(pools["cuda"][i].nan_to_num(7.0), pools["reference"][i].nan_to_num(7.0)), name
+
+
+@pytest.mark.parametrize("block_size", PAGED_BLOCK_SIZES + [2048], ids=lambda b: f"bs{b}")
+def test_attention_decode_paged_equals_contiguous(block_size):
+    """The paged kernel attends over exactly the rows of the contiguous one. With a block size
+    dividing the kernel's key block (16) both use the same key blocks and split bounds, so the
+    outputs are bitwise equal; otherwise the split bounds move to page boundaries (2048: pages
+    longer than a split, which the CPU kernel then cuts) and only the float32 summation order
+    may differ."""
+    c = dict(B=3, Tq=2, H=8, Hk=2, D=64, Dv=64, S=2400, lens=(2300, 5, 1033), append=True,
+             window=(1500, 0), softcap=20.0)
+    base = decode_data(c)
+    (q, kc, vc, lens), kw = decode_args(base)(torch.float32)
+    contiguous = attnkit.attention_decode(q, kc, vc, lens, window=c["window"], softcap=c["softcap"],
+                                          backend="cuda", **kw)
+    (q, kp, vp, lens), kw = paged_args(base, c, block_size)(torch.float32)
+    paged = attnkit.attention_decode(q, kp, vp, lens, backend="cuda", **kw)
+    if 16 % block_size == 0:
+        assert torch.equal(paged, contiguous)
+    else:
+        torch.testing.assert_close(paged, contiguous, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="head-dim limits of the CUDA kernels")
 def test_attention_decode_cuda_refuses_head_dim():
     kc, vc = torch.randn(1, 8, 1, 20, device=DEVICE), torch.randn(1, 8, 1, 20, device=DEVICE)

@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <numeric>
 #include <vector>
 
 #include "cpu_common.h"
@@ -80,16 +81,60 @@ struct AttendWorker {
   const AttendShape& shp;
   int rows;  // heads * rows_per_head; row i is row r0 + i % rows_per_head of head hk0 + i / rows_per_head
   std::vector<float> qf, sc, kbuf, vbuf, acc, m, l;
-  std::vector<int64_t> pos, limit, first;
+  std::vector<int64_t> limit, first;
 
   AttendWorker(const AttendParams& params, const AttendShape& shape)
       : p(params), shp(shape), rows(shape.heads * shape.rows_per_head), qf(rows * params.D),
         sc(rows * kKeyBlock), kbuf(kF32 ? 0 : kKeyBlock * params.D), vbuf(kF32 ? 0 : kKeyBlock * params.Dv),
-        acc(rows * params.Dv), m(rows), l(rows), pos(kKeyBlock), limit(rows), first(rows) {}
+        acc(rows * params.Dv), m(rows), l(rows), limit(rows), first(rows) {}
 
-  // Element offsets of position s's K / V rows of batch row b (head 0), contiguous or paged.
-  int64_t k_off(int b, int64_t s) const { return cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.k_sb, p.k_ss); }
-  int64_t v_off(int b, int64_t s) const { return cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.v_sb, p.v_ss); }
+  // Element offsets (head 0) of the K / V rows of list entries [jb, je) and their positions.
+  // Decode lists (positions jb..je-1) walk the cache page by page: one block-table read and one
+  // division per page run, then consecutive rows (a contiguous cache is a single page). Selected
+  // lists (Loki) address each position on its own.
+  void block_rows(int b, const int32_t* list, int64_t jb, int64_t je, int64_t* pos_out, int64_t* koff,
+                  int64_t* voff) const {
+    const int n = static_cast<int>(je - jb);
+    if (list != nullptr) {
+      for (int jj = 0; jj < n; ++jj) {
+        const int64_t s = list[jb + jj];
+        pos_out[jj] = s;
+        koff[jj] = cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.k_sb, p.k_ss);
+        voff[jj] = cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.v_sb, p.v_ss);
+      }
+      return;
+    }
+    for (int jj = 0; jj < n; ++jj) pos_out[jj] = jb + jj;
+    if (p.block_table == nullptr) {
+      const int64_t k0 = b * p.k_sb + jb * p.k_ss, v0 = b * p.v_sb + jb * p.v_ss;
+      for (int jj = 0; jj < n; ++jj) {
+        koff[jj] = k0 + jj * p.k_ss;
+        voff[jj] = v0 + jj * p.v_ss;
+      }
+      return;
+    }
+    const int32_t* table = p.block_table + b * p.bt_stride;
+    const int64_t bs = p.block_size;
+    int64_t page = jb / bs, in = jb - page * bs;
+    for (int jj = 0; jj < n; ++page, in = 0) {
+      const int m = static_cast<int>(std::min<int64_t>(n - jj, bs - in));
+      const int64_t blk = table[page];
+      const int64_t k0 = blk * p.k_sb + in * p.k_ss, v0 = blk * p.v_sb + in * p.v_ss;
+      for (int i = 0; i < m; ++i) {
+        koff[jj + i] = k0 + i * p.k_ss;
+        voff[jj + i] = v0 + i * p.v_ss;
+      }
+      jj += m;
+    }
+  }
+
+  // End of the key block starting at entry jb: decode blocks end at multiples of kKeyBlock
+  // positions (a block of a cache with block_size dividing kKeyBlock, or a multiple of it, never
+  // straddles a page it does not cover whole, and contiguous and paged caches see the same
+  // blocks); selected lists go in runs of kKeyBlock entries.
+  static int64_t block_end(const int32_t* list, int64_t jb, int64_t j1) {
+    return std::min(j1, list != nullptr ? jb + kKeyBlock : (jb / kKeyBlock + 1) * kKeyBlock);
+  }
 
   // Attend the unit's rows over list entries [j0, j1) (positions j0..j1-1 without a list).
   void run(const Unit& w, const int32_t* list, int64_t L, int64_t j0, int64_t j1) {
@@ -110,35 +155,49 @@ struct AttendWorker {
       l[i] = 0.0f;
     }
     std::fill(acc.begin(), acc.end(), 0.0f);
+    // Keys every row sees: blocks inside [see_lo, see_hi] need no mask.
+    int64_t see_lo = INT64_MIN, see_hi = INT64_MAX;
     if (p.causal) {  // no row sees past the last row's limit
       int64_t last = INT64_MIN;
-      for (int i = 0; i < rows; ++i) last = std::max(last, limit[i]);
+      for (int i = 0; i < rows; ++i) {
+        last = std::max(last, limit[i]);
+        see_lo = std::max(see_lo, first[i]);
+        see_hi = std::min(see_hi, limit[i]);
+      }
       j1 = std::min(j1, last + 1);
     }
     const T* kbase = static_cast<const T*>(p.k);
     const T* vbase = static_cast<const T*>(p.v);
     const float* krow[kKeyBlock];
     const float* vrow[kKeyBlock];
-    for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
-      const int n = static_cast<int>(std::min<int64_t>(kKeyBlock, j1 - jb));
-      int64_t koff[kKeyBlock], voff[kKeyBlock];
-      for (int jj = 0; jj < n; ++jj) {
-        pos[jj] = list != nullptr ? list[jb + jj] : jb + jj;
-        koff[jj] = k_off(w.b, pos[jj]);
-        voff[jj] = v_off(w.b, pos[jj]);
-      }
+    // Offsets of the current block and of the next one (computed a block ahead for the prefetch).
+    int64_t pos_buf[2][kKeyBlock], koff_buf[2][kKeyBlock], voff_buf[2][kKeyBlock];
+    int cur = 0;
+    if (j0 < j1) block_rows(w.b, list, j0, block_end(list, j0, j1), pos_buf[0], koff_buf[0], voff_buf[0]);
+    for (int64_t jb = j0; jb < j1;) {
+      const int64_t je = block_end(list, jb, j1), jn_end = je < j1 ? block_end(list, je, j1) : je;
+      const int n = static_cast<int>(je - jb);
+      const int64_t* koff = koff_buf[cur];
+      const int64_t* voff = voff_buf[cur];
+      const int64_t* bpos = pos_buf[cur];
       // Successive rows of one head are Hk * D apart (a 4 KiB page per position for typical
       // sizes) and hardware prefetchers stop at page boundaries: the next block's rows go to L2
       // during this block, each head's rows to L1 just before its microkernels.
-      const int64_t jn_end = std::min<int64_t>(j1, jb + 2 * kKeyBlock);
-      for (int64_t jn = jb + kKeyBlock; jn < jn_end; ++jn) {
-        const int64_t s = list != nullptr ? list[jn] : jn;
-        const T* kn = kbase + k_off(w.b, s);
-        const T* vn = vbase + v_off(w.b, s);
-        for (int ih = 0; ih < shp.heads; ++ih) {
-          prefetch_row<1>(kn + (w.hk0 + ih) * p.k_sh, D);
-          prefetch_row<1>(vn + (w.hk0 + ih) * p.v_sh, Dv);
+      if (je < jn_end) {
+        const int nx = cur ^ 1, nn = static_cast<int>(jn_end - je);
+        block_rows(w.b, list, je, jn_end, pos_buf[nx], koff_buf[nx], voff_buf[nx]);
+        for (int jj = 0; jj < nn; ++jj) {
+          const T* kn = kbase + koff_buf[nx][jj];
+          const T* vn = vbase + voff_buf[nx][jj];
+          for (int ih = 0; ih < shp.heads; ++ih) {
+            prefetch_row<1>(kn + (w.hk0 + ih) * p.k_sh, D);
+            prefetch_row<1>(vn + (w.hk0 + ih) * p.v_sh, Dv);
+          }
         }
+      }
+      bool mask = false;
+      if (p.causal) {
+        for (int jj = 0; jj < n; ++jj) mask |= bpos[jj] < see_lo || bpos[jj] > see_hi;
       }
       for (int ih = 0; ih < shp.heads; ++ih) {
         const T* kh = kbase + (w.hk0 + ih) * p.k_sh;
@@ -158,14 +217,17 @@ struct AttendWorker {
             vrow[jj] = &vbuf[jj * Dv];
           }
         }
-        head_block(ih * rph, rph, n, krow, vrow);
+        head_block(ih * rph, rph, n, krow, vrow, bpos, mask);
       }
+      cur ^= 1;
+      jb = je;
     }
   }
 
   // The rows [i0, i0 + nrows) of one KV head against a block of n keys: scores, online softmax
   // update, acc += p @ V. Rows go through the microkernels four at a time.
-  void head_block(int i0, int nrows, int n, const float* const* krow, const float* const* vrow) {
+  void head_block(int i0, int nrows, int n, const float* const* krow, const float* const* vrow, const int64_t* pos,
+                  bool mask) {
     const int D = p.D, Dv = p.Dv;
     for_row_blocks(i0, nrows, [&](auto rb, int i) {
       scores_rows<decltype(rb)::value>(&qf[i * D], D, krow, n, &sc[i * kKeyBlock], kKeyBlock);
@@ -176,7 +238,7 @@ struct AttendWorker {
         const float c = p.softcap, inv = 1.0f / p.softcap;
         for (int jj = 0; jj < n; ++jj) s[jj] = c * std::tanh(s[jj] * inv);
       }
-      if (p.causal) {
+      if (mask) {
         for (int jj = 0; jj < n; ++jj)
           if (pos[jj] > limit[i] || pos[jj] < first[i]) s[jj] = kNegInf;
       }
@@ -240,6 +302,26 @@ void run_attend(const AttendParams& p) {
     nsplit = std::min(ceil_div(2 * threads, units), std::max<int64_t>(1, max_keys / kMinSplit));
   }
   const int64_t split_len = std::max<int64_t>(1, ceil_div(max_keys, nsplit));
+  // Split boundaries of decode lists fall on multiples of `align` positions: whole key blocks,
+  // and whole pages of a paged cache (lcm of kKeyBlock and block_size), so no page is shared
+  // between two splits, unless that multiple exceeds a split (pages longer than a split: kept
+  // whole, they would unbalance the splits). Selected lists split anywhere.
+  const bool dense = p.sel_idx == nullptr;
+  int64_t align = 1;
+  if (dense) {
+    align = kKeyBlock;
+    if (p.block_table != nullptr) {
+      const int64_t page_align = align / std::gcd<int64_t>(align, p.block_size) * p.block_size;
+      if (page_align <= split_len) align = page_align;
+    }
+  }
+  // First entry of split k of a unit whose keys are [start, n).
+  auto bound = [&](int64_t start, int64_t n, int64_t k) -> int64_t {
+    if (k == 0) return std::min(start, n);
+    if (k == nsplit) return n;
+    const int64_t x = start + k * split_len;
+    return std::min(n, std::max(start, (x + align / 2) / align * align));  // nearest multiple
+  };
   const int rows = shp.heads * shp.rows_per_head;
   const int stride = p.Dv + 2;  // partial state per row: acc [Dv], m, l
   std::vector<float> part(nsplit > 1 ? units * nsplit * rows * stride : 0);
@@ -253,7 +335,7 @@ void run_attend(const AttendParams& p) {
       const int64_t n = unit_keys(p, w, &list);
       const int64_t L = static_cast<int64_t>(p.lens[w.b]) + p.len_add;
       const int64_t start = unit_first(p, w, list);
-      const int64_t j0 = std::min(n, start + split * split_len), j1 = std::min(n, j0 + split_len);
+      const int64_t j0 = bound(start, n, split), j1 = bound(start, n, split + 1);
       wk.run(w, list, L, j0, j1);
       if (nsplit == 1) {
         write_rows<T>(p, shp, w, wk.acc.data(), wk.l.data());

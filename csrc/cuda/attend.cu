@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
   __shared__ float s_p[RT][kKeyTile];
   __shared__ float s_m[RT], s_l[RT], s_alpha[RT];
   __shared__ int64_t s_pos[kKeyTile];
+  __shared__ int64_t s_koff[kKeyTile], s_voff[kKeyTile];  // element offsets of the tile's K / V rows
 
   const int split = blockIdx.x;
   const int hk = blockIdx.y / c.row_tiles, tile = blockIdx.y % c.row_tiles;
@@ -66,10 +67,20 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
     n_keys = p.sel_count[li];
   }
   // A sliding window (decode lists only) starts the splits at the first key any row sees.
-  const bool windowed = list == nullptr && p.causal && p.window_left >= 0;
+  const bool dense = list == nullptr;
+  const bool windowed = dense && p.causal && p.window_left >= 0;
   const int64_t start = windowed ? max(static_cast<int64_t>(0), L - p.Tq - p.window_left) : 0;
-  const int64_t j0 = start + static_cast<int64_t>(split) * c.split_len;
-  int64_t j1 = min(n_keys, j0 + c.split_len);
+  // Split k covers [bound(k), bound(k + 1)). Inner bounds of decode lists fall on multiples of
+  // kKeyTile positions, as do the key tiles: a tile never shares a page of a paged cache with
+  // another split, and it covers whole pages when block_size divides kKeyTile.
+  auto bound = [&](int k) -> int64_t {
+    if (k == 0) return min(start, n_keys);
+    if (k >= c.nsplit) return n_keys;
+    const int64_t x = start + static_cast<int64_t>(k) * c.split_len;
+    return min(n_keys, dense ? max(start, x / kKeyTile * kKeyTile) : x);
+  };
+  const int64_t j0 = bound(split);
+  int64_t j1 = bound(split + 1);
   int64_t limit[RT];  // last visible position of each row (bottom-right causal)
   int64_t first[RT];  // first visible position of each row (sliding window)
   int64_t last = -1;
@@ -116,28 +127,55 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[r][u][e] = 0.0f;
 
-  // Rows of position s: kbase + cache_offset(.., s, k_sb, k_ss) (contiguous or paged).
+  // Rows of position s: kbase + cache_offset(.., s, k_sb, k_ss) (contiguous or paged), computed
+  // once per tile and key into s_koff / s_voff, so the loads below do no table lookups. For a
+  // decode list the tile's positions are consecutive: one division per tile, and the threads of
+  // one page read the same table entry (one transaction).
   const T* kbase = static_cast<const T*>(p.k) + hk * p.k_sh;
   const T* vbase = static_cast<const T*>(p.v) + hk * p.v_sh;
+  const int32_t* table = p.block_table != nullptr ? p.block_table + b * p.bt_stride : nullptr;
 
-  for (int64_t jt = j0; jt < j1; jt += kKeyTile) {
-    __syncthreads();  // the previous tile is done with s_pos / s_p
+  for (int64_t jt = dense ? j0 / kKeyTile * kKeyTile : j0; jt < j1; jt += kKeyTile) {
+    __syncthreads();  // the previous tile is done with s_pos / s_koff / s_voff / s_p
     if (tid < kKeyTile) {
       const int64_t j = jt + tid;
-      s_pos[tid] = j < j1 ? (list != nullptr ? static_cast<int64_t>(list[j]) : j) : -1;
+      int64_t s = -1, ko = 0, vo = 0;
+      if (j >= j0 && j < j1) {
+        if (!dense) {
+          s = list[j];
+          ko = cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.k_sb, p.k_ss);
+          vo = cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.v_sb, p.v_ss);
+        } else if (table == nullptr) {
+          s = j;
+          ko = b * p.k_sb + s * p.k_ss;
+          vo = b * p.v_sb + s * p.v_ss;
+        } else {
+          s = j;
+          const int bs = p.block_size;
+          const int64_t page0 = jt / bs;  // the same for every thread of the tile
+          const int x = static_cast<int>(jt - page0 * bs) + tid;
+          const int64_t page = page0 + x / bs, in = x % bs;
+          const int64_t blk = table[page];
+          ko = blk * p.k_sb + in * p.k_ss;
+          vo = blk * p.v_sb + in * p.v_ss;
+        }
+      }
+      s_pos[tid] = s;
+      s_koff[tid] = ko;
+      s_voff[tid] = vo;
     }
     __syncthreads();
     // Scores: [RT, D] . [kKeyTile, D]^T -> s_p [RT, kKeyTile]; one K row per lane group.
     for (int jj0 = 0; jj0 < kKeyTile; jj0 += ngk) {  // uniform trip count: shuffles below
       const int jj = jj0 + gk;
       const int64_t s = jj < kKeyTile ? s_pos[jj] : -1;
+      const T* krow = kbase + (jj < kKeyTile ? s_koff[jj] : 0);
       float kf[VPT][VEC];
 #pragma unroll
       for (int u = 0; u < VPT; ++u) {
         const int vi = lk + u * c.tgk;
         if (s >= 0 && vi < c.nvk) {
-          load_vec(kbase + cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.k_sb, p.k_ss) + vi * VEC,
-                   kf[u]);
+          load_vec(krow + vi * VEC, kf[u]);
         } else {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) kf[u][e] = 0.0f;
@@ -185,14 +223,14 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendParams p, 
         for (int e = 0; e < VEC; ++e) acc[r][u][e] *= a;
     }
     for (int jj = gv; jj < kKeyTile; jj += ngv) {
-      const int64_t s = s_pos[jj];
-      if (s < 0) continue;
+      if (s_pos[jj] < 0) continue;
+      const T* vrow = vbase + s_voff[jj];
 #pragma unroll
       for (int u = 0; u < VPT; ++u) {
         const int vi = lv + u * c.tgv;
         if (vi >= c.nvv) continue;
         float vf[VEC];
-        load_vec(vbase + cache_offset(p.block_table, p.bt_stride, p.block_size, b, s, p.v_sb, p.v_ss) + vi * VEC, vf);
+        load_vec(vrow + vi * VEC, vf);
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
           const float pr = r < nr ? s_p[r][jj] : 0.0f;
