@@ -22,6 +22,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
+def load_native():
+    """Build (or load) the native extension; skip only when no compiler can build it."""
+    import attnkit.native
+    from attnkit.native import _build
+
+    if _build.cxx() is None:
+        pytest.skip("no C++ compiler to build the native extension (install g++ or set CXX)")
+    if DEVICE == "cuda" and _build.cuda_home() is None:
+        pytest.skip("nvcc not found to build the CUDA kernels (set CUDA_HOME)")
+    return attnkit.native.load()
+
+
 def interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()

@@ -15,7 +15,7 @@ import attnkit
 import attnkit.ops.loki.triton_register  # noqa: F401  (the triton backend of the Loki ops)
 from attnkit.ops.loki.cache import LokiCache, loki_attention_decode_lowrank, loki_cache_append
 
-from .harness import DEVICE, assert_close_to_golden, kernel_dtypes
+from .harness import DEVICE, assert_close_to_golden, kernel_dtypes, load_native
 
 
 def _basis(Hk: int, D: int):
@@ -353,14 +353,7 @@ NATIVE_CASES = CASES + [
 @pytest.fixture(scope="module")
 def native():
     """Build (or load) the extension; skip only when no compiler can build it."""
-    import attnkit.native
-    from attnkit.native import _build
-
-    if _build.cxx() is None:
-        pytest.skip("no C++ compiler to build the native extension (install g++ or set CXX)")
-    if DEVICE == "cuda" and _build.cuda_home() is None:
-        pytest.skip("nvcc not found to build the CUDA kernels (set CUDA_HOME)")
-    return attnkit.native.load()
+    return load_native()
 
 
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)

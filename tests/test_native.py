@@ -18,9 +18,8 @@ import torch
 import attnkit
 import attnkit.native  # registers the cuda backend
 from attnkit import BackendUnavailable
-from attnkit.native import _build
 
-from .harness import DEVICE, assert_close_to_golden, clone_as, compare_op, params, poison
+from .harness import DEVICE, assert_close_to_golden, clone_as, compare_op, load_native, params, poison
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -29,11 +28,7 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 @pytest.fixture(scope="module", autouse=True)
 def native():
     """Build (or load) the extension once; skip only when no C++ compiler can build it."""
-    if _build.cxx() is None:
-        pytest.skip("no C++ compiler to build the native extension (install g++ or set CXX)")
-    if DEVICE == "cuda" and _build.cuda_home() is None:
-        pytest.skip("nvcc not found to build the CUDA kernels (set CUDA_HOME)")
-    return attnkit.native.load()
+    return load_native()
 
 
 def rand(*shape, scale=1.0):
