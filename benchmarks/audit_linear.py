@@ -73,7 +73,8 @@ def _launches(op: str, D: int):
     HS = H if light else HK
     flags = dict(FEATURE_MAP=0 if light else 1, NORMALIZE=not light, DOT_PRECISION="tf32")
     dec = "*fp32" if light else None
-    bkv, bkd = host._blocks_dv_split(K, V), host._blocks_dk_split(K, V)
+    budget = host._tile_budget(not light)
+    bkv, bkd = host._blocks_dv_split(K, V, budget), host._blocks_dk_split(K, V, budget)
     ptr = "*bf16"
     common_rt = dict(T="i32", NS="i32", SEG="i32", seg_info=None, cu_seqlens=None)
     out = []
@@ -102,7 +103,7 @@ def _launches(op: str, D: int):
                 scale="fp32", **common_rt)
     cx = dict(H=H, HK=HK, HS=HS, K=K, V=V, CAUSAL=True, STATE_PER_SEQ=False, USE_DECAY=light,
               IS_VARLEN=False, **flags)
-    if host._pow2(K) * host._pow2(V) <= host.TILE_STATE_BUDGET:
+    if host._pow2(K) * host._pow2(V) <= budget and light:
         out.append(("dkdv", kern._segment_dkdv_kernel, dict(dkdv, dk=ptr, dv=ptr),
                     dict(cx, BK=host._pow2(K), BV=host._pow2(V), STORE_DK=True, STORE_DV=True)))
     else:
@@ -125,7 +126,11 @@ def _compile(fn, rt: dict, cx: dict, cfg: triton.Config):
             constexprs[(i,)] = None
         else:
             signature[name] = rt[name]
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # what the runtime specialises on: pointers (torch allocations) are 16-byte aligned; the
+    # integer arguments are not assumed divisible (T, NS, SEG are not specialised)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if isinstance(signature[name], str) and signature[name].startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 

@@ -26,7 +26,7 @@ import triton
 
 from ..common.triton_utils import device_guard, dot_precision
 from . import triton_chunk_kernels as kern
-from .triton_chunk_kernels import FEATURE_MAPS, STATE_BUDGET, TILE_STATE_BUDGET
+from .triton_chunk_kernels import FEATURE_MAPS, NORM_TILE_STATE_BUDGET, STATE_BUDGET, TILE_STATE_BUDGET
 
 MIN_SEG = 256  # tokens: 4 chunks of 64, below that the scan over segments costs more than it gives
 MAX_SEG = 8192
@@ -122,6 +122,11 @@ def _blocks_dk_split(K: int, V: int, budget: int = TILE_STATE_BUDGET) -> tuple[i
     return min(_pow2(K), max(16, budget // BV)), BV
 
 
+def _tile_budget(normalize: bool) -> int:
+    """State elements per program in the token-tile passes (output, dq, dk, dv)."""
+    return NORM_TILE_STATE_BUDGET if normalize else TILE_STATE_BUDGET
+
+
 def _dims(q, k, v, cu_seqlens):
     B, T, H, K = q.shape
     HK, V = k.shape[2], v.shape[-1]
@@ -196,7 +201,7 @@ def chunk_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay
         # 3. output per segment from its incoming state (non-causal: from the totals)
         s_in, z_in = (hs, zs) if causal else (ht, zt)
         if plan.nseg and HS:
-            BK, BV = _blocks_dv_split(K, V)
+            BK, BV = _blocks_dv_split(K, V, _tile_budget(normalize))
             grid = (plan.nseg, HS, triton.cdiv(V, BV))
             kern._segment_output_kernel[grid](
                 q, k, v, o, den, decay, s_in, z_in, plan.seg_info, cu_seqlens, scale, eps, T, plan.NS, plan.SEG,
@@ -247,7 +252,8 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
             _scan(dzs, dzt, dz0, None, plan, cu_seqlens, T, N, HS, K, True)
         if run:
             # 3. dq from each segment's incoming state (non-causal: the totals)
-            BK, BV = _blocks_dk_split(K, V)
+            budget = _tile_budget(normalize)
+            BK, BV = _blocks_dk_split(K, V, budget)
             grid = (plan.nseg, HS, triton.cdiv(K, BK))
             kern._segment_dq_kernel[grid](q, k, v, do, den, delta, dq, decay, s_in, z_in, plan.seg_info,
                                           cu_seqlens, HK=HK, BK=BK, BV=BV, CAUSAL=causal,
@@ -257,16 +263,16 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
             args = (q, k, v, do, den, delta)
             tail = dict(decay=decay, gin=g_in, gzin=gz_in, seg_info=plan.seg_info, cu_seqlens=cu_seqlens,
                         HK=HK, CAUSAL=causal, STATE_PER_SEQ=not causal, **common)
-            if _pow2(K) * _pow2(V) <= TILE_STATE_BUDGET:
+            if _pow2(K) * _pow2(V) <= budget and not normalize:
                 grid = (plan.nseg, HS, 1)
                 kern._segment_dkdv_kernel[grid](*args, dk, dv, BK=_pow2(K), BV=_pow2(V), **tail)
             else:
-                # the whole state does not fit: dk from Dk blocks with Dv whole, dv from Dv blocks
-                # with Dk whole (each recomputes the state gradient of its block; both complete)
-                BK, BV = _blocks_dk_split(K, V)
+                # the whole state does not fit (or normalize): dk from Dk blocks with Dv whole, dv
+                # from Dv blocks with Dk whole (each recomputes the state gradient of its block)
+                BK, BV = _blocks_dk_split(K, V, budget)
                 kern._segment_dkdv_kernel[(plan.nseg, HS, triton.cdiv(K, BK))](*args, dk, None, BK=BK, BV=BV,
                                                                               **tail)
-                BK, BV = _blocks_dv_split(K, V)
+                BK, BV = _blocks_dv_split(K, V, budget)
                 kern._segment_dkdv_kernel[(plan.nseg, HS, triton.cdiv(V, BV))](*args, None, dv, BK=BK, BV=BV,
                                                                               **tail)
     if group_sum:

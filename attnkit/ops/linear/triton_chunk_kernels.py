@@ -39,6 +39,9 @@ FEATURE_MAPS = {None: 0, "elu": 1, "relu": 2}
 # tiles and [BT, BT] score tiles share the register file (ptxas: [128, 128] spills there)
 STATE_BUDGET = 128 * 128
 TILE_STATE_BUDGET = 128 * 64
+# with `normalize` the token-tile passes also carry the denominators, 1/d, dd and the normaliser
+# gradient: [128, 32] blocks (ptxas: [128, 64] spills 60-400 B there), and dk/dv as two launches
+NORM_TILE_STATE_BUDGET = 128 * 32
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -224,13 +227,6 @@ def _incoming_state(hin, zin, decay, pid, i_n, i_s, o_k, o_v, m_k, m_v, HS: tl.c
 
 
 @triton.jit
-def _running_normaliser(b_z, b_kf):
-    """Per-token normaliser of a causal chunk, z_i = z_prev + Σ_{j<=i} φ(k_j) in float32 (a scan,
-    not a product), and the normaliser carried to the next chunk."""
-    return b_z[None, :] + tl.cumsum(b_kf, 0), b_z + tl.sum(b_kf, 0)
-
-
-@triton.jit
 def _cols(i_b, BD: tl.constexpr, D: tl.constexpr):
     """Columns of block `i_b` of a head dim; a block that covers the dim is a constant range, so
     its bounds mask folds away at compile time."""
@@ -381,25 +377,31 @@ def _segment_output_kernel(
                           mask=m_t[:, None] & m_v[None, :], other=0.)
             # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early
             b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
-        if NORMALIZE:
-            if CAUSAL:
-                b_zc, b_z = _running_normaliser(b_z, b_kf)
-            else:  # the sequence totals
-                b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
+            if NORMALIZE:
+                # the normaliser after this chunk, Σ φ(k_j) in float32 ([BK]: the [BT, BK] float32
+                # copy of k̃ dies here, nothing [BT, BK] stays live across the query-head loop)
+                b_zn = b_z + tl.sum(b_kf, 0)
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
             b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_t[:, None] & m_k[None, :], scale, H, K, FEATURE_MAP)
+            if NORMALIZE:
+                # d_i = q̃_i·z_prev + Σ_{j<=i} q̃_i·k̃_j: the first term in float32 here (CAUSAL=False:
+                # z_prev is the sequence total), the second from the score tile below
+                b_den = tl.sum(b_qf * b_z[None, :], 1)
             # inter-chunk: [BT, BK] @ [BK, BV] -> [BT, BV], scaled by λ^(i+1)
             b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
             if CAUSAL:
                 # intra-chunk: ([BT, BK] @ [BK, BT]) ⊙ M -> [BT, BT]; [BT, BT] @ [BT, BV] -> [BT, BV]
                 # (the [BT, BT] mask is rebuilt per chunk: a few exps, 16 fewer live registers)
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
+                if NORMALIZE:
+                    # Σ_{j<=i} q̃_i·k̃_j: float32 row sums of the float32-accumulated score tile (M is
+                    # the 0/1 causal mask: normalize never decays), the same q̃, k̃ as the numerator
+                    b_den += tl.sum(b_s, 1)
                 b_o = tl.dot(b_s.to(b_v.dtype), b_v, b_o, input_precision=DOT_PRECISION)
             if FEATURE_MAP == 0:
                 b_o *= scale
             if NORMALIZE:
-                b_den = tl.sum(b_qf * b_zc, 1)
                 if FEATURE_MAP == 0:
                     b_den *= scale
                 b_den += eps
@@ -411,24 +413,28 @@ def _segment_output_kernel(
         if CAUSAL:
             # S <- λ^L S + (K ⊙ λ^(L-1-j))ᵀ V: [BK, BT] @ [BT, BV] -> [BK, BV]
             b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
+            if NORMALIZE:
+                b_z = b_zn
 
 
 # -------------------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
-             NORMALIZE: tl.constexpr, dtype: tl.constexpr):
-    """The cotangent of the unnormalised output, dn = do / den, in `dtype` for the dots, and
-    dd = -(do·o) / den (0 without normalisation)."""
+def _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
+             NORMALIZE: tl.constexpr):
+    """The output cotangent tile `do` as loaded (a tensor-core operand straight from memory), and
+    the per-row factors of the unnormalised output's cotangent dn = do / den: 1/den, and
+    dd = -(do·o) / den (1 and 0 without normalisation). dn is never formed: the products take
+    `do` and scale their rows (or, transposed, columns) by 1/den in float32."""
     # [BT, BV]
     b_do = tl.load(do + (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :]), mask=m_tv, other=0.)
+    b_rd = tl.full(m_t.shape, 1.0, tl.float32)
     b_dd = tl.zeros(m_t.shape, dtype=tl.float32)
     if NORMALIZE:
-        b_den = tl.load(den + start * H + i_h + t * H, mask=m_t, other=1.)
+        b_rd = 1.0 / tl.load(den + start * H + i_h + t * H, mask=m_t, other=1.)
         b_dd += tl.load(delta + start * H + i_h + t * H, mask=m_t, other=0.)
-        b_do = (b_do.to(tl.float32) / b_den[:, None])
-    return b_do.to(dtype), b_dd
+    return b_do, b_rd, b_dd
 
 
 @_segment_kernel()
@@ -469,11 +475,14 @@ def _segment_dstate_kernel(
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
             b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
-            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
-                                  NORMALIZE, b_q.dtype)
-            # (Q̃ ⊙ λ^(i+1))ᵀ dN: [BK, BT] @ [BT, BV] -> [BK, BV], accumulated into the decayed G
-            b_qw = (b_qf * b_qd[:, None]).to(b_q.dtype)
-            b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
+            b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
+                                        NORMALIZE)
+            # (Q̃ ⊙ λ^(i+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV], accumulated into the decayed G
+            b_qs = b_qd
+            if NORMALIZE:
+                b_qs = b_qd * b_rd
+            b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+            b_dh = tl.dot(tl.trans(b_qw), b_do, b_dh, input_precision=DOT_PRECISION)
             if NORMALIZE:
                 b_dz += tl.sum(b_qf * b_dd[:, None], 0)
     if FEATURE_MAP == 0:
@@ -509,6 +518,9 @@ def _segment_dq_kernel(
 
     b_h, b_z, b_a = _incoming_state(hin, zin, decay, pid, i_n, i_s, o_k, o_v, m_k, m_v, HS, K, V, BK,
                                     STATE_PER_SEQ, NORMALIZE, USE_DECAY)
+    # the state kept transposed, Sᵀ [BV, BK] (one shuffle here): its update Sᵀ += Vᵀ (K̃ ⊙ w) has
+    # M = Dv rows per warp group, so a narrow Dk block still runs on wgmma, and dN Sᵀ reads it as is
+    b_ht = tl.trans(b_h)
     for i_t in range(0, tl.cdiv(n, BT)):
         t = i_t * BT + o_t
         m_t = t < n
@@ -520,23 +532,26 @@ def _segment_dq_kernel(
             # [BT, BV]
             b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
             b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
-        if NORMALIZE:
-            if CAUSAL:
-                b_zc, b_z = _running_normaliser(b_z, b_kf)
-            else:  # the sequence totals
-                b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
+            if NORMALIZE:
+                b_zn = b_z + tl.sum(b_kf, 0)  # the normaliser after this chunk (float32, [BK])
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
-            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE,
-                                  q.dtype.element_ty)
-            # [BT, BV] @ [BV, BK] -> [BT, BK]
-            b_dq = tl.dot(b_dn, tl.trans(b_h).to(b_dn.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
-            if CAUSAL:
-                # ([BT, BV] @ [BV, BT]) ⊙ M -> [BT, BT]; then [BT, BT] @ [BT, BK] -> [BT, BK]
-                b_ds = tl.dot(b_dn, tl.trans(b_v), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
-                b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PRECISION)
+            b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE)
+            # dN Sᵀ = diag(1/d) dO Sᵀ: [BT, BV] @ [BV, BK] -> [BT, BK]
+            b_qs = b_qd
             if NORMALIZE:
-                b_dq += b_dd[:, None] * b_zc
+                b_qs = b_qd * b_rd
+            b_dq = tl.dot(b_do, b_ht.to(b_do.dtype), input_precision=DOT_PRECISION) * b_qs[:, None]
+            if NORMALIZE:
+                # dd_i z_i = dd_i z_prev (float32, here) + Σ_{j<=i} dd_i k̃_j (in the intra product)
+                b_dq += b_dd[:, None] * b_z[None, :]
+            if CAUSAL:
+                # ((dN Vᵀ [+ dd 1ᵀ]) ⊙ M: [BT, BV] @ [BV, BT] -> [BT, BT]; then [BT, BT] @ [BT, BK] -> [BT, BK]
+                b_ds = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    b_ds = b_ds * b_rd[:, None] + b_dd[:, None]
+                b_ds = b_ds * _intra_mask(b_a, o_t, USE_DECAY)
+                b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PRECISION)
             if FEATURE_MAP == 0:
                 b_dq *= scale
             else:
@@ -544,8 +559,10 @@ def _segment_dq_kernel(
                 b_dq *= _phi_grad(b_x * scale, FEATURE_MAP) * scale
             tl.store(dq + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m_tk)
         if CAUSAL:
-            # same state update as the forward: [BK, BT] @ [BT, BV] -> [BK, BV]
-            b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
+            # the forward's state update, transposed: [BV, BT] @ [BT, BK] -> [BV, BK]
+            b_ht = tl.dot(tl.trans(b_v), b_kw, b_ht * b_sd, input_precision=DOT_PRECISION)
+            if NORMALIZE:
+                b_z = b_zn
 
 
 @_segment_kernel(STORE_DK="dk", STORE_DV="dv")
@@ -577,8 +594,14 @@ def _segment_dkdv_kernel(
     m_v = o_v < V
 
     # [BK, BV] float32 state gradient, [BK] normaliser gradient
-    b_dh = tl.load(_state_ptr(gin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + o_k[:, None] * V + o_v[None, :],
-                   mask=m_k[:, None] & m_v[None, :], other=0.)
+    # a dk-only program keeps G transposed, `[BV, BK]`: its update is then Gᵀ += dOᵀ (Q̃ ⊙ w) with
+    # M = Dv rows per warp group (wgmma) and its products read it without a transpose
+    TRANS_G: tl.constexpr = STORE_DK and not STORE_DV
+    p_g = _state_ptr(gin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ)
+    if TRANS_G:
+        b_dh = tl.load(p_g + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
+    else:
+        b_dh = tl.load(p_g + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
     b_dz = tl.zeros([BK], dtype=tl.float32)
     if NORMALIZE:
         b_dz += tl.load(_state_ptr(gzin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
@@ -598,42 +621,51 @@ def _segment_dkdv_kernel(
         b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
         # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
         if STORE_DK:
-            b_dk = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+            if TRANS_G:
+                b_dk = tl.dot(b_v, b_dh.to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+            else:
+                b_dk = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
             if NORMALIZE:
                 b_dk += b_dz[None, :]
         if STORE_DV:
             b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
         if CAUSAL:
-            # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per chunk (fewer live registers)
-            b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
-            if FEATURE_MAP == 0:
-                b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
             # G <- λ^L G + Σ_group (Q̃ ⊙ λ^(t+1))ᵀ dN: the products accumulate into the decayed G
             b_dh = b_dh * b_sd
             for i_g in range(QPS):
                 i_h = i_s * QPS + i_g
+                # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per query head (not live across the loop)
+                b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
+                if FEATURE_MAP == 0:
+                    b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
                 b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
-                b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE, b_q.dtype)
+                b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE)
                 b_qs = b_qd
                 if FEATURE_MAP == 0:
                     b_qs = b_qd * scale
+                if NORMALIZE:
+                    b_qs = b_qs * b_rd
                 b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
-                # [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃ tile dies early)
-                b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
+                # (Q̃ ⊙ λ^(t+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃
+                # tile dies early)
+                if TRANS_G:
+                    b_dh = tl.dot(tl.trans(b_do), b_qw, b_dh, input_precision=DOT_PRECISION)
+                else:
+                    b_dh = tl.dot(tl.trans(b_qw), b_do, b_dh, input_precision=DOT_PRECISION)
                 if STORE_DV:
-                    # Aᵀ = (K̃ Q̃ᵀ) ⊙ Mᵀ: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += Aᵀ dN
+                    # Aᵀ diag(1/d) = (K̃ Q̃ᵀ) ⊙ Mᵀ / d_t: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += (..) dO
                     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
-                    b_dv = tl.dot(b_st.to(b_dn.dtype), b_dn, b_dv, input_precision=DOT_PRECISION)
-                if STORE_DK:
-                    # dAᵀ = (V dNᵀ) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
-                    b_dst = tl.dot(b_v, tl.trans(b_dn), input_precision=DOT_PRECISION) * b_mt
-                    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
                     if NORMALIZE:
-                        # Σ_{t>=j} dd_t q̃_t in float32: a reverse scan over the chunk
-                        b_dzq = tl.cumsum(b_qf * b_dd[:, None], 0, reverse=True)
-                        if FEATURE_MAP == 0:
-                            b_dzq *= scale
-                        b_dk += b_dzq
+                        b_st = b_st * b_rd[None, :]
+                    b_dv = tl.dot(b_st.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION)
+                if STORE_DK:
+                    # dAᵀ = (V dNᵀ [+ 1 ddᵀ]) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
+                    # (the normaliser's Σ_{t>=j} dd_t q̃_t rides the same product)
+                    b_dst = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+                    if NORMALIZE:
+                        b_dst = b_dst * b_rd[None, :] + b_dd[None, :]
+                    b_dst = b_dst * b_mt
+                    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
                 if NORMALIZE:
                     b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
                     if FEATURE_MAP == 0:
@@ -641,6 +673,9 @@ def _segment_dkdv_kernel(
                     b_dz += b_dzc
         if STORE_DK:
             if FEATURE_MAP != 0:
+                # k reloaded (an L1/L2 hit) rather than kept live in float32 across the chunk
+                b_kx = tl.load(k + (start * HK + i_hk) * K + (t[:, None] * (HK * K) + o_k[None, :]), mask=m_tk,
+                               other=0.).to(tl.float32)
                 b_dk *= _phi_grad(b_kx, FEATURE_MAP)
             tl.store(dk + (start * HS + i_s) * K + (t[:, None] * (HS * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m_tk)
         if STORE_DV:
