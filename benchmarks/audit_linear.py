@@ -91,7 +91,8 @@ def _launches(op: str, D: int):
     BK, BV = host._blocks_dv_split(K, V, host.STATE_BUDGET)
     nrm = None if light else "*fp32"
     out.append(("dstate", kern._segment_dstate_kernel,
-                dict(q=ptr, do=ptr, den=nrm, delta=nrm, dhs="*fp32", dzs=nrm, decay=dec, scale="fp32", **common_rt),
+                dict(q=ptr, do=ptr, o=None if light else ptr, den=nrm, delta=nrm, dhs="*fp32", dzs=nrm, decay=dec,
+                     scale="fp32", **common_rt),
                 dict(H=H, HS=HS, K=K, V=V, BK=BK, BV=BV, USE_DECAY=light, IS_VARLEN=False, **flags)))
     BK, BV = bkd
     out.append(("dq", kern._segment_dq_kernel,
@@ -99,9 +100,9 @@ def _launches(op: str, D: int):
                      scale="fp32", **common_rt),
                 dict(H=H, HK=HK, HS=HS, K=K, V=V, BK=BK, BV=BV, CAUSAL=True, STATE_PER_SEQ=False,
                      USE_DECAY=light, IS_VARLEN=False, **flags)))
-    dkdv = dict(q=ptr, k=ptr, v=ptr, do=ptr, den=nrm, delta=nrm, decay=dec, gin="*fp32", gzin=nrm,
+    dkdv = dict(q=ptr, k=ptr, v=ptr, do=ptr, den=nrm, delta=nrm, decay=dec, gin="*fp32", gzin=nrm, gwork=None,
                 scale="fp32", **common_rt)
-    cx = dict(H=H, HK=HK, HS=HS, K=K, V=V, CAUSAL=True, STATE_PER_SEQ=False, USE_DECAY=light,
+    cx = dict(H=H, HK=HK, HS=HS, K=K, V=V, GPS=1, CAUSAL=True, STATE_PER_SEQ=False, USE_DECAY=light,
               IS_VARLEN=False, **flags)
     if host._pow2(K) * host._pow2(V) <= budget and light:
         out.append(("dkdv", kern._segment_dkdv_kernel, dict(dkdv, dk=ptr, dv=ptr),

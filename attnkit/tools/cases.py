@@ -173,6 +173,7 @@ def make_call(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], fla
                 torch.autograd.backward(outs, grads)
                 set_phase("fwd")
             return out
+        call.leaves = leaves  # their .grad are the op's outputs too (launch_plan tells them apart)
         return call
 
     if op == "attention":

@@ -55,21 +55,25 @@ def _autotune_configs() -> list[triton.Config]:
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the configs that do not spill (ptxas on sm_90, `benchmarks/audit_linear.py`): the
     token-tile passes (they take both q and k: output, dq, dk/dv) need 8 warps at every head dim;
-    the state passes need 8 warps once the state block is larger than 64x64."""
+    the state passes need 8 warps once the state block is larger than 64x64; dq with normalize
+    needs num_stages = 2."""
     args = {**named_args, **kwargs}
     bk, bv = args.get("BK"), args.get("BV")
     if bk is None or bv is None or interpreted():
         return configs
+    kept = configs
     if ("q" in args and "k" in args) or bk * bv > 64 * 64:
-        kept = [c for c in configs if c.num_warps >= 8]
-        return kept or configs[:1]
-    return configs
+        kept = [c for c in kept if c.num_warps >= 8]
+    if args.get("NORMALIZE") and "dq" in args:
+        # dq with normalize: 3 stages spill 16 B at D = 128 (`benchmarks/audit_linear.py`)
+        kept = [c for c in kept if c.num_stages <= 2]
+    return kept or configs[:1]
 
 
 # every flag that changes the work, plus SEG (a power of two chosen from the total length: the
 # coarse length bucket); never the raw T
 _KEY = ("K", "V", "BK", "BV", "H", "HS", "FEATURE_MAP", "NORMALIZE", "CAUSAL", "STATE_PER_SEQ", "USE_DECAY",
-        "IS_VARLEN", "STORE_DK", "STORE_DV", "SEG")
+        "IS_VARLEN", "STORE_DK", "STORE_DV", "GPS", "SEG")
 
 
 def _autotune(fn):
@@ -299,17 +303,20 @@ def _segment_state_kernel(
             tl.store(_state_ptr(zs, pid, i_n, i_s, HS, K, False) + o_k, b_z, mask=m_k)
 
 
-@_segment_kernel(autotune=False, USE_H0="h0", STORE_HT="ht")
+@_segment_kernel(autotune=False, USE_H0="h0", STORE_HT="ht", HAS_Z="zs", USE_Z0="z0", STORE_ZT="zt")
 def _segment_scan_kernel(
-    hs, h0, ht, decay, seg_cu, cu_seqlens, T, NS, SEG,
-    HS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
-    USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    hs, h0, ht, zs, z0, zt, decay, seg_cu, cu_seqlens, T, NS, SEG,
+    HS: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr, BLOCK: tl.constexpr, BZ: tl.constexpr,
+    REVERSE: tl.constexpr, USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, HAS_Z: tl.constexpr, USE_Z0: tl.constexpr, STORE_ZT: tl.constexpr,
 ):
     # program = (block of D state elements, sequence, state head); walks the sequence's segments
     # in order (REVERSE: from the last), replacing each slot's local state `loc_g` by the running
     # state r before it and updating r <- λ^(n_g) r + loc_g. Forward: r starts at h0 and the slots
     # become incoming states, r ends as the final state. Reverse (gradients): r starts at dS_T, the
     # slots become the gradient of the state after each segment, r ends as dh0. In place.
+    # HAS_Z: the normaliser slots `zs` (DZ elements, never decayed) ride along in the programs of
+    # block 0, so the state and its normaliser are one launch.
     i_b, i_n, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     if IS_VARLEN:
         g0 = tl.load(seg_cu + i_n).to(tl.int64)
@@ -327,6 +334,12 @@ def _segment_scan_kernel(
     b_a = 0.
     if USE_DECAY:
         b_a = tl.load(decay + i_s).to(tl.float32)
+    if HAS_Z:
+        o_z = tl.arange(0, BZ)
+        m_z = (o_z + i_b * BZ) < DZ  # block 0 only (BZ >= DZ)
+        b_rz = tl.zeros([BZ], dtype=tl.float32)
+        if USE_Z0:
+            b_rz += tl.load(z0 + (i_n * HS + i_s) * DZ + o_z, mask=m_z, other=0.)
     for i_r in range(0, ng):
         i_g = i_r
         if REVERSE:
@@ -334,12 +347,19 @@ def _segment_scan_kernel(
         p = hs + ((g0 + i_g) * HS + i_s) * D + o
         b_loc = tl.load(p, mask=m, other=0.)
         tl.store(p, b_r, mask=m)
+        if HAS_Z:
+            p_z = zs + ((g0 + i_g) * HS + i_s) * DZ + o_z
+            b_lz = tl.load(p_z, mask=m_z, other=0.)
+            tl.store(p_z, b_rz, mask=m_z)
+            b_rz += b_lz
         if USE_DECAY:
             n_g = tl.minimum(seq_len - i_g * SEG, SEG)
             b_r = b_r * tl.exp(-b_a * n_g.to(tl.float32))
         b_r += b_loc
     if STORE_HT:
         tl.store(ht + (i_n * HS + i_s) * D + o, b_r, mask=m)
+    if STORE_ZT:
+        tl.store(zt + (i_n * HS + i_s) * DZ + o_z, b_rz, mask=m_z)
 
 
 @_segment_kernel()
@@ -422,7 +442,7 @@ def _segment_output_kernel(
 
 @triton.jit
 def _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
-             NORMALIZE: tl.constexpr):
+             NORMALIZE: tl.constexpr, LOAD_DD: tl.constexpr = True):
     """The output cotangent tile `do` as loaded (a tensor-core operand straight from memory), and
     the per-row factors of the unnormalised output's cotangent dn = do / den: 1/den, and
     dd = -(do·o) / den (1 and 0 without normalisation). dn is never formed: the products take
@@ -433,13 +453,28 @@ def _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: 
     b_dd = tl.zeros(m_t.shape, dtype=tl.float32)
     if NORMALIZE:
         b_rd = 1.0 / tl.load(den + start * H + i_h + t * H, mask=m_t, other=1.)
-        b_dd += tl.load(delta + start * H + i_h + t * H, mask=m_t, other=0.)
+        if LOAD_DD:
+            b_dd += tl.load(delta + start * H + i_h + t * H, mask=m_t, other=0.)
     return b_do, b_rd, b_dd
+
+
+@triton.jit
+def _row_delta(do, o, start, t, i_h, m_t, b_rd, H: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """dd_t = -(do_t·o_t) / d_t over the whole Dv, in float32 from the output as returned (the
+    first backward pass computes it; the later passes load it)."""
+    b_acc = tl.zeros(m_t.shape, dtype=tl.float32)
+    for i_vb in range(0, (V + BV - 1) // BV):
+        o_v = i_vb * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        off = (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :])
+        # [BT, BV] -> [BT]
+        b_acc += tl.sum(tl.load(do + off, mask=m, other=0.).to(tl.float32) * tl.load(o + off, mask=m, other=0.).to(tl.float32), 1)
+    return -b_acc * b_rd
 
 
 @_segment_kernel()
 def _segment_dstate_kernel(
-    q, do, den, delta, dhs, dzs, decay, seg_info, cu_seqlens, scale, T, NS, SEG,
+    q, do, o, den, delta, dhs, dzs, decay, seg_info, cu_seqlens, scale, T, NS, SEG,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -448,6 +483,8 @@ def _segment_dstate_kernel(
     # program = (segment, state head, state block): the gradient the segment's outputs send to
     # the state entering it, chunks walked from the last:
     #   G_loc <- λ^L G_loc + Σ_group (φ(q) ⊙ λ^(i+1))ᵀ dn,   Gz_loc <- Gz_loc + Σ_group φ(q)ᵀ dd
+    # With normalize it also computes dd = -(do·o)/d for its rows and stores it (`delta`) for the
+    # dq and dk/dv passes (the programs of Dv block 0; Dk is whole here).
     pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
     i_s = tl.program_id(1).to(tl.int64)
     NVB: tl.constexpr = (V + BV - 1) // BV
@@ -476,7 +513,11 @@ def _segment_dstate_kernel(
             i_h = i_s * QPS + i_g
             b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
             b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
-                                        NORMALIZE)
+                                        NORMALIZE, False)
+            if NORMALIZE:
+                b_dd = _row_delta(do, o, start, t, i_h, m_t, b_rd, H, V, BV)
+                if i_v == 0:
+                    tl.store(delta + start * H + i_h + t * H, b_dd, mask=m_t)
             # (Q̃ ⊙ λ^(i+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV], accumulated into the decayed G
             b_qs = b_qd
             if NORMALIZE:
@@ -565,49 +606,140 @@ def _segment_dq_kernel(
                 b_z = b_zn
 
 
+@triton.jit
+def _g_offsets(o_k, o_v, m_k, m_v, V: tl.constexpr, TRANS_G: tl.constexpr):
+    """Offsets and mask of a state-gradient block, `[BK, BV]` or transposed `[BV, BK]`."""
+    if TRANS_G:
+        off = o_k[None, :] * V + o_v[:, None]
+        m = m_k[None, :] & m_v[:, None]
+    else:
+        off = o_k[:, None] * V + o_v[None, :]
+        m = m_k[:, None] & m_v[None, :]
+    return off, m
+
+
+@triton.jit
+def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_t, m_tk, m_tv, n_c,
+               b_k, b_v, b_dh, b_dz, b_dk, b_dv,
+               H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, USE_DECAY: tl.constexpr, STORE_DK: tl.constexpr,
+               STORE_DV: tl.constexpr, TRANS_G: tl.constexpr, ACC: tl.constexpr):
+    """One chunk of one state head `i_s` for dk/dv (see `_segment_dkdv_kernel`): its terms of dk̃
+    and dv (added to `b_dk`, `b_dv` when ACC, else they start here) and its G (and Gz) moved
+    before the chunk. Returns (b_dk, b_dv, b_dh, b_dz)."""
+    QPS: tl.constexpr = H // HS
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+    b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, n_c, USE_DECAY)
+    # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
+    if STORE_DK:
+        if TRANS_G:
+            b_dki = tl.dot(b_v, b_dh.to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+        else:
+            b_dki = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+        if NORMALIZE:
+            b_dki += b_dz[None, :]
+        if ACC:
+            b_dk += b_dki
+        else:
+            b_dk = b_dki
+    if STORE_DV:
+        b_dvi = tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+        if ACC:
+            b_dv += b_dvi
+        else:
+            b_dv = b_dvi
+    if CAUSAL:
+        # G <- λ^L G + Σ_group (Q̃ ⊙ λ^(t+1))ᵀ dN: the products accumulate into the decayed G
+        b_dh = b_dh * b_sd
+        for i_g in range(QPS):
+            i_h = i_s * QPS + i_g
+            # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per query head (not live across the loop)
+            b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
+            if FEATURE_MAP == 0:
+                b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
+            b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
+            b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE)
+            b_qs = b_qd
+            if FEATURE_MAP == 0:
+                b_qs = b_qd * scale
+            if NORMALIZE:
+                b_qs = b_qs * b_rd
+            b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+            # (Q̃ ⊙ λ^(t+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃
+            # tile dies early)
+            if TRANS_G:
+                b_dh = tl.dot(tl.trans(b_do), b_qw, b_dh, input_precision=DOT_PRECISION)
+            else:
+                b_dh = tl.dot(tl.trans(b_qw), b_do, b_dh, input_precision=DOT_PRECISION)
+            if STORE_DV:
+                # Aᵀ diag(1/d) = (K̃ Q̃ᵀ) ⊙ Mᵀ / d_t: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += (..) dO
+                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
+                if NORMALIZE:
+                    b_st = b_st * b_rd[None, :]
+                b_dv = tl.dot(b_st.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION)
+            if STORE_DK:
+                # dAᵀ = (V dNᵀ [+ 1 ddᵀ]) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
+                # (the normaliser's Σ_{t>=j} dd_t q̃_t rides the same product)
+                b_dst = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    b_dst = b_dst * b_rd[None, :] + b_dd[None, :]
+                b_dst = b_dst * b_mt
+                b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
+            if NORMALIZE:
+                b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
+                if FEATURE_MAP == 0:
+                    b_dzc *= scale
+                b_dz += b_dzc
+    return b_dk, b_dv, b_dh, b_dz
+
+
 @_segment_kernel(STORE_DK="dk", STORE_DV="dv")
 def _segment_dkdv_kernel(
-    q, k, v, do, den, delta, dk, dv, decay, gin, gzin, seg_info, cu_seqlens, scale, T, NS, SEG,
+    q, k, v, do, den, delta, dk, dv, decay, gin, gzin, gwork, seg_info, cu_seqlens, scale, T, NS, SEG,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GPS: tl.constexpr,
     FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PER_SEQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_DK: tl.constexpr, STORE_DV: tl.constexpr,
 ):
-    # program = (segment, state head, state block): a reverse walk of the segment's chunks from
+    # program = (segment, KV-side head, state block): a reverse walk of the segment's chunks from
     # the gradient G of the state after the segment (`gin`; CAUSAL=False: the sequence total):
-    #   dk̃_j = λ^(L-1-j) v_j Gᵀ + Σ_t M[t,j] (dn_t·v_j) q̃_t [+ Gz + Σ_{t>=j} dd_t q̃_t],
-    #   dv_j  = λ^(L-1-j) k̃_j G  + Σ_t M[t,j] (q̃_t·k̃_j) dn_t,
-    #   G <- λ^L G + (Q̃ ⊙ λ^(t+1))ᵀ dN.
+    #   dk̃_j = Σ_s [λ^(L-1-j) v_j G_sᵀ + Σ_t M[t,j] (dn_t·v_j) q̃_t] [+ Gz + Σ_{t>=j} dd_t q̃_t],
+    #   dv_j  = Σ_s [λ^(L-1-j) k̃_j G_s  + Σ_t M[t,j] (q̃_t·k̃_j) dn_t],
+    #   G_s <- λ^L G_s + (Q̃ ⊙ λ^(t+1))ᵀ dN,
+    # over the GPS state heads s that read this KV head. GPS = 1 (linear attention; lightning
+    # without GQA): one state head, G carried in registers. GPS > 1 (lightning GQA: a state per
+    # query head): the group's dk/dv are summed here, in a fixed order (deterministic, no float32
+    # per-query-head buffers), and each G_s is carried between chunks in its `gwork` slot (read
+    # from `gin` at the first chunk; the slot is this program's alone; a barrier orders the
+    # block's global writes before the next chunk reads them).
     # STORE_DK needs Dv whole (BV >= V), STORE_DV needs Dk whole (BK >= K): each output that
     # sums over a head dim is computed by a program holding that dim, so it comes out complete.
+    tl.static_assert(GPS == 1 or not NORMALIZE, "normalize has one state per KV head")
     pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
-    i_s = tl.program_id(1).to(tl.int64)
+    i_p = tl.program_id(1).to(tl.int64)
     NVB: tl.constexpr = (V + BV - 1) // BV
     i_k, i_v = tl.program_id(2) // NVB, tl.program_id(2) % NVB
-    QPS: tl.constexpr = H // HS
-    i_hk = i_s * HK // HS
+    i_hk = i_p * GPS * HK // HS
     o_t = tl.arange(0, BT)
     o_k = _cols(i_k, BK, K)
     o_v = _cols(i_v, BV, V)
     m_k = o_k < K
     m_v = o_v < V
-
-    # [BK, BV] float32 state gradient, [BK] normaliser gradient
     # a dk-only program keeps G transposed, `[BV, BK]`: its update is then Gᵀ += dOᵀ (Q̃ ⊙ w) with
     # M = Dv rows per warp group (wgmma) and its products read it without a transpose
     TRANS_G: tl.constexpr = STORE_DK and not STORE_DV
-    p_g = _state_ptr(gin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ)
-    if TRANS_G:
-        b_dh = tl.load(p_g + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
-    else:
-        b_dh = tl.load(p_g + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-    b_dz = tl.zeros([BK], dtype=tl.float32)
-    if NORMALIZE:
-        b_dz += tl.load(_state_ptr(gzin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
-    b_a = 0.
-    if USE_DECAY:
-        b_a = tl.load(decay + i_s).to(tl.float32)
+    off_g, m_g = _g_offsets(o_k, o_v, m_k, m_v, V, TRANS_G)
+
+    if GPS == 1:
+        # [BK, BV] float32 state gradient, [BK] normaliser gradient
+        b_dh = tl.load(_state_ptr(gin, pid, i_n, i_p, HS, K * V, STATE_PER_SEQ) + off_g, mask=m_g, other=0.)
+        b_dz = tl.zeros([BK], dtype=tl.float32)
+        if NORMALIZE:
+            b_dz += tl.load(_state_ptr(gzin, pid, i_n, i_p, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
     NT = tl.cdiv(n, BT)
     for i_r in range(0, NT):
         i_t = NT - 1 - i_r
@@ -615,68 +747,42 @@ def _segment_dkdv_kernel(
         m_t = t < n
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        n_c = tl.minimum(n - i_t * BT, BT)
         b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
         # [BT, BV]
         b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
-        # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
-        if STORE_DK:
-            if TRANS_G:
-                b_dk = tl.dot(b_v, b_dh.to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
-            else:
-                b_dk = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
-            if NORMALIZE:
-                b_dk += b_dz[None, :]
-        if STORE_DV:
-            b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
-        if CAUSAL:
-            # G <- λ^L G + Σ_group (Q̃ ⊙ λ^(t+1))ᵀ dN: the products accumulate into the decayed G
-            b_dh = b_dh * b_sd
-            for i_g in range(QPS):
-                i_h = i_s * QPS + i_g
-                # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per query head (not live across the loop)
-                b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
-                if FEATURE_MAP == 0:
-                    b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
-                b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
-                b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE)
-                b_qs = b_qd
-                if FEATURE_MAP == 0:
-                    b_qs = b_qd * scale
-                if NORMALIZE:
-                    b_qs = b_qs * b_rd
-                b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
-                # (Q̃ ⊙ λ^(t+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃
-                # tile dies early)
-                if TRANS_G:
-                    b_dh = tl.dot(tl.trans(b_do), b_qw, b_dh, input_precision=DOT_PRECISION)
+        if GPS == 1:
+            b_dk, b_dv, b_dh, b_dz = _dkdv_head(
+                q, do, den, delta, decay, scale, start, t, i_p, o_t, o_k, o_v, m_t, m_tk, m_tv, n_c,
+                b_k, b_v, b_dh, b_dz, 0., 0., H, HS, K, V, FEATURE_MAP, NORMALIZE, CAUSAL, DOT_PRECISION,
+                USE_DECAY, STORE_DK, STORE_DV, TRANS_G, False)
+        else:
+            b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+            b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+            for i_j in range(GPS):
+                i_s = i_p * GPS + i_j
+                p_w = _state_ptr(gwork, pid, i_n, i_s, HS, K * V, False) + off_g
+                p_g = _state_ptr(gin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + off_g
+                if CAUSAL:
+                    if i_r == 0:
+                        b_g = tl.load(p_g, mask=m_g, other=0.)
+                    else:
+                        b_g = tl.load(p_w, mask=m_g, other=0.)
                 else:
-                    b_dh = tl.dot(tl.trans(b_qw), b_do, b_dh, input_precision=DOT_PRECISION)
-                if STORE_DV:
-                    # Aᵀ diag(1/d) = (K̃ Q̃ᵀ) ⊙ Mᵀ / d_t: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += (..) dO
-                    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
-                    if NORMALIZE:
-                        b_st = b_st * b_rd[None, :]
-                    b_dv = tl.dot(b_st.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION)
-                if STORE_DK:
-                    # dAᵀ = (V dNᵀ [+ 1 ddᵀ]) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
-                    # (the normaliser's Σ_{t>=j} dd_t q̃_t rides the same product)
-                    b_dst = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-                    if NORMALIZE:
-                        b_dst = b_dst * b_rd[None, :] + b_dd[None, :]
-                    b_dst = b_dst * b_mt
-                    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
-                if NORMALIZE:
-                    b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
-                    if FEATURE_MAP == 0:
-                        b_dzc *= scale
-                    b_dz += b_dzc
+                    b_g = tl.load(p_g, mask=m_g, other=0.)
+                b_dk, b_dv, b_g, b_gz = _dkdv_head(
+                    q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_t, m_tk, m_tv, n_c,
+                    b_k, b_v, b_g, tl.zeros([BK], dtype=tl.float32), b_dk, b_dv, H, HS, K, V, FEATURE_MAP,
+                    NORMALIZE, CAUSAL, DOT_PRECISION, USE_DECAY, STORE_DK, STORE_DV, TRANS_G, True)
+                if CAUSAL:
+                    tl.store(p_w, b_g, mask=m_g)
+            tl.debug_barrier()
         if STORE_DK:
             if FEATURE_MAP != 0:
                 # k reloaded (an L1/L2 hit) rather than kept live in float32 across the chunk
                 b_kx = tl.load(k + (start * HK + i_hk) * K + (t[:, None] * (HK * K) + o_k[None, :]), mask=m_tk,
                                other=0.).to(tl.float32)
                 b_dk *= _phi_grad(b_kx, FEATURE_MAP)
-            tl.store(dk + (start * HS + i_s) * K + (t[:, None] * (HS * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m_tk)
+            tl.store(dk + (start * HK + i_hk) * K + (t[:, None] * (HK * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m_tk)
         if STORE_DV:
-            tl.store(dv + (start * HS + i_s) * V + (t[:, None] * (HS * V) + o_v[None, :]), b_dv.to(dv.dtype.element_ty), mask=m_tv)
+            tl.store(dv + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), b_dv.to(dv.dtype.element_ty), mask=m_tv)
