@@ -187,7 +187,8 @@ def chunk_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay
     """
     B, T, H, HK, K, V, N = _dims(q, k, v, cu_seqlens)
     HS = state_heads
-    plan = plan if plan is not None else plan_segments(q, N, HS, cu_seqlens)
+    # sized for the launch with the fewest heads: lightning GQA's dk/dv runs one program per KV head
+    plan = plan if plan is not None else plan_segments(q, N, min(HS, HK), cu_seqlens)
     o = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32 if keep_fp32_output else q.dtype)
     den = torch.empty(B, T, H, device=q.device, dtype=torch.float32) if normalize else None
     need_states = output_final_state or not causal

@@ -34,6 +34,21 @@ from ..common.triton_utils import interpreted
 
 FEATURE_MAPS = {None: 0, "elu": 1, "relu": 2}
 
+# Checked by the static GPU audit (attnkit/tools/_requirements.py; CI: `gpu_audit --arch sm_90
+# --quick`, whose cases include these): on sm_90, in bf16 at head dims 64 and 128, every kept config
+# of every chunk/segment kernel that runs tensor-core products runs them all on wgmma and spills
+# nothing — lightning attention with decay (with and without GQA) and linear attention with
+# normalize and a feature map (GQA).
+_CHUNK_KERNELS = r"^_segment_(state|output|dstate|dq|dkdv)_kernel$"
+AUDIT_REQUIREMENTS = [
+    dict(kernel=_CHUNK_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
+         case=r"^lightning_attention fwd\+bwd (?!.*decay=False)", max_spill_stores=0, mma="wgmma",
+         why="issue 11: lightning attention (decay) chunk kernels on wgmma without spills"),
+    dict(kernel=_CHUNK_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
+         case=r"^linear_attention fwd\+bwd .*normalize=True", max_spill_stores=0, mma="wgmma",
+         why="issue 11: linear attention with normalize (+ feature map) chunk kernels on wgmma without spills"),
+]
+
 # fp32 elements of the state block a program keeps in registers (8 warps): [128, 128] for the
 # state passes (one product per chunk), [128, 64] for the output/dq/dk/dv passes, whose token
 # tiles and [BT, BT] score tiles share the register file (ptxas: [128, 128] spills there)
