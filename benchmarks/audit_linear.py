@@ -73,7 +73,7 @@ def _launches(op: str, D: int):
     HS = H if light else HK
     flags = dict(FEATURE_MAP=0 if light else 1, NORMALIZE=not light, DOT_PRECISION="tf32")
     dec = "*fp32" if light else None
-    budget = host._tile_budget(not light)
+    budget = host._tile_budget(not light, False, K, V)
     bkv, bkd = host._blocks_dv_split(K, V, budget), host._blocks_dk_split(K, V, budget)
     ptr = "*bf16"
     common_rt = dict(T="i32", NS="i32", SEG="i32", seg_info=None, cu_seqlens=None)

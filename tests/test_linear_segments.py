@@ -194,6 +194,7 @@ def _launch_plan(op, shape, flags=""):
     ("lightning_attention", "B=2,T=16384,H=16,D=128", ""),
     ("lightning_attention", "B=1,T=65536,H=16,Hk=4,D=128", ""),  # GQA: dk/dv summed in the kernel
     ("linear_attention", "B=2,T=16384,H=16,Hk=4,D=128", "normalize=true,feature_map=elu"),
+    ("linear_attention", "B=1,T=65536,H=16,Hk=4,D=128", "normalize=true,feature_map=elu"),  # 4 state heads
 ])
 def test_launch_plan_contract(op, shape, flags):
     # issue 11: every launch that walks the sequence has >= 2 x 132 programs; around the kernels

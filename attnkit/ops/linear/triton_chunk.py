@@ -122,9 +122,12 @@ def _blocks_dk_split(K: int, V: int, budget: int = TILE_STATE_BUDGET) -> tuple[i
     return min(_pow2(K), max(16, budget // BV)), BV
 
 
-def _tile_budget(normalize: bool) -> int:
-    """State elements per program in the token-tile passes (output, dq, dk, dv)."""
-    return NORM_TILE_STATE_BUDGET if normalize else TILE_STATE_BUDGET
+def _tile_budget(normalize: bool, grouped: bool = False, K: int = 0, V: int = 0) -> int:
+    """State elements per program in the token-tile passes (output, dq, dk, dv): `[128, 32]` with
+    normalize, for lightning GQA's grouped dk/dv and for head dims over 128 (ptxas on sm_90:
+    `[128, 64]` spills there), else `[128, 64]`."""
+    small = normalize or grouped or max(_pow2(K), _pow2(V)) > 128
+    return NORM_TILE_STATE_BUDGET if small else TILE_STATE_BUDGET
 
 
 def _dims(q, k, v, cu_seqlens):
@@ -141,7 +144,7 @@ def _scan(hs, h0, ht, decay, plan: SegmentPlan, cu_seqlens, T, N, HS, D, reverse
         return
     # smaller element blocks until the launch has 2 x SMs programs (the scan is latency bound)
     block, want = _SCAN_BLOCK, 2 * sm_count(hs.device)
-    while block > 256 and triton.cdiv(D, block) * N * HS < want:
+    while block > 64 and triton.cdiv(D, block) * N * HS < want:
         block //= 2
     DZ = zs.shape[-1] if zs is not None else 0
     grid = (max(1, triton.cdiv(D, block)), N, HS)
@@ -203,7 +206,7 @@ def chunk_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay
         # 3. output per segment from its incoming state (non-causal: from the totals)
         s_in, z_in = (hs, zs) if causal else (ht, zt)
         if plan.nseg and HS:
-            BK, BV = _blocks_dv_split(K, V, _tile_budget(normalize))
+            BK, BV = _blocks_dv_split(K, V, _tile_budget(normalize, False, K, V))
             grid = (plan.nseg, HS, triton.cdiv(V, BV))
             kern._segment_output_kernel[grid](
                 q, k, v, o, den, decay, s_in, z_in, plan.seg_info, cu_seqlens, scale, eps, T, plan.NS, plan.SEG,
@@ -255,7 +258,7 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
         _scan(dhs, dht, dh0, decay, plan, cu_seqlens, T, N, HS, K * V, True, dzs, dzt, dz0)
         if run:
             # 3. dq from each segment's incoming state (non-causal: the totals)
-            budget = _tile_budget(normalize)
+            budget = _tile_budget(normalize, False, K, V)
             BK, BV = _blocks_dk_split(K, V, budget)
             grid = (plan.nseg, HS, triton.cdiv(K, BK))
             kern._segment_dq_kernel[grid](q, k, v, do, den, delta, dq, decay, s_in, z_in, plan.seg_info,
@@ -267,14 +270,15 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
             tail = dict(decay=decay, gin=g_in, gzin=gz_in, seg_info=plan.seg_info, cu_seqlens=cu_seqlens,
                         HK=HK, GPS=GPS, CAUSAL=causal, STATE_PER_SEQ=not causal, **common)
             heads = HS // GPS
-            if _pow2(K) * _pow2(V) <= budget and not normalize:
+            budget = _tile_budget(normalize, GPS > 1, K, V)
+            if _pow2(K) * _pow2(V) <= budget and not normalize and GPS == 1:
                 # GPS > 1: the running state gradients live in the segment slots (in place)
                 grid = (plan.nseg, heads, 1)
                 kern._segment_dkdv_kernel[grid](*args, dk, dv, gwork=g_in if GPS > 1 else None, BK=_pow2(K),
                                                 BV=_pow2(V), **tail)
             else:
-                # the whole state does not fit (or normalize): dk from Dk blocks with Dv whole, dv
-                # from Dv blocks with Dk whole (each recomputes the state gradient of its block).
+                # the whole state does not fit (or normalize, or grouped): dk from Dk blocks with Dv
+                # whole, dv from Dv blocks with Dk whole (each recomputes the state gradient of its block).
                 # GPS > 1: the first launch keeps its running gradients in a scratch copy of the
                 # slots (the second still reads them), the second works in place
                 work = torch.empty_like(g_in) if GPS > 1 else None

@@ -55,7 +55,8 @@ AUDIT_REQUIREMENTS = [
 STATE_BUDGET = 128 * 128
 TILE_STATE_BUDGET = 128 * 64
 # with `normalize` the token-tile passes also carry the denominators, 1/d, dd and the normaliser
-# gradient: [128, 32] blocks (ptxas: [128, 64] spills 60-400 B there), and dk/dv as two launches
+# gradient; lightning GQA's dk/dv carries the group's sums; head dims over 128 have wider tiles:
+# [128, 32] blocks there (ptxas: [128, 64] spills 50-400 B), and dk/dv as two launches
 NORM_TILE_STATE_BUDGET = 128 * 32
 
 
@@ -71,7 +72,7 @@ def _prune_configs(configs, named_args, **kwargs):
     """Keep the configs that do not spill (ptxas on sm_90, `benchmarks/audit_linear.py`): the
     token-tile passes (they take both q and k: output, dq, dk/dv) need 8 warps at every head dim;
     the state passes need 8 warps once the state block is larger than 64x64; dq with normalize
-    needs num_stages = 2."""
+    needs num_stages = 2; float32 inputs at head dims over 128 need num_stages = 2 (shared memory)."""
     args = {**named_args, **kwargs}
     bk, bv = args.get("BK"), args.get("BV")
     if bk is None or bv is None or interpreted():
@@ -81,6 +82,10 @@ def _prune_configs(configs, named_args, **kwargs):
         kept = [c for c in kept if c.num_warps >= 8]
     if args.get("NORMALIZE") and "dq" in args:
         # dq with normalize: 3 stages spill 16 B at D = 128 (`benchmarks/audit_linear.py`)
+        kept = [c for c in kept if c.num_stages <= 2]
+    x = args.get("q", args.get("k"))
+    if getattr(x, "element_size", None) is not None and x.element_size() == 4 and max(args["K"], args["V"]) > 128:
+        # float32 tiles at head dims over 128: 3 stages exceed sm_90's 227 KB of shared memory
         kept = [c for c in kept if c.num_stages <= 2]
     return kept or configs[:1]
 
