@@ -259,7 +259,11 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
         if run:
             # 3. dq from each segment's incoming state (non-causal: the totals)
             budget = _tile_budget(normalize, False, K, V)
-            BK, BV = _blocks_dk_split(K, V, budget)
+            # with normalize the Dv-whole passes (dq, dk) take [Dv, 16]-wide state blocks at
+            # D = 128 (ptxas on sm_90: 80-100 B of spills at 32), dv at most 32 Dv columns; the
+            # grouped (lightning GQA) dk likewise
+            nb = budget // 2 if normalize else budget
+            BK, BV = _blocks_dk_split(K, V, nb)
             grid = (plan.nseg, HS, triton.cdiv(K, BK))
             kern._segment_dq_kernel[grid](q, k, v, do, den, delta, dq, decay, s_in, z_in, plan.seg_info,
                                           cu_seqlens, HK=HK, BK=BK, BV=BV, CAUSAL=causal,
@@ -271,6 +275,7 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
                         HK=HK, GPS=GPS, CAUSAL=causal, STATE_PER_SEQ=not causal, **common)
             heads = HS // GPS
             budget = _tile_budget(normalize, GPS > 1, K, V)
+            nb = budget // 2 if normalize or GPS > 1 else budget  # dk: [Dv, 16] at D = 128
             if _pow2(K) * _pow2(V) <= budget and not normalize and GPS == 1:
                 # GPS > 1: the running state gradients live in the segment slots (in place)
                 grid = (plan.nseg, heads, 1)
@@ -282,10 +287,11 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
                 # GPS > 1: the first launch keeps its running gradients in a scratch copy of the
                 # slots (the second still reads them), the second works in place
                 work = torch.empty_like(g_in) if GPS > 1 else None
-                BK, BV = _blocks_dk_split(K, V, budget)
+                BK, BV = _blocks_dk_split(K, V, nb)
                 kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(K, BK))](
                     *args, dk, None, gwork=work, BK=BK, BV=BV, **tail)
                 BK, BV = _blocks_dv_split(K, V, budget)
+                BV = min(BV, 32) if normalize else BV
                 kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(V, BV))](
                     *args, None, dv, gwork=g_in if GPS > 1 else None, BK=BK, BV=BV, **tail)
     return dq, dk, dv, dh0, dz0

@@ -71,8 +71,9 @@ def _autotune_configs() -> list[triton.Config]:
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the configs that do not spill (ptxas on sm_90, `benchmarks/audit_linear.py`): the
     token-tile passes (they take both q and k: output, dq, dk/dv) need 8 warps at every head dim;
-    the state passes need 8 warps once the state block is larger than 64x64; dq with normalize
-    needs num_stages = 2; float32 inputs at head dims over 128 need num_stages = 2 (shared memory)."""
+    the state passes need 8 warps once the state block is larger than 64x64; dq and dk with
+    normalize need num_stages = 2, dk/dv at head dims over 128 num_stages = 3 (16-bit inputs);
+    float32 inputs at head dims over 128 need num_stages = 2 (shared memory)."""
     args = {**named_args, **kwargs}
     bk, bv = args.get("BK"), args.get("BV")
     if bk is None or bv is None or interpreted():
@@ -80,11 +81,15 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = configs
     if ("q" in args and "k" in args) or bk * bv > 64 * 64:
         kept = [c for c in kept if c.num_warps >= 8]
-    if args.get("NORMALIZE") and "dq" in args:
-        # dq with normalize: 3 stages spill 16 B at D = 128 (`benchmarks/audit_linear.py`)
-        kept = [c for c in kept if c.num_stages <= 2]
     x = args.get("q", args.get("k"))
-    if getattr(x, "element_size", None) is not None and x.element_size() == 4 and max(args["K"], args["V"]) > 128:
+    wide = getattr(x, "element_size", None) is not None and x.element_size() == 4
+    if args.get("NORMALIZE") and ("dq" in args or (args.get("STORE_DK") and not args.get("STORE_DV"))):
+        # dq and dk with normalize: 3 stages spill 16-36 B at D = 128 (gpu_audit, sm_90)
+        kept = [c for c in kept if c.num_stages <= 2]
+    elif "dk" in args and max(args["K"], args["V"]) > 128 and not wide:
+        # the dk and dv passes at head dims over 128 spill up to 36 B with 2 stages, none with 3 (bf16)
+        kept = [c for c in kept if c.num_stages >= 3]
+    if wide and max(args["K"], args["V"]) > 128:
         # float32 tiles at head dims over 128: 3 stages exceed sm_90's 227 KB of shared memory
         kept = [c for c in kept if c.num_stages <= 2]
     return kept or configs[:1]
@@ -705,9 +710,14 @@ def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_
                 # (the normaliser's Σ_{t>=j} dd_t q̃_t rides the same product)
                 b_dst = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
                 if NORMALIZE:
-                    b_dst = b_dst * b_rd[None, :] + b_dd[None, :]
+                    b_dst = b_dst * b_rd[None, :]
                 b_dst = b_dst * b_mt
                 b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    b_dzq = tl.cumsum(b_qf * b_dd[:, None], 0, reverse=True)
+                    if FEATURE_MAP == 0:
+                        b_dzq *= scale
+                    b_dk += b_dzq
             if NORMALIZE:
                 b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
                 if FEATURE_MAP == 0:
