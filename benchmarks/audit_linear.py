@@ -74,7 +74,8 @@ def _launches(op: str, D: int):
     flags = dict(FEATURE_MAP=0 if light else 1, NORMALIZE=not light, DOT_PRECISION="tf32")
     dec = "*fp32" if light else None
     budget = host._tile_budget(not light, False, K, V)
-    bkv, bkd = host._blocks_dv_split(K, V, budget), host._blocks_dk_split(K, V, budget)
+    nb = budget if light else budget // 2  # as chunk_linear_bwd: dq/dk at [Dv, 16] with normalize
+    bkv, bkd = host._blocks_dv_split(K, V, budget), host._blocks_dk_split(K, V, nb)
     ptr = "*bf16"
     common_rt = dict(T="i32", NS="i32", SEG="i32", seg_info=None, cu_seqlens=None)
     out = []
@@ -111,7 +112,7 @@ def _launches(op: str, D: int):
         out.append(("dk", kern._segment_dkdv_kernel, dict(dkdv, dk=ptr, dv=None),
                     dict(cx, BK=bkd[0], BV=bkd[1], STORE_DK=True, STORE_DV=False)))
         out.append(("dv", kern._segment_dkdv_kernel, dict(dkdv, dk=None, dv=ptr),
-                    dict(cx, BK=bkv[0], BV=bkv[1], STORE_DK=False, STORE_DV=True)))
+                    dict(cx, BK=bkv[0], BV=bkv[1] if light else min(bkv[1], 32), STORE_DK=False, STORE_DV=True)))
     return out
 
 

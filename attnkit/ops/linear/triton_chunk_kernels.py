@@ -72,8 +72,8 @@ def _prune_configs(configs, named_args, **kwargs):
     """Keep the configs that do not spill (ptxas on sm_90, `benchmarks/audit_linear.py`): the
     token-tile passes (they take both q and k: output, dq, dk/dv) need 8 warps at every head dim;
     the state passes need 8 warps once the state block is larger than 64x64; dq and dk with
-    normalize need num_stages = 2, dk/dv at head dims over 128 num_stages = 3 (16-bit inputs);
-    float32 inputs at head dims over 128 need num_stages = 2 (shared memory)."""
+    normalize need num_stages = 2, dk/dv at head dims over 128 num_stages = 3 (16-bit inputs, sm_90);
+    float32 inputs or sm_80 at head dims over 128 need num_stages = 2 (shared memory)."""
     args = {**named_args, **kwargs}
     bk, bv = args.get("BK"), args.get("BV")
     if bk is None or bv is None or interpreted():
@@ -83,14 +83,18 @@ def _prune_configs(configs, named_args, **kwargs):
         kept = [c for c in kept if c.num_warps >= 8]
     x = args.get("q", args.get("k"))
     wide = getattr(x, "element_size", None) is not None and x.element_size() == 4
+    # shared memory of the target (sm_90: 227 KB; sm_80: 163 KB, where 3 stages of the D > 128
+    # tiles do not fit); the softmax module's helpers read the device or $ATTNKIT_TARGET_ARCH
+    from ..softmax.triton_attention import _capability, smem_limit
+    big_smem = not hasattr(x, "device") or smem_limit(_capability(x)) >= 200_000
     if args.get("NORMALIZE") and ("dq" in args or (args.get("STORE_DK") and not args.get("STORE_DV"))):
         # dq and dk with normalize: 3 stages spill 16-36 B at D = 128 (gpu_audit, sm_90)
         kept = [c for c in kept if c.num_stages <= 2]
-    elif "dk" in args and max(args["K"], args["V"]) > 128 and not wide:
+    elif "dk" in args and max(args["K"], args["V"]) > 128 and not wide and big_smem:
         # the dk and dv passes at head dims over 128 spill up to 36 B with 2 stages, none with 3 (bf16)
         kept = [c for c in kept if c.num_stages >= 3]
-    if wide and max(args["K"], args["V"]) > 128:
-        # float32 tiles at head dims over 128: 3 stages exceed sm_90's 227 KB of shared memory
+    if (wide or not big_smem) and max(args["K"], args["V"]) > 128:
+        # float32 tiles, or sm_80, at head dims over 128: 3 stages exceed the shared memory
         kept = [c for c in kept if c.num_stages <= 2]
     return kept or configs[:1]
 
