@@ -18,11 +18,14 @@ backward  1. `_segment_dstate_kernel`  local state gradient of each segment (rev
           3. `_segment_dq_kernel`      dq of each segment from its incoming state (saved, small)
           4. `_segment_dkdv_kernel`    dk/dv of each segment from the gradient after it
 
-Blocking: a program keeps one `[BK, BV]` float32 block of the state in registers. An output that
-sums over a head dim is produced by a program that holds that dim whole, so nothing is a partial
-sum: `o` and `dv` sum over Dk (programs split Dv), `dq` and `dk` sum over Dv (programs split Dk).
-For head dims up to 128 the state is whole and `dk`/`dv` come from one program. The derivation is
-in `docs/linear_attention.md`.
+Blocking: a program keeps one `[BK, BV]` float32 block of the state in registers (dq and a
+dk-only program keep it transposed, `[BV, BK]`, so narrow Dk blocks stay on wgmma). An output
+that sums over a head dim is produced by a program that holds that dim whole, so nothing is a
+partial sum: `o` and `dv` sum over Dk (programs split Dv), `dq` and `dk` sum over Dv (programs
+split Dk). Up to D = 64 (without normalize or grouped GQA) `dk`/`dv` come from one program. With
+normalize, `dd = -(do·o)/d` is computed by `_segment_dstate_kernel`; lightning GQA sums its
+group's dk/dv inside `_segment_dkdv_kernel` (`GPS` state heads per program). The derivation and
+the block budgets are in `docs/linear_attention.md`.
 """
 
 from __future__ import annotations
