@@ -73,7 +73,9 @@ def _launches(op: str, D: int):
     HS = H if light else HK
     flags = dict(FEATURE_MAP=0 if light else 1, NORMALIZE=not light, DOT_PRECISION="tf32")
     dec = "*fp32" if light else None
-    bkv, bkd = host._blocks_dv_split(K, V), host._blocks_dk_split(K, V)
+    budget = host._tile_budget(not light, False, K, V)
+    nb = budget if light else budget // 2  # as chunk_linear_bwd: dq/dk at [Dv, 16] with normalize
+    bkv, bkd = host._blocks_dv_split(K, V, budget), host._blocks_dk_split(K, V, nb)
     ptr = "*bf16"
     common_rt = dict(T="i32", NS="i32", SEG="i32", seg_info=None, cu_seqlens=None)
     out = []
@@ -90,7 +92,8 @@ def _launches(op: str, D: int):
     BK, BV = host._blocks_dv_split(K, V, host.STATE_BUDGET)
     nrm = None if light else "*fp32"
     out.append(("dstate", kern._segment_dstate_kernel,
-                dict(q=ptr, do=ptr, den=nrm, delta=nrm, dhs="*fp32", dzs=nrm, decay=dec, scale="fp32", **common_rt),
+                dict(q=ptr, do=ptr, o=None if light else ptr, den=nrm, delta=nrm, dhs="*fp32", dzs=nrm, decay=dec,
+                     scale="fp32", **common_rt),
                 dict(H=H, HS=HS, K=K, V=V, BK=BK, BV=BV, USE_DECAY=light, IS_VARLEN=False, **flags)))
     BK, BV = bkd
     out.append(("dq", kern._segment_dq_kernel,
@@ -98,18 +101,18 @@ def _launches(op: str, D: int):
                      scale="fp32", **common_rt),
                 dict(H=H, HK=HK, HS=HS, K=K, V=V, BK=BK, BV=BV, CAUSAL=True, STATE_PER_SEQ=False,
                      USE_DECAY=light, IS_VARLEN=False, **flags)))
-    dkdv = dict(q=ptr, k=ptr, v=ptr, do=ptr, den=nrm, delta=nrm, decay=dec, gin="*fp32", gzin=nrm,
+    dkdv = dict(q=ptr, k=ptr, v=ptr, do=ptr, den=nrm, delta=nrm, decay=dec, gin="*fp32", gzin=nrm, gwork=None,
                 scale="fp32", **common_rt)
-    cx = dict(H=H, HK=HK, HS=HS, K=K, V=V, CAUSAL=True, STATE_PER_SEQ=False, USE_DECAY=light,
+    cx = dict(H=H, HK=HK, HS=HS, K=K, V=V, GPS=1, CAUSAL=True, STATE_PER_SEQ=False, USE_DECAY=light,
               IS_VARLEN=False, **flags)
-    if host._pow2(K) * host._pow2(V) <= host.TILE_STATE_BUDGET:
+    if host._pow2(K) * host._pow2(V) <= budget and light:
         out.append(("dkdv", kern._segment_dkdv_kernel, dict(dkdv, dk=ptr, dv=ptr),
                     dict(cx, BK=host._pow2(K), BV=host._pow2(V), STORE_DK=True, STORE_DV=True)))
     else:
         out.append(("dk", kern._segment_dkdv_kernel, dict(dkdv, dk=ptr, dv=None),
                     dict(cx, BK=bkd[0], BV=bkd[1], STORE_DK=True, STORE_DV=False)))
         out.append(("dv", kern._segment_dkdv_kernel, dict(dkdv, dk=None, dv=ptr),
-                    dict(cx, BK=bkv[0], BV=bkv[1], STORE_DK=False, STORE_DV=True)))
+                    dict(cx, BK=bkv[0], BV=bkv[1] if light else min(bkv[1], 32), STORE_DK=False, STORE_DV=True)))
     return out
 
 
@@ -125,7 +128,11 @@ def _compile(fn, rt: dict, cx: dict, cfg: triton.Config):
             constexprs[(i,)] = None
         else:
             signature[name] = rt[name]
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # what the runtime specialises on: pointers (torch allocations) are 16-byte aligned; the
+    # integer arguments are not assumed divisible (T, NS, SEG are not specialised)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if isinstance(signature[name], str) and signature[name].startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 

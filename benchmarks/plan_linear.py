@@ -42,8 +42,8 @@ def plan(B, T, H, Hk, D, op="lightning", dtype=torch.bfloat16):
         with recording() as state:
             o, ht, zt, den, s_in, z_in, p = host.chunk_linear_fwd(
                 q, k, v, eps=1e-6, h0=None, z0=None, output_final_state=False, cu_seqlens=None,
-                keep_fp32_output=not light, **kw)
-            host.chunk_linear_bwd(q, k, v, torch.zeros_like(o, dtype=dtype), None, None, o=o.float() if not light else None,
+                keep_fp32_output=False, **kw)
+            host.chunk_linear_bwd(q, k, v, torch.zeros_like(o, dtype=dtype), None, None, o=o if not light else None,
                                   den=den, s_in=s_in, z_in=z_in, plan=p, cu_seqlens=None, need_dh0=False, **kw)
     finally:
         torch.empty, torch.Tensor.new_empty = real_empty, real_new_empty

@@ -173,6 +173,7 @@ def make_call(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], fla
                 torch.autograd.backward(outs, grads)
                 set_phase("fwd")
             return out
+        call.leaves = leaves  # their .grad are the op's outputs too (launch_plan tells them apart)
         return call
 
     if op == "attention":
@@ -337,7 +338,14 @@ def audit_cases(quick: bool) -> list[Case]:
     add("attention_decode", "decode", BF16, {**dec, "D": 128}, {"paged": 256}, optional=True)
     # chunked linear / lightning attention
     lin = dict(B=1, T=1024, H=16)
-    add("lightning_attention", "fwd+bwd", BF16, {**lin, "D": 128}, {"final_state": True}, hot=True)
+    # the cases the linear AUDIT_REQUIREMENTS name (triton_chunk_kernels.py): bf16, D = 64/128,
+    # lightning with decay (and GQA: dk/dv summed over the group in the kernel), linear attention
+    # with normalize and a feature map (GQA)
+    for d in (64, 128):
+        add("lightning_attention", "fwd+bwd", BF16, {**lin, "D": d}, {"final_state": True}, hot=True)
+        add("lightning_attention", "fwd+bwd", BF16, {**lin, "Hk": 4, "D": d}, hot=True)
+        add("linear_attention", "fwd+bwd", BF16, {**lin, "Hk": 4, "D": d},
+            {"causal": True, "normalize": True, "feature_map": "elu"}, hot=True)
     add("linear_attention", "fwd+bwd", BF16, {**lin, "D": 128}, {"causal": True}, hot=True)
     for dtype in (BF16, FP32):
         for d in (64, 128, 256):

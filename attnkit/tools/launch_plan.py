@@ -22,6 +22,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import weakref  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
@@ -114,6 +115,7 @@ class Alloc:
     bytes: int
     phase: str
     after: int  # number of launches recorded before it
+    output: bool = False  # returned by the call (or a gradient it hands back): written by kernels, unavoidable
 
 
 def plan(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], flags: dict[str, Any] | None = None
@@ -127,6 +129,9 @@ def plan(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], flags: d
     flags = dict(flags or {})
     call = make_call(op, mode, dtype, shape, flags)
     allocs: list[Alloc] = []
+    # parallel to allocs: the storage of each allocation, weakly (a strong reference would make
+    # autograd copy the gradients it could otherwise take over)
+    storages: list[Any] = []
 
     with recording() as state:
         class Allocations(TorchDispatchMode):
@@ -139,10 +144,20 @@ def plan(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], flags: d
                         allocs.append(Alloc(str(func.overloadpacket.__name__), str(t.dtype).replace("torch.", ""),
                                             list(t.shape), t.numel() * t.element_size(), state.phase,
                                             len(state.launches)))
+                        storages.append(weakref.ref(t.untyped_storage()))
                 return out
 
         with Allocations():
-            call()
+            result = call()
+    # outputs: what the call returns and the gradients it leaves on its inputs (same storage)
+    returned = [x for x in (result if isinstance(result, (tuple, list)) else (result,))]
+    returned = [y for x in returned for y in (x if isinstance(x, (tuple, list)) else (x,))]
+    returned += [leaf.grad for leaf in getattr(call, "leaves", [])]
+    out_storages = [x.untyped_storage() for x in returned if isinstance(x, torch.Tensor)]
+    for a, ref in zip(allocs, storages):
+        st = ref()
+        a.output = st is not None and any(st.data_ptr() == o.data_ptr() and st._cdata == o._cdata
+                                          for o in out_storages)
     launches = list(enumerate(state.launches))
     if mode == "bwd":
         launches = [(i, x) for i, x in launches if x.phase == "bwd"]
@@ -172,7 +187,8 @@ def plan(op: str, mode: str, dtype: torch.dtype, shape: dict[str, int], flags: d
         tool="attnkit.tools.launch_plan", op=op, mode=mode, dtype=str(dtype).replace("torch.", ""), shape=shape,
         flags=flags, sm_count=sms, sm_count_source=SM_COUNT_ENV if os.environ.get(SM_COUNT_ENV) else "default",
         launches=rows, allocations=[a.__dict__ for a in allocs],
-        host_alloc_bytes=sum(a.bytes for a in allocs), byte_floor=floor, byte_floor_model=formula)
+        host_alloc_bytes=sum(a.bytes for a in allocs), output_bytes=sum(a.bytes for a in allocs if a.output),
+        other_alloc_bytes=sum(a.bytes for a in allocs if not a.output), byte_floor=floor, byte_floor_model=formula)
 
 
 def _mib(n: float | None) -> str:
@@ -180,7 +196,8 @@ def _mib(n: float | None) -> str:
 
 
 def _alloc_row(a: dict[str, Any]) -> list[str]:
-    return ["", a["phase"], f"  alloc {a['op']} {a['dtype']}{a['shape']}", "", "", "", "", "", _mib(a["bytes"])]
+    kind = "output" if a.get("output") else "alloc"
+    return ["", a["phase"], f"  {kind} {a['op']} {a['dtype']}{a['shape']}", "", "", "", "", "", _mib(a["bytes"])]
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -221,6 +238,10 @@ def format_plan(p: dict[str, Any]) -> str:
                  f"{_mib(p['byte_floor'])} ({p['byte_floor_model']})"
                  + (f"; allocations / floor = {p['host_alloc_bytes'] / p['byte_floor']:.2f}"
                     if p["byte_floor"] else ""))
+    lines.append(f"of which outputs (returned tensors and input gradients, written by kernels) "
+                 f"{_mib(p['output_bytes'])}; other host allocations (scratch, copies, casts) "
+                 f"{_mib(p['other_alloc_bytes'])}"
+                 + (f"; other / floor = {p['other_alloc_bytes'] / p['byte_floor']:.2f}" if p["byte_floor"] else ""))
     lines.append("loop = serial iterations of the scan inside one program ("
                  + "; ".join(sorted({f"{r['kernel']}: {r['loop_meaning']}" for r in p["launches"]})) + ")")
     return "\n".join(lines)

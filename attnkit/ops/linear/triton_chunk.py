@@ -26,7 +26,7 @@ import triton
 
 from ..common.triton_utils import device_guard, dot_precision
 from . import triton_chunk_kernels as kern
-from .triton_chunk_kernels import FEATURE_MAPS, STATE_BUDGET, TILE_STATE_BUDGET
+from .triton_chunk_kernels import FEATURE_MAPS, NORM_TILE_STATE_BUDGET, STATE_BUDGET, TILE_STATE_BUDGET
 
 MIN_SEG = 256  # tokens: 4 chunks of 64, below that the scan over segments costs more than it gives
 MAX_SEG = 8192
@@ -122,6 +122,14 @@ def _blocks_dk_split(K: int, V: int, budget: int = TILE_STATE_BUDGET) -> tuple[i
     return min(_pow2(K), max(16, budget // BV)), BV
 
 
+def _tile_budget(normalize: bool, grouped: bool = False, K: int = 0, V: int = 0) -> int:
+    """State elements per program in the token-tile passes (output, dq, dk, dv): `[128, 32]` with
+    normalize, for lightning GQA's grouped dk/dv and for head dims over 128 (ptxas on sm_90:
+    `[128, 64]` spills there), else `[128, 64]`."""
+    small = normalize or grouped or max(_pow2(K), _pow2(V)) > 128
+    return NORM_TILE_STATE_BUDGET if small else TILE_STATE_BUDGET
+
+
 def _dims(q, k, v, cu_seqlens):
     B, T, H, K = q.shape
     HK, V = k.shape[2], v.shape[-1]
@@ -129,17 +137,20 @@ def _dims(q, k, v, cu_seqlens):
     return B, T, H, HK, K, V, N
 
 
-def _scan(hs, h0, ht, decay, plan: SegmentPlan, cu_seqlens, T, N, HS, D, reverse):
-    """In place over the segment slots; see `_segment_scan_kernel`."""
-    if N == 0 or HS == 0 or D == 0:
+def _scan(hs, h0, ht, decay, plan: SegmentPlan, cu_seqlens, T, N, HS, D, reverse, zs=None, z0=None, zt=None):
+    """In place over the segment slots (and the normaliser slots `zs`, `[.., HS, DZ]`, in the same
+    launch); see `_segment_scan_kernel`."""
+    if N == 0 or HS == 0 or (D == 0 and zs is None):
         return
     # smaller element blocks until the launch has 2 x SMs programs (the scan is latency bound)
     block, want = _SCAN_BLOCK, 2 * sm_count(hs.device)
-    while block > 256 and triton.cdiv(D, block) * N * HS < want:
+    while block > 64 and triton.cdiv(D, block) * N * HS < want:
         block //= 2
-    grid = (triton.cdiv(D, block), N, HS)
-    kern._segment_scan_kernel[grid](hs, h0, ht, decay, plan.seg_cu, cu_seqlens, T, plan.NS, plan.SEG,
-                                    HS=HS, D=D, BLOCK=block, REVERSE=reverse, num_warps=4)
+    DZ = zs.shape[-1] if zs is not None else 0
+    grid = (max(1, triton.cdiv(D, block)), N, HS)
+    kern._segment_scan_kernel[grid](hs, h0, ht, zs, z0, zt, decay, plan.seg_cu, cu_seqlens, T, plan.NS, plan.SEG,
+                                    HS=HS, D=D, DZ=DZ, BLOCK=block, BZ=_pow2(max(DZ, 1)), REVERSE=reverse,
+                                    num_warps=4)
 
 
 def local_state(k: torch.Tensor, v: torch.Tensor, *, decay: torch.Tensor | None, feature_map: str | None,
@@ -179,7 +190,8 @@ def chunk_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay
     """
     B, T, H, HK, K, V, N = _dims(q, k, v, cu_seqlens)
     HS = state_heads
-    plan = plan if plan is not None else plan_segments(q, N, HS, cu_seqlens)
+    # sized for the launch with the fewest heads: lightning GQA's dk/dv runs one program per KV head
+    plan = plan if plan is not None else plan_segments(q, N, min(HS, HK), cu_seqlens)
     o = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32 if keep_fp32_output else q.dtype)
     den = torch.empty(B, T, H, device=q.device, dtype=torch.float32) if normalize else None
     need_states = output_final_state or not causal
@@ -190,13 +202,11 @@ def chunk_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay
         # 1. local states, 2. scan: slots become incoming states, the run ends as the final state
         hs, zs = local_state(k, v, decay=decay, feature_map=feature_map, normalize=normalize, state_heads=HS,
                              plan=plan, cu_seqlens=cu_seqlens)
-        _scan(hs, h0, ht, decay, plan, cu_seqlens, T, N, HS, K * V, False)
-        if normalize:
-            _scan(zs, z0, zt, None, plan, cu_seqlens, T, N, HS, K, False)
+        _scan(hs, h0, ht, decay, plan, cu_seqlens, T, N, HS, K * V, False, zs, z0, zt)
         # 3. output per segment from its incoming state (non-causal: from the totals)
         s_in, z_in = (hs, zs) if causal else (ht, zt)
         if plan.nseg and HS:
-            BK, BV = _blocks_dv_split(K, V)
+            BK, BV = _blocks_dv_split(K, V, _tile_budget(normalize, False, K, V))
             grid = (plan.nseg, HS, triton.cdiv(V, BV))
             kern._segment_output_kernel[grid](
                 q, k, v, o, den, decay, s_in, z_in, plan.seg_info, cu_seqlens, scale, eps, T, plan.NS, plan.SEG,
@@ -213,7 +223,7 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
                      state_heads: int, o: torch.Tensor | None, den: torch.Tensor | None,
                      s_in: torch.Tensor | None, z_in: torch.Tensor | None, plan: SegmentPlan,
                      cu_seqlens: torch.Tensor | None, need_dh0: bool):
-    """Runs the chunked backward (no autograd). `o` is the float32 output (only with `normalize`);
+    """Runs the chunked backward (no autograd). `o` is the output (only with `normalize`);
     `s_in`, `z_in`, `plan` come from `chunk_linear_fwd`.
 
     Returns `(dq, dk, dv, dh0, dz0)` in the dtypes of q/k/v and float32 states.
@@ -221,12 +231,15 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
     B, T, H, HK, K, V, N = _dims(q, k, v, cu_seqlens)
     HS = state_heads
     fm = FEATURE_MAPS[feature_map]
-    delta = -(do.float() * o).sum(-1) / den if normalize else None
+    # dd = -(do·o)/d per token and query head, written by the first pass (`_segment_dstate_kernel`)
+    delta = q.new_empty(B, T, H, dtype=torch.float32) if normalize else None
     fp32 = torch.float32
-    group_sum = HS == H and H > HK  # lightning GQA: per-query-head dk/dv summed over each group
+    # lightning GQA (a state per query head, H > Hk): one dk/dv program per KV head sums its
+    # group's GPS = H / Hk state heads in the kernel
+    GPS = HS // HK if HS == H and H > HK else 1
     dq = torch.empty_like(q)
-    dk = k.new_empty(B, T, HS, K, dtype=fp32 if group_sum else k.dtype)
-    dv = v.new_empty(B, T, HS, V, dtype=fp32 if group_sum else v.dtype)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     want_dh0 = need_dh0 or not causal
     dh0 = q.new_empty(N, HS, K, V, dtype=fp32) if want_dh0 else None
     dz0 = q.new_empty(N, HS, K, dtype=fp32) if normalize and want_dh0 else None
@@ -240,14 +253,17 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
         if run:
             BK, BV = _blocks_dv_split(K, V, STATE_BUDGET)
             grid = (plan.nseg, HS, triton.cdiv(K, BK) * triton.cdiv(V, BV))
-            kern._segment_dstate_kernel[grid](q, do, den, delta, dhs, dzs, decay, plan.seg_info, cu_seqlens,
+            kern._segment_dstate_kernel[grid](q, do, o, den, delta, dhs, dzs, decay, plan.seg_info, cu_seqlens,
                                               BK=BK, BV=BV, **common)
-        _scan(dhs, dht, dh0, decay, plan, cu_seqlens, T, N, HS, K * V, True)
-        if normalize:
-            _scan(dzs, dzt, dz0, None, plan, cu_seqlens, T, N, HS, K, True)
+        _scan(dhs, dht, dh0, decay, plan, cu_seqlens, T, N, HS, K * V, True, dzs, dzt, dz0)
         if run:
             # 3. dq from each segment's incoming state (non-causal: the totals)
-            BK, BV = _blocks_dk_split(K, V)
+            budget = _tile_budget(normalize, False, K, V)
+            # with normalize the Dv-whole passes (dq, dk) take [Dv, 16]-wide state blocks at
+            # D = 128 (ptxas on sm_90: 80-100 B of spills at 32), dv at most 32 Dv columns; the
+            # grouped (lightning GQA) dk likewise
+            nb = budget // 2 if normalize else budget
+            BK, BV = _blocks_dk_split(K, V, nb)
             grid = (plan.nseg, HS, triton.cdiv(K, BK))
             kern._segment_dq_kernel[grid](q, k, v, do, den, delta, dq, decay, s_in, z_in, plan.seg_info,
                                           cu_seqlens, HK=HK, BK=BK, BV=BV, CAUSAL=causal,
@@ -256,22 +272,28 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
             g_in, gz_in = (dhs, dzs) if causal else (dh0, dz0)
             args = (q, k, v, do, den, delta)
             tail = dict(decay=decay, gin=g_in, gzin=gz_in, seg_info=plan.seg_info, cu_seqlens=cu_seqlens,
-                        HK=HK, CAUSAL=causal, STATE_PER_SEQ=not causal, **common)
-            if _pow2(K) * _pow2(V) <= TILE_STATE_BUDGET:
-                grid = (plan.nseg, HS, 1)
-                kern._segment_dkdv_kernel[grid](*args, dk, dv, BK=_pow2(K), BV=_pow2(V), **tail)
+                        HK=HK, GPS=GPS, CAUSAL=causal, STATE_PER_SEQ=not causal, **common)
+            heads = HS // GPS
+            budget = _tile_budget(normalize, GPS > 1, K, V)
+            nb = budget // 2 if normalize or GPS > 1 else budget  # dk: [Dv, 16] at D = 128
+            if _pow2(K) * _pow2(V) <= budget and not normalize and GPS == 1:
+                # GPS > 1: the running state gradients live in the segment slots (in place)
+                grid = (plan.nseg, heads, 1)
+                kern._segment_dkdv_kernel[grid](*args, dk, dv, gwork=g_in if GPS > 1 else None, BK=_pow2(K),
+                                                BV=_pow2(V), **tail)
             else:
-                # the whole state does not fit: dk from Dk blocks with Dv whole, dv from Dv blocks
-                # with Dk whole (each recomputes the state gradient of its block; both complete)
-                BK, BV = _blocks_dk_split(K, V)
-                kern._segment_dkdv_kernel[(plan.nseg, HS, triton.cdiv(K, BK))](*args, dk, None, BK=BK, BV=BV,
-                                                                              **tail)
-                BK, BV = _blocks_dv_split(K, V)
-                kern._segment_dkdv_kernel[(plan.nseg, HS, triton.cdiv(V, BV))](*args, None, dv, BK=BK, BV=BV,
-                                                                              **tail)
-    if group_sum:
-        dk = dk.view(B, T, HK, H // HK, K).sum(3).to(k.dtype)
-        dv = dv.view(B, T, HK, H // HK, V).sum(3).to(v.dtype)
+                # the whole state does not fit (or normalize, or grouped): dk from Dk blocks with Dv
+                # whole, dv from Dv blocks with Dk whole (each recomputes the state gradient of its block).
+                # GPS > 1: the first launch keeps its running gradients in a scratch copy of the
+                # slots (the second still reads them), the second works in place
+                work = torch.empty_like(g_in) if GPS > 1 else None
+                BK, BV = _blocks_dk_split(K, V, nb)
+                kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(K, BK))](
+                    *args, dk, None, gwork=work, BK=BK, BV=BV, **tail)
+                BK, BV = _blocks_dv_split(K, V, budget)
+                BV = min(BV, 32) if normalize else BV
+                kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(V, BV))](
+                    *args, None, dv, gwork=g_in if GPS > 1 else None, BK=BK, BV=BV, **tail)
     return dq, dk, dv, dh0, dz0
 
 
@@ -288,16 +310,13 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         h0 = h0.contiguous() if h0 is not None else None
         z0 = z0.contiguous() if z0 is not None else None
-        needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
-        keep_fp32 = normalize and needs_grad
         o, ht, zt, den, s_in, z_in, plan = chunk_linear_fwd(
             q, k, v, decay=decay, scale=scale, eps=eps, feature_map=feature_map, normalize=normalize,
             causal=causal, state_heads=state_heads, h0=h0, z0=z0, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, keep_fp32_output=keep_fp32)
-        o_fp32 = o if keep_fp32 else None
-        o = o.to(q.dtype)
-        # segment incoming states (a SEG-th of a per-token state) and the varlen segment tables
-        ctx.save_for_backward(q, k, v, decay, h0, z0, cu_seqlens, o_fp32, den, s_in, z_in,
+            cu_seqlens=cu_seqlens, keep_fp32_output=False)
+        # segment incoming states (a SEG-th of a per-token state) and the varlen segment tables;
+        # with normalize the output as returned and the float32 denominators (for dd = -(do·o)/d)
+        ctx.save_for_backward(q, k, v, decay, h0, z0, cu_seqlens, o if normalize else None, den, s_in, z_in,
                               plan.seg_info, plan.seg_cu)
         ctx.plan = (plan.SEG, plan.NS, plan.nseg)
         ctx.scale = scale
@@ -309,7 +328,7 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht, dzt):
-        q, k, v, decay, h0, z0, cu_seqlens, o_fp32, den, s_in, z_in, seg_info, seg_cu = ctx.saved_tensors
+        q, k, v, decay, h0, z0, cu_seqlens, o_out, den, s_in, z_in, seg_info, seg_cu = ctx.saved_tensors
         plan = SegmentPlan(*ctx.plan, seg_info, seg_cu)
         if do is None:
             do = torch.zeros(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
@@ -322,7 +341,7 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
             q, k, v, do.contiguous(), dht.contiguous() if dht is not None else None,
             dzt.contiguous() if dzt is not None else None, decay=decay, scale=ctx.scale,
             feature_map=ctx.feature_map, normalize=ctx.normalize, causal=ctx.causal,
-            state_heads=ctx.state_heads, o=o_fp32, den=den, s_in=s_in, z_in=z_in, plan=plan,
+            state_heads=ctx.state_heads, o=o_out, den=den, s_in=s_in, z_in=z_in, plan=plan,
             cu_seqlens=cu_seqlens, need_dh0=need_dh0)
         if not need_dh0:
             dh0 = dz0 = None

@@ -18,11 +18,14 @@ backward  1. `_segment_dstate_kernel`  local state gradient of each segment (rev
           3. `_segment_dq_kernel`      dq of each segment from its incoming state (saved, small)
           4. `_segment_dkdv_kernel`    dk/dv of each segment from the gradient after it
 
-Blocking: a program keeps one `[BK, BV]` float32 block of the state in registers. An output that
-sums over a head dim is produced by a program that holds that dim whole, so nothing is a partial
-sum: `o` and `dv` sum over Dk (programs split Dv), `dq` and `dk` sum over Dv (programs split Dk).
-For head dims up to 128 the state is whole and `dk`/`dv` come from one program. The derivation is
-in `docs/linear_attention.md`.
+Blocking: a program keeps one `[BK, BV]` float32 block of the state in registers (dq and a
+dk-only program keep it transposed, `[BV, BK]`, so narrow Dk blocks stay on wgmma). An output
+that sums over a head dim is produced by a program that holds that dim whole, so nothing is a
+partial sum: `o` and `dv` sum over Dk (programs split Dv), `dq` and `dk` sum over Dv (programs
+split Dk). Up to D = 64 (without normalize or grouped GQA) `dk`/`dv` come from one program. With
+normalize, `dd = -(do·o)/d` is computed by `_segment_dstate_kernel`; lightning GQA sums its
+group's dk/dv inside `_segment_dkdv_kernel` (`GPS` state heads per program). The derivation and
+the block budgets are in `docs/linear_attention.md`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,30 @@ from ..common.triton_utils import interpreted
 
 FEATURE_MAPS = {None: 0, "elu": 1, "relu": 2}
 
+# Checked by the static GPU audit (attnkit/tools/_requirements.py; CI: `gpu_audit --arch sm_90
+# --quick`, whose cases include these): on sm_90, in bf16 at head dims 64 and 128, every kept config
+# of every chunk/segment kernel that runs tensor-core products runs them all on wgmma and spills
+# nothing — lightning attention with decay (with and without GQA) and linear attention with
+# normalize and a feature map (GQA).
+_CHUNK_KERNELS = r"^_segment_(state|output|dstate|dq|dkdv)_kernel$"
+AUDIT_REQUIREMENTS = [
+    dict(kernel=_CHUNK_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
+         case=r"^lightning_attention fwd\+bwd (?!.*decay=False)", max_spill_stores=0, mma="wgmma",
+         why="issue 11: lightning attention (decay) chunk kernels on wgmma without spills"),
+    dict(kernel=_CHUNK_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
+         case=r"^linear_attention fwd\+bwd .*normalize=True", max_spill_stores=0, mma="wgmma",
+         why="issue 11: linear attention with normalize (+ feature map) chunk kernels on wgmma without spills"),
+]
+
 # fp32 elements of the state block a program keeps in registers (8 warps): [128, 128] for the
 # state passes (one product per chunk), [128, 64] for the output/dq/dk/dv passes, whose token
 # tiles and [BT, BT] score tiles share the register file (ptxas: [128, 128] spills there)
 STATE_BUDGET = 128 * 128
 TILE_STATE_BUDGET = 128 * 64
+# with `normalize` the token-tile passes also carry the denominators, 1/d, dd and the normaliser
+# gradient; lightning GQA's dk/dv carries the group's sums; head dims over 128 have wider tiles:
+# [128, 32] blocks there (ptxas: [128, 64] spills 50-400 B), and dk/dv as two launches
+NORM_TILE_STATE_BUDGET = 128 * 32
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -52,21 +74,38 @@ def _autotune_configs() -> list[triton.Config]:
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the configs that do not spill (ptxas on sm_90, `benchmarks/audit_linear.py`): the
     token-tile passes (they take both q and k: output, dq, dk/dv) need 8 warps at every head dim;
-    the state passes need 8 warps once the state block is larger than 64x64."""
+    the state passes need 8 warps once the state block is larger than 64x64; dq and dk with
+    normalize need num_stages = 2, dk/dv at head dims over 128 num_stages = 3 (16-bit inputs, sm_90);
+    float32 inputs or sm_80 at head dims over 128 need num_stages = 2 (shared memory)."""
     args = {**named_args, **kwargs}
     bk, bv = args.get("BK"), args.get("BV")
     if bk is None or bv is None or interpreted():
         return configs
+    kept = configs
     if ("q" in args and "k" in args) or bk * bv > 64 * 64:
-        kept = [c for c in configs if c.num_warps >= 8]
-        return kept or configs[:1]
-    return configs
+        kept = [c for c in kept if c.num_warps >= 8]
+    x = args.get("q", args.get("k"))
+    wide = getattr(x, "element_size", None) is not None and x.element_size() == 4
+    # shared memory of the target (sm_90: 227 KB; sm_80: 163 KB, where 3 stages of the D > 128
+    # tiles do not fit); the softmax module's helpers read the device or $ATTNKIT_TARGET_ARCH
+    from ..softmax.triton_attention import _capability, smem_limit
+    big_smem = not hasattr(x, "device") or smem_limit(_capability(x)) >= 200_000
+    if args.get("NORMALIZE") and ("dq" in args or (args.get("STORE_DK") and not args.get("STORE_DV"))):
+        # dq and dk with normalize: 3 stages spill 16-36 B at D = 128 (gpu_audit, sm_90)
+        kept = [c for c in kept if c.num_stages <= 2]
+    elif "dk" in args and max(args["K"], args["V"]) > 128 and not wide and big_smem:
+        # the dk and dv passes at head dims over 128 spill up to 36 B with 2 stages, none with 3 (bf16)
+        kept = [c for c in kept if c.num_stages >= 3]
+    if (wide or not big_smem) and max(args["K"], args["V"]) > 128:
+        # float32 tiles, or sm_80, at head dims over 128: 3 stages exceed the shared memory
+        kept = [c for c in kept if c.num_stages <= 2]
+    return kept or configs[:1]
 
 
 # every flag that changes the work, plus SEG (a power of two chosen from the total length: the
 # coarse length bucket); never the raw T
 _KEY = ("K", "V", "BK", "BV", "H", "HS", "FEATURE_MAP", "NORMALIZE", "CAUSAL", "STATE_PER_SEQ", "USE_DECAY",
-        "IS_VARLEN", "STORE_DK", "STORE_DV", "SEG")
+        "IS_VARLEN", "STORE_DK", "STORE_DV", "GPS", "SEG")
 
 
 def _autotune(fn):
@@ -224,13 +263,6 @@ def _incoming_state(hin, zin, decay, pid, i_n, i_s, o_k, o_v, m_k, m_v, HS: tl.c
 
 
 @triton.jit
-def _running_normaliser(b_z, b_kf):
-    """Per-token normaliser of a causal chunk, z_i = z_prev + Σ_{j<=i} φ(k_j) in float32 (a scan,
-    not a product), and the normaliser carried to the next chunk."""
-    return b_z[None, :] + tl.cumsum(b_kf, 0), b_z + tl.sum(b_kf, 0)
-
-
-@triton.jit
 def _cols(i_b, BD: tl.constexpr, D: tl.constexpr):
     """Columns of block `i_b` of a head dim; a block that covers the dim is a constant range, so
     its bounds mask folds away at compile time."""
@@ -303,17 +335,20 @@ def _segment_state_kernel(
             tl.store(_state_ptr(zs, pid, i_n, i_s, HS, K, False) + o_k, b_z, mask=m_k)
 
 
-@_segment_kernel(autotune=False, USE_H0="h0", STORE_HT="ht")
+@_segment_kernel(autotune=False, USE_H0="h0", STORE_HT="ht", HAS_Z="zs", USE_Z0="z0", STORE_ZT="zt")
 def _segment_scan_kernel(
-    hs, h0, ht, decay, seg_cu, cu_seqlens, T, NS, SEG,
-    HS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
-    USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    hs, h0, ht, zs, z0, zt, decay, seg_cu, cu_seqlens, T, NS, SEG,
+    HS: tl.constexpr, D: tl.constexpr, DZ: tl.constexpr, BLOCK: tl.constexpr, BZ: tl.constexpr,
+    REVERSE: tl.constexpr, USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr, HAS_Z: tl.constexpr, USE_Z0: tl.constexpr, STORE_ZT: tl.constexpr,
 ):
     # program = (block of D state elements, sequence, state head); walks the sequence's segments
     # in order (REVERSE: from the last), replacing each slot's local state `loc_g` by the running
     # state r before it and updating r <- λ^(n_g) r + loc_g. Forward: r starts at h0 and the slots
     # become incoming states, r ends as the final state. Reverse (gradients): r starts at dS_T, the
     # slots become the gradient of the state after each segment, r ends as dh0. In place.
+    # HAS_Z: the normaliser slots `zs` (DZ elements, never decayed) ride along in the programs of
+    # block 0, so the state and its normaliser are one launch.
     i_b, i_n, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     if IS_VARLEN:
         g0 = tl.load(seg_cu + i_n).to(tl.int64)
@@ -331,6 +366,12 @@ def _segment_scan_kernel(
     b_a = 0.
     if USE_DECAY:
         b_a = tl.load(decay + i_s).to(tl.float32)
+    if HAS_Z:
+        o_z = tl.arange(0, BZ)
+        m_z = (o_z + i_b * BZ) < DZ  # block 0 only (BZ >= DZ)
+        b_rz = tl.zeros([BZ], dtype=tl.float32)
+        if USE_Z0:
+            b_rz += tl.load(z0 + (i_n * HS + i_s) * DZ + o_z, mask=m_z, other=0.)
     for i_r in range(0, ng):
         i_g = i_r
         if REVERSE:
@@ -338,12 +379,19 @@ def _segment_scan_kernel(
         p = hs + ((g0 + i_g) * HS + i_s) * D + o
         b_loc = tl.load(p, mask=m, other=0.)
         tl.store(p, b_r, mask=m)
+        if HAS_Z:
+            p_z = zs + ((g0 + i_g) * HS + i_s) * DZ + o_z
+            b_lz = tl.load(p_z, mask=m_z, other=0.)
+            tl.store(p_z, b_rz, mask=m_z)
+            b_rz += b_lz
         if USE_DECAY:
             n_g = tl.minimum(seq_len - i_g * SEG, SEG)
             b_r = b_r * tl.exp(-b_a * n_g.to(tl.float32))
         b_r += b_loc
     if STORE_HT:
         tl.store(ht + (i_n * HS + i_s) * D + o, b_r, mask=m)
+    if STORE_ZT:
+        tl.store(zt + (i_n * HS + i_s) * DZ + o_z, b_rz, mask=m_z)
 
 
 @_segment_kernel()
@@ -381,25 +429,31 @@ def _segment_output_kernel(
                           mask=m_t[:, None] & m_v[None, :], other=0.)
             # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early
             b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
-        if NORMALIZE:
-            if CAUSAL:
-                b_zc, b_z = _running_normaliser(b_z, b_kf)
-            else:  # the sequence totals
-                b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
+            if NORMALIZE:
+                # the normaliser after this chunk, Σ φ(k_j) in float32 ([BK]: the [BT, BK] float32
+                # copy of k̃ dies here, nothing [BT, BK] stays live across the query-head loop)
+                b_zn = b_z + tl.sum(b_kf, 0)
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
             b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_t[:, None] & m_k[None, :], scale, H, K, FEATURE_MAP)
+            if NORMALIZE:
+                # d_i = q̃_i·z_prev + Σ_{j<=i} q̃_i·k̃_j: the first term in float32 here (CAUSAL=False:
+                # z_prev is the sequence total), the second from the score tile below
+                b_den = tl.sum(b_qf * b_z[None, :], 1)
             # inter-chunk: [BT, BK] @ [BK, BV] -> [BT, BV], scaled by λ^(i+1)
             b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
             if CAUSAL:
                 # intra-chunk: ([BT, BK] @ [BK, BT]) ⊙ M -> [BT, BT]; [BT, BT] @ [BT, BV] -> [BT, BV]
                 # (the [BT, BT] mask is rebuilt per chunk: a few exps, 16 fewer live registers)
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
+                if NORMALIZE:
+                    # Σ_{j<=i} q̃_i·k̃_j: float32 row sums of the float32-accumulated score tile (M is
+                    # the 0/1 causal mask: normalize never decays), the same q̃, k̃ as the numerator
+                    b_den += tl.sum(b_s, 1)
                 b_o = tl.dot(b_s.to(b_v.dtype), b_v, b_o, input_precision=DOT_PRECISION)
             if FEATURE_MAP == 0:
                 b_o *= scale
             if NORMALIZE:
-                b_den = tl.sum(b_qf * b_zc, 1)
                 if FEATURE_MAP == 0:
                     b_den *= scale
                 b_den += eps
@@ -411,29 +465,48 @@ def _segment_output_kernel(
         if CAUSAL:
             # S <- λ^L S + (K ⊙ λ^(L-1-j))ᵀ V: [BK, BT] @ [BT, BV] -> [BK, BV]
             b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
+            if NORMALIZE:
+                b_z = b_zn
 
 
 # -------------------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
-             NORMALIZE: tl.constexpr, dtype: tl.constexpr):
-    """The cotangent of the unnormalised output, dn = do / den, in `dtype` for the dots, and
-    dd = -(do·o) / den (0 without normalisation)."""
+def _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H: tl.constexpr, V: tl.constexpr,
+             NORMALIZE: tl.constexpr, LOAD_DD: tl.constexpr = True):
+    """The output cotangent tile `do` as loaded (a tensor-core operand straight from memory), and
+    the per-row factors of the unnormalised output's cotangent dn = do / den: 1/den, and
+    dd = -(do·o) / den (1 and 0 without normalisation). dn is never formed: the products take
+    `do` and scale their rows (or, transposed, columns) by 1/den in float32."""
     # [BT, BV]
     b_do = tl.load(do + (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :]), mask=m_tv, other=0.)
+    b_rd = tl.full(m_t.shape, 1.0, tl.float32)
     b_dd = tl.zeros(m_t.shape, dtype=tl.float32)
     if NORMALIZE:
-        b_den = tl.load(den + start * H + i_h + t * H, mask=m_t, other=1.)
-        b_dd += tl.load(delta + start * H + i_h + t * H, mask=m_t, other=0.)
-        b_do = (b_do.to(tl.float32) / b_den[:, None])
-    return b_do.to(dtype), b_dd
+        b_rd = 1.0 / tl.load(den + start * H + i_h + t * H, mask=m_t, other=1.)
+        if LOAD_DD:
+            b_dd += tl.load(delta + start * H + i_h + t * H, mask=m_t, other=0.)
+    return b_do, b_rd, b_dd
+
+
+@triton.jit
+def _row_delta(do, o, start, t, i_h, m_t, b_rd, H: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """dd_t = -(do_t·o_t) / d_t over the whole Dv, in float32 from the output as returned (the
+    first backward pass computes it; the later passes load it)."""
+    b_acc = tl.zeros(m_t.shape, dtype=tl.float32)
+    for i_vb in range(0, (V + BV - 1) // BV):
+        o_v = i_vb * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        off = (start * H + i_h) * V + (t[:, None] * (H * V) + o_v[None, :])
+        # [BT, BV] -> [BT]
+        b_acc += tl.sum(tl.load(do + off, mask=m, other=0.).to(tl.float32) * tl.load(o + off, mask=m, other=0.).to(tl.float32), 1)
+    return -b_acc * b_rd
 
 
 @_segment_kernel()
 def _segment_dstate_kernel(
-    q, do, den, delta, dhs, dzs, decay, seg_info, cu_seqlens, scale, T, NS, SEG,
+    q, do, o, den, delta, dhs, dzs, decay, seg_info, cu_seqlens, scale, T, NS, SEG,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -442,6 +515,8 @@ def _segment_dstate_kernel(
     # program = (segment, state head, state block): the gradient the segment's outputs send to
     # the state entering it, chunks walked from the last:
     #   G_loc <- λ^L G_loc + Σ_group (φ(q) ⊙ λ^(i+1))ᵀ dn,   Gz_loc <- Gz_loc + Σ_group φ(q)ᵀ dd
+    # With normalize it also computes dd = -(do·o)/d for its rows and stores it (`delta`) for the
+    # dq and dk/dv passes (the programs of Dv block 0; Dk is whole here).
     pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
     i_s = tl.program_id(1).to(tl.int64)
     NVB: tl.constexpr = (V + BV - 1) // BV
@@ -469,11 +544,18 @@ def _segment_dstate_kernel(
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
             b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
-            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
-                                  NORMALIZE, b_q.dtype)
-            # (Q̃ ⊙ λ^(i+1))ᵀ dN: [BK, BT] @ [BT, BV] -> [BK, BV], accumulated into the decayed G
-            b_qw = (b_qf * b_qd[:, None]).to(b_q.dtype)
-            b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
+            b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_t[:, None] & m_v[None, :], H, V,
+                                        NORMALIZE, False)
+            if NORMALIZE:
+                b_dd = _row_delta(do, o, start, t, i_h, m_t, b_rd, H, V, BV)
+                if i_v == 0:
+                    tl.store(delta + start * H + i_h + t * H, b_dd, mask=m_t)
+            # (Q̃ ⊙ λ^(i+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV], accumulated into the decayed G
+            b_qs = b_qd
+            if NORMALIZE:
+                b_qs = b_qd * b_rd
+            b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+            b_dh = tl.dot(tl.trans(b_qw), b_do, b_dh, input_precision=DOT_PRECISION)
             if NORMALIZE:
                 b_dz += tl.sum(b_qf * b_dd[:, None], 0)
     if FEATURE_MAP == 0:
@@ -509,6 +591,9 @@ def _segment_dq_kernel(
 
     b_h, b_z, b_a = _incoming_state(hin, zin, decay, pid, i_n, i_s, o_k, o_v, m_k, m_v, HS, K, V, BK,
                                     STATE_PER_SEQ, NORMALIZE, USE_DECAY)
+    # the state kept transposed, Sᵀ [BV, BK] (one shuffle here): its update Sᵀ += Vᵀ (K̃ ⊙ w) has
+    # M = Dv rows per warp group, so a narrow Dk block still runs on wgmma, and dN Sᵀ reads it as is
+    b_ht = tl.trans(b_h)
     for i_t in range(0, tl.cdiv(n, BT)):
         t = i_t * BT + o_t
         m_t = t < n
@@ -520,23 +605,26 @@ def _segment_dq_kernel(
             # [BT, BV]
             b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
             b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
-        if NORMALIZE:
-            if CAUSAL:
-                b_zc, b_z = _running_normaliser(b_z, b_kf)
-            else:  # the sequence totals
-                b_zc = b_z[None, :] + tl.zeros([BT, BK], dtype=tl.float32)
+            if NORMALIZE:
+                b_zn = b_z + tl.sum(b_kf, 0)  # the normaliser after this chunk (float32, [BK])
         for i_g in range(QPS):
             i_h = i_s * QPS + i_g
-            b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE,
-                                  q.dtype.element_ty)
-            # [BT, BV] @ [BV, BK] -> [BT, BK]
-            b_dq = tl.dot(b_dn, tl.trans(b_h).to(b_dn.dtype), input_precision=DOT_PRECISION) * b_qd[:, None]
-            if CAUSAL:
-                # ([BT, BV] @ [BV, BT]) ⊙ M -> [BT, BT]; then [BT, BT] @ [BT, BK] -> [BT, BK]
-                b_ds = tl.dot(b_dn, tl.trans(b_v), input_precision=DOT_PRECISION) * _intra_mask(b_a, o_t, USE_DECAY)
-                b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PRECISION)
+            b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE)
+            # dN Sᵀ = diag(1/d) dO Sᵀ: [BT, BV] @ [BV, BK] -> [BT, BK]
+            b_qs = b_qd
             if NORMALIZE:
-                b_dq += b_dd[:, None] * b_zc
+                b_qs = b_qd * b_rd
+            b_dq = tl.dot(b_do, b_ht.to(b_do.dtype), input_precision=DOT_PRECISION) * b_qs[:, None]
+            if NORMALIZE:
+                # dd_i z_i = dd_i z_prev (float32, here) + Σ_{j<=i} dd_i k̃_j (in the intra product)
+                b_dq += b_dd[:, None] * b_z[None, :]
+            if CAUSAL:
+                # ((dN Vᵀ [+ dd 1ᵀ]) ⊙ M: [BT, BV] @ [BV, BT] -> [BT, BT]; then [BT, BT] @ [BT, BK] -> [BT, BK]
+                b_ds = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    b_ds = b_ds * b_rd[:, None] + b_dd[:, None]
+                b_ds = b_ds * _intra_mask(b_a, o_t, USE_DECAY)
+                b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PRECISION)
             if FEATURE_MAP == 0:
                 b_dq *= scale
             else:
@@ -544,47 +632,151 @@ def _segment_dq_kernel(
                 b_dq *= _phi_grad(b_x * scale, FEATURE_MAP) * scale
             tl.store(dq + (start * H + i_h) * K + (t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m_tk)
         if CAUSAL:
-            # same state update as the forward: [BK, BT] @ [BT, BV] -> [BK, BV]
-            b_h = tl.dot(tl.trans(b_kw), b_v, b_h * b_sd, input_precision=DOT_PRECISION)
+            # the forward's state update, transposed: [BV, BT] @ [BT, BK] -> [BV, BK]
+            b_ht = tl.dot(tl.trans(b_v), b_kw, b_ht * b_sd, input_precision=DOT_PRECISION)
+            if NORMALIZE:
+                b_z = b_zn
+
+
+@triton.jit
+def _g_offsets(o_k, o_v, m_k, m_v, V: tl.constexpr, TRANS_G: tl.constexpr):
+    """Offsets and mask of a state-gradient block, `[BK, BV]` or transposed `[BV, BK]`."""
+    if TRANS_G:
+        off = o_k[None, :] * V + o_v[:, None]
+        m = m_k[None, :] & m_v[:, None]
+    else:
+        off = o_k[:, None] * V + o_v[None, :]
+        m = m_k[:, None] & m_v[None, :]
+    return off, m
+
+
+@triton.jit
+def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_t, m_tk, m_tv, n_c,
+               b_k, b_v, b_dh, b_dz, b_dk, b_dv,
+               H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, USE_DECAY: tl.constexpr, STORE_DK: tl.constexpr,
+               STORE_DV: tl.constexpr, TRANS_G: tl.constexpr, ACC: tl.constexpr):
+    """One chunk of one state head `i_s` for dk/dv (see `_segment_dkdv_kernel`): its terms of dk̃
+    and dv (added to `b_dk`, `b_dv` when ACC, else they start here) and its G (and Gz) moved
+    before the chunk. Returns (b_dk, b_dv, b_dh, b_dz)."""
+    QPS: tl.constexpr = H // HS
+    b_a = 0.
+    if USE_DECAY:
+        b_a = tl.load(decay + i_s).to(tl.float32)
+    b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, n_c, USE_DECAY)
+    # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
+    if STORE_DK:
+        if TRANS_G:
+            b_dki = tl.dot(b_v, b_dh.to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+        else:
+            b_dki = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+        if NORMALIZE:
+            b_dki += b_dz[None, :]
+        if ACC:
+            b_dk += b_dki
+        else:
+            b_dk = b_dki
+    if STORE_DV:
+        b_dvi = tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
+        if ACC:
+            b_dv += b_dvi
+        else:
+            b_dv = b_dvi
+    if CAUSAL:
+        # G <- λ^L G + Σ_group (Q̃ ⊙ λ^(t+1))ᵀ dN: the products accumulate into the decayed G
+        b_dh = b_dh * b_sd
+        for i_g in range(QPS):
+            i_h = i_s * QPS + i_g
+            # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per query head (not live across the loop)
+            b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
+            if FEATURE_MAP == 0:
+                b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
+            b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
+            b_do, b_rd, b_dd = _load_do(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE)
+            b_qs = b_qd
+            if FEATURE_MAP == 0:
+                b_qs = b_qd * scale
+            if NORMALIZE:
+                b_qs = b_qs * b_rd
+            b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+            # (Q̃ ⊙ λ^(t+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃
+            # tile dies early)
+            if TRANS_G:
+                b_dh = tl.dot(tl.trans(b_do), b_qw, b_dh, input_precision=DOT_PRECISION)
+            else:
+                b_dh = tl.dot(tl.trans(b_qw), b_do, b_dh, input_precision=DOT_PRECISION)
+            if STORE_DV:
+                # Aᵀ diag(1/d) = (K̃ Q̃ᵀ) ⊙ Mᵀ / d_t: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += (..) dO
+                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
+                if NORMALIZE:
+                    b_st = b_st * b_rd[None, :]
+                b_dv = tl.dot(b_st.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION)
+            if STORE_DK:
+                # dAᵀ = (V dNᵀ [+ 1 ddᵀ]) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
+                # (the normaliser's Σ_{t>=j} dd_t q̃_t rides the same product)
+                b_dst = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    b_dst = b_dst * b_rd[None, :]
+                b_dst = b_dst * b_mt
+                b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
+                if NORMALIZE:
+                    b_dzq = tl.cumsum(b_qf * b_dd[:, None], 0, reverse=True)
+                    if FEATURE_MAP == 0:
+                        b_dzq *= scale
+                    b_dk += b_dzq
+            if NORMALIZE:
+                b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
+                if FEATURE_MAP == 0:
+                    b_dzc *= scale
+                b_dz += b_dzc
+    return b_dk, b_dv, b_dh, b_dz
 
 
 @_segment_kernel(STORE_DK="dk", STORE_DV="dv")
 def _segment_dkdv_kernel(
-    q, k, v, do, den, delta, dk, dv, decay, gin, gzin, seg_info, cu_seqlens, scale, T, NS, SEG,
+    q, k, v, do, den, delta, dk, dv, decay, gin, gzin, gwork, seg_info, cu_seqlens, scale, T, NS, SEG,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GPS: tl.constexpr,
     FEATURE_MAP: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PER_SEQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_DK: tl.constexpr, STORE_DV: tl.constexpr,
 ):
-    # program = (segment, state head, state block): a reverse walk of the segment's chunks from
+    # program = (segment, KV-side head, state block): a reverse walk of the segment's chunks from
     # the gradient G of the state after the segment (`gin`; CAUSAL=False: the sequence total):
-    #   dk̃_j = λ^(L-1-j) v_j Gᵀ + Σ_t M[t,j] (dn_t·v_j) q̃_t [+ Gz + Σ_{t>=j} dd_t q̃_t],
-    #   dv_j  = λ^(L-1-j) k̃_j G  + Σ_t M[t,j] (q̃_t·k̃_j) dn_t,
-    #   G <- λ^L G + (Q̃ ⊙ λ^(t+1))ᵀ dN.
+    #   dk̃_j = Σ_s [λ^(L-1-j) v_j G_sᵀ + Σ_t M[t,j] (dn_t·v_j) q̃_t] [+ Gz + Σ_{t>=j} dd_t q̃_t],
+    #   dv_j  = Σ_s [λ^(L-1-j) k̃_j G_s  + Σ_t M[t,j] (q̃_t·k̃_j) dn_t],
+    #   G_s <- λ^L G_s + (Q̃ ⊙ λ^(t+1))ᵀ dN,
+    # over the GPS state heads s that read this KV head. GPS = 1 (linear attention; lightning
+    # without GQA): one state head, G carried in registers. GPS > 1 (lightning GQA: a state per
+    # query head): the group's dk/dv are summed here, in a fixed order (deterministic, no float32
+    # per-query-head buffers), and each G_s is carried between chunks in its `gwork` slot (read
+    # from `gin` at the first chunk; the slot is this program's alone; a barrier orders the
+    # block's global writes before the next chunk reads them).
     # STORE_DK needs Dv whole (BV >= V), STORE_DV needs Dk whole (BK >= K): each output that
     # sums over a head dim is computed by a program holding that dim, so it comes out complete.
+    tl.static_assert(GPS == 1 or not NORMALIZE, "normalize has one state per KV head")
     pid, i_n, start, n = _segment(seg_info, cu_seqlens, T, NS, SEG, IS_VARLEN)
-    i_s = tl.program_id(1).to(tl.int64)
+    i_p = tl.program_id(1).to(tl.int64)
     NVB: tl.constexpr = (V + BV - 1) // BV
     i_k, i_v = tl.program_id(2) // NVB, tl.program_id(2) % NVB
-    QPS: tl.constexpr = H // HS
-    i_hk = i_s * HK // HS
+    i_hk = i_p * GPS * HK // HS
     o_t = tl.arange(0, BT)
     o_k = _cols(i_k, BK, K)
     o_v = _cols(i_v, BV, V)
     m_k = o_k < K
     m_v = o_v < V
+    # a dk-only program keeps G transposed, `[BV, BK]`: its update is then Gᵀ += dOᵀ (Q̃ ⊙ w) with
+    # M = Dv rows per warp group (wgmma) and its products read it without a transpose
+    TRANS_G: tl.constexpr = STORE_DK and not STORE_DV
+    off_g, m_g = _g_offsets(o_k, o_v, m_k, m_v, V, TRANS_G)
 
-    # [BK, BV] float32 state gradient, [BK] normaliser gradient
-    b_dh = tl.load(_state_ptr(gin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + o_k[:, None] * V + o_v[None, :],
-                   mask=m_k[:, None] & m_v[None, :], other=0.)
-    b_dz = tl.zeros([BK], dtype=tl.float32)
-    if NORMALIZE:
-        b_dz += tl.load(_state_ptr(gzin, pid, i_n, i_s, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
-    b_a = 0.
-    if USE_DECAY:
-        b_a = tl.load(decay + i_s).to(tl.float32)
+    if GPS == 1:
+        # [BK, BV] float32 state gradient, [BK] normaliser gradient
+        b_dh = tl.load(_state_ptr(gin, pid, i_n, i_p, HS, K * V, STATE_PER_SEQ) + off_g, mask=m_g, other=0.)
+        b_dz = tl.zeros([BK], dtype=tl.float32)
+        if NORMALIZE:
+            b_dz += tl.load(_state_ptr(gzin, pid, i_n, i_p, HS, K, STATE_PER_SEQ) + o_k, mask=m_k, other=0.)
     NT = tl.cdiv(n, BT)
     for i_r in range(0, NT):
         i_t = NT - 1 - i_r
@@ -592,56 +784,42 @@ def _segment_dkdv_kernel(
         m_t = t < n
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_qd, b_kd, b_sd = _chunk_decay(b_a, o_t, m_t, tl.minimum(n - i_t * BT, BT), USE_DECAY)
+        n_c = tl.minimum(n - i_t * BT, BT)
         b_k, b_kf, b_kx = _load_k(k, start, t, i_hk, o_k, m_tk, HK, K, FEATURE_MAP)
         # [BT, BV]
         b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), mask=m_tv, other=0.)
-        # inter-chunk: [BT, BV] @ [BV, BK] -> [BT, BK] and [BT, BK] @ [BK, BV] -> [BT, BV]
-        if STORE_DK:
-            b_dk = tl.dot(b_v, tl.trans(b_dh).to(b_v.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
-            if NORMALIZE:
-                b_dk += b_dz[None, :]
-        if STORE_DV:
-            b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=DOT_PRECISION) * b_kd[:, None]
-        if CAUSAL:
-            # transposed mask Mᵀ[j, t] = M[t, j], rebuilt per chunk (fewer live registers)
-            b_mt = _intra_mask_t(b_a, o_t, USE_DECAY)
-            if FEATURE_MAP == 0:
-                b_mt *= scale  # the q̃ products carry `scale` (no feature map: q̃ = q)
-            # G <- λ^L G + Σ_group (Q̃ ⊙ λ^(t+1))ᵀ dN: the products accumulate into the decayed G
-            b_dh = b_dh * b_sd
-            for i_g in range(QPS):
-                i_h = i_s * QPS + i_g
-                b_q, b_qf, b_qx = _load_q(q, start, t, i_h, o_k, m_tk, scale, H, K, FEATURE_MAP)
-                b_dn, b_dd = _load_dn(do, den, delta, start, t, i_h, o_v, m_t, m_tv, H, V, NORMALIZE, b_q.dtype)
-                b_qs = b_qd
-                if FEATURE_MAP == 0:
-                    b_qs = b_qd * scale
-                b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
-                # [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃ tile dies early)
-                b_dh = tl.dot(tl.trans(b_qw), b_dn, b_dh, input_precision=DOT_PRECISION)
-                if STORE_DV:
-                    # Aᵀ = (K̃ Q̃ᵀ) ⊙ Mᵀ: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += Aᵀ dN
-                    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
-                    b_dv = tl.dot(b_st.to(b_dn.dtype), b_dn, b_dv, input_precision=DOT_PRECISION)
-                if STORE_DK:
-                    # dAᵀ = (V dNᵀ) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
-                    b_dst = tl.dot(b_v, tl.trans(b_dn), input_precision=DOT_PRECISION) * b_mt
-                    b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PRECISION)
-                    if NORMALIZE:
-                        # Σ_{t>=j} dd_t q̃_t in float32: a reverse scan over the chunk
-                        b_dzq = tl.cumsum(b_qf * b_dd[:, None], 0, reverse=True)
-                        if FEATURE_MAP == 0:
-                            b_dzq *= scale
-                        b_dk += b_dzq
-                if NORMALIZE:
-                    b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
-                    if FEATURE_MAP == 0:
-                        b_dzc *= scale
-                    b_dz += b_dzc
+        if GPS == 1:
+            b_dk, b_dv, b_dh, b_dz = _dkdv_head(
+                q, do, den, delta, decay, scale, start, t, i_p, o_t, o_k, o_v, m_t, m_tk, m_tv, n_c,
+                b_k, b_v, b_dh, b_dz, 0., 0., H, HS, K, V, FEATURE_MAP, NORMALIZE, CAUSAL, DOT_PRECISION,
+                USE_DECAY, STORE_DK, STORE_DV, TRANS_G, False)
+        else:
+            b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+            b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+            for i_j in range(GPS):
+                i_s = i_p * GPS + i_j
+                p_w = _state_ptr(gwork, pid, i_n, i_s, HS, K * V, False) + off_g
+                p_g = _state_ptr(gin, pid, i_n, i_s, HS, K * V, STATE_PER_SEQ) + off_g
+                if CAUSAL:
+                    if i_r == 0:
+                        b_g = tl.load(p_g, mask=m_g, other=0.)
+                    else:
+                        b_g = tl.load(p_w, mask=m_g, other=0.)
+                else:
+                    b_g = tl.load(p_g, mask=m_g, other=0.)
+                b_dk, b_dv, b_g, b_gz = _dkdv_head(
+                    q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_t, m_tk, m_tv, n_c,
+                    b_k, b_v, b_g, tl.zeros([BK], dtype=tl.float32), b_dk, b_dv, H, HS, K, V, FEATURE_MAP,
+                    NORMALIZE, CAUSAL, DOT_PRECISION, USE_DECAY, STORE_DK, STORE_DV, TRANS_G, True)
+                if CAUSAL:
+                    tl.store(p_w, b_g, mask=m_g)
+            tl.debug_barrier()
         if STORE_DK:
             if FEATURE_MAP != 0:
+                # k reloaded (an L1/L2 hit) rather than kept live in float32 across the chunk
+                b_kx = tl.load(k + (start * HK + i_hk) * K + (t[:, None] * (HK * K) + o_k[None, :]), mask=m_tk,
+                               other=0.).to(tl.float32)
                 b_dk *= _phi_grad(b_kx, FEATURE_MAP)
-            tl.store(dk + (start * HS + i_s) * K + (t[:, None] * (HS * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m_tk)
+            tl.store(dk + (start * HK + i_hk) * K + (t[:, None] * (HK * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m_tk)
         if STORE_DV:
-            tl.store(dv + (start * HS + i_s) * V + (t[:, None] * (HS * V) + o_v[None, :]), b_dv.to(dv.dtype.element_ty), mask=m_tv)
+            tl.store(dv + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]), b_dv.to(dv.dtype.element_ty), mask=m_tv)
