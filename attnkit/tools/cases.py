@@ -318,8 +318,13 @@ def audit_cases(quick: bool) -> list[Case]:
             add("attention", "fwd+bwd", dtype, {**train, "D": d}, {"causal": True, "norm": "rms"})
     add("attention", "fwd+bwd", BF16, {**train, "D": 128}, {"causal": True, "norm": "l2", "norm_weight": False})
     add("attention", "fwd+bwd", BF16, {**train, "D": 128}, {"causal": True, "varlen": True})
-    add("attention", "fwd+bwd", BF16, {**train, "D": 128}, {"causal": True, "window": (256, 0)}, optional=True)
-    add("attention", "fwd+bwd", BF16, {**train, "D": 128}, {"causal": True, "softcap": 30.0}, optional=True)
+    # sliding window (causal: both sides bounded) and softcap, the cases the windowed/softcap
+    # AUDIT_REQUIREMENTS name (bf16, D = 64/128); window + softcap together is Gemma 2's layer
+    for d in (64, 128):
+        add("attention", "fwd+bwd", BF16, {**train, "D": d}, {"causal": True, "window": (256, 0)}, hot=True)
+        add("attention", "fwd+bwd", BF16, {**train, "D": d}, {"causal": True, "softcap": 30.0}, hot=True)
+    add("attention", "fwd+bwd", BF16, {**train, "D": 128}, {"causal": True, "window": (256, 0), "softcap": 50.0})
+    add("attention", "fwd+bwd", BF16, {**train, "D": 128}, {"causal": False, "window": (256, -1)})
     # QK-norm
     for d in (64, 128, 256):
         add("qk_norm", "fwd+bwd", BF16, dict(B=1, T=1024, H=16, D=d), {"mode": "rms"})
