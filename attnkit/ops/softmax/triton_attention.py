@@ -953,11 +953,16 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
         visible = window_visible(m_col[None, :] & m_row[:, None], q_pos[:, None], cols[None, :], WL, WR,
                                  HAS_WL, HAS_WR)
         b_p = tl.where(visible, b_p, 0.)
+    if SOFTCAP and not HAS_SCALE_TENSOR:
+        # only dz = p·z'·(dp - delta) is needed: fold the cap's derivative z' = 1 - tanh² into p
+        # before the dp product, so one [BM, BN] float32 tile (not p and tanh) lives across it
+        # (window + softcap, D = 128, BN=64 w8s2 spilled 16 B on sm_90 with both alive)
+        b_p = b_p * (1. - b_th * b_th)
     # [BM, BDV] @ [BDV, BN] -> [BM, BN]
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
     b_ds = b_p * (b_dp - b_delta[:, None])
     b_dz = b_ds
-    if SOFTCAP:
+    if SOFTCAP and HAS_SCALE_TENSOR:
         b_dz = b_ds * (1. - b_th * b_th)
     if HAS_SCALE_TENSOR:
         if MASK:
