@@ -354,16 +354,16 @@ def tile_split(lo, lo_full, hi, hi_full, BLOCK: tl.constexpr):
 @triton.jit
 def tanh(x):
     """float32 tanh accurate to a few ulp (the interpreter has no libdevice): an odd Taylor
-    polynomial below |x| = 0.25 (no cancellation near 0), `(1 - e) / (1 + e)`, `e = exp(-2|x|)`,
+    polynomial below |x| = 0.25 (no cancellation near 0), `(1 - e) / (1 + e)`, `e = exp(-2x)`,
     above."""
-    a = tl.abs(x)
-    e = tl.exp2(a * -2.8853900817779268)
+    x2 = x * x
+    # signed throughout (both forms are odd), with |x| clamped to 15 so exp2 stays finite
+    # (tanh(15) is 1 in float32): no |x| tile and no sign fix-up live beside the two forms
+    e = tl.exp2(tl.minimum(tl.maximum(x, -15.), 15.) * -2.8853900817779268)
     big = (1. - e) / (1. + e)
-    x2 = a * a
-    small = a * (1. + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+    small = x * (1. + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
-    r = tl.where(a < 0.25, small, big)
-    return tl.where(x < 0, -r, r)
+    return tl.where(x2 < 0.0625, small, big)
 
 
 @triton.jit
@@ -948,11 +948,12 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
     if SOFTCAP:
         b_th = tanh(b_s)
         b_s = b_th * sc2
-    b_p = tl.exp2(b_s - b_lse2[:, None])
     if MASK:
+        # masked before exp2 (the mask dies here); b_lse2 is finite (rows without keys: 0)
         visible = window_visible(m_col[None, :] & m_row[:, None], q_pos[:, None], cols[None, :], WL, WR,
                                  HAS_WL, HAS_WR)
-        b_p = tl.where(visible, b_p, 0.)
+        b_s = tl.where(visible, b_s, float("-inf"))
+    b_p = tl.exp2(b_s - b_lse2[:, None])
     if SOFTCAP and not HAS_SCALE_TENSOR:
         # only dz = p·z'·(dp - delta) is needed: fold the cap's derivative z' = 1 - tanh² into p
         # before the dp product, so one [BM, BN] float32 tile (not p and tanh) lives across it
@@ -1043,6 +1044,9 @@ def _attention_bwd_dq_kernel(
     b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_row[:, None] & m_dv[None, :], other=0.)
     p_lse = (i_b * H + h) * T + bos + t
     b_lse2 = tl.load(lse + p_lse, mask=m_row, other=0.) * 1.4426950408889634
+    # a row that sees no key (lse = -inf) only meets masked tiles, where every logit is -inf:
+    # a finite lse there gives p = exp2(-inf) = 0 (not exp2(-inf + inf) = NaN)
+    b_lse2 = tl.where(b_lse2 == float("-inf"), 0., b_lse2)
     b_delta = tl.load(delta + p_lse, mask=m_row, other=0.)
 
     shift = s_len - t_len
