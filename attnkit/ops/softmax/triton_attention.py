@@ -47,8 +47,8 @@ LOG2E = 1.4426950408889634
 
 # Checked by the static GPU audit (attnkit/tools/_requirements.py; CI: `gpu_audit --arch sm_90
 # --quick`): on sm_90, every kept config of the forward and both backward kernels runs every
-# product on wgmma and spills nothing, with and without the RMS QK-norm, and the QK-norm adds no
-# tensor-core work to the forward (no second QKᵀ product).
+# product on wgmma and spills nothing, with and without the RMS QK-norm, with a sliding window and
+# with a softcap, and the QK-norm adds no tensor-core work to the forward (no second QKᵀ product).
 _ATTN_KERNELS = r"^_attention_(fwd|bwd_dkdv|bwd_dq)_kernel$"
 _PLAIN_CALL = r"^attention fwd\+bwd \S+ \S+ causal=True$"
 AUDIT_REQUIREMENTS = [
@@ -59,6 +59,12 @@ AUDIT_REQUIREMENTS = [
     dict(kernel=r"^_attention_fwd_kernel$", arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
          case=r"norm=rms", same_mma_count_as=_PLAIN_CALL,
          why="issue 12: the RMS-norm forward has the same number of MMA instructions as the plain forward"),
+    # sliding windows and softcap (issue 15): the windowed calls (causal window in --quick; the
+    # full audit adds window + softcap and a left-only window) and the softcap calls
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=r" window=\(",
+         max_spill_stores=0, mma="wgmma", why="issue 15: sliding-window softmax fwd/bwd on wgmma without spills"),
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=r" softcap=",
+         max_spill_stores=0, mma="wgmma", why="issue 15: softcapped softmax fwd/bwd on wgmma without spills"),
 ]
 
 
