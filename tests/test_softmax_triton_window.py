@@ -291,6 +291,27 @@ def test_forward_prune_drops_the_configs_the_sm90_audit_found_spilling(monkeypat
     assert kept(256, 2, (8, 0)) == {(64, 32, 8, 2)}  # the only config that fits: kept
 
 
+def test_backward_prune_counts_window_and_softcap(monkeypatch):
+    """GPU config list: a left window bound and a softcap each add BWD_FEATURE_REGS to the
+    backward estimate; with both, the dq configs at the register edge on sm_90 (D64 inner 32 on 4
+    warps: 24 B spilled under Triton 3.6; D128 inner 64 / w8 / s2: 254 registers) are dropped, while
+    plain causal calls and either feature alone keep every config they had."""
+    monkeypatch.setattr(ta, "interpreted", lambda: False)
+    cfgs = ta.bwd_configs("BN")
+
+    def kept(BD, features):
+        outer = ta.bwd_outer_tile(BD, BD, 2)
+        return {(c.kwargs["BN"], c.num_warps, c.num_stages)
+                for c in ta.prune_bwd(cfgs, outer, BD, BD, 2, (9, 0), dkdv=False, features=features)}
+
+    for BD, edge in ((64, (32, 4, 2)), (128, (64, 8, 2))):
+        assert kept(BD, 0) == kept(BD, 1) and edge in kept(BD, 0)
+        assert kept(BD, 2) == kept(BD, 0) - {edge}
+    base = dict(HAS_WR=True, NORM=0)
+    assert ta._bwd_features({**base, "HAS_WL": False, "SOFTCAP": False}) == 0  # causal alone
+    assert ta._bwd_features({**base, "HAS_WL": True, "SOFTCAP": True}) == 2
+
+
 def test_length_bucket_is_coarse():
     assert ta.len_bucket(1) == ta.len_bucket(100) == ta.len_bucket(1025) == ta.len_bucket(2048)
     assert ta.len_bucket(2049) == ta.len_bucket(16384) != ta.len_bucket(16385)

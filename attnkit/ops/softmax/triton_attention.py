@@ -252,43 +252,64 @@ def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: in
     return elsize * (outer * (BD + BDV) + (max(cfg.num_stages, 1) + 1) * inner * (BD + BDV))
 
 
+# Extra registers of a backward program per feature on top of causal masking: a left window bound
+# (a second visibility test on the masked tiles) and a softcap (tanh and its derivative). Sm_90
+# audit (2026-12-02, bf16): with both, dq spilled 24 B at D64 / 32 inner / 4 warps / 2 stages
+# (estimate 192; Triton 3.6, 255 registers) and sat at 254 registers at D128 / 64 / 8 / 2 (192;
+# 16 B spilled before this round's dq restructuring); with either alone both compile clean.
+BWD_FEATURE_REGS = 12
+
+
 def bwd_regs(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int, dkdv: bool,
-             norm: bool = False) -> float:
+             norm: bool = False, features: int = 0) -> float:
     """dk/dv: two float32 accumulators `[outer, BD + BDV]`, resident K, V and `4 x [outer, inner]`
     transposed tiles (`Sᵀ`, `Pᵀ`, `dPᵀ`, `dSᵀ`: the audit's 128 x 64 / D64 config spilled 188 B with
     2); dq: one `[outer, BD]` accumulator, resident Q, dO and `2 x [outer, inner]` logits/dp;
-    +24 with a QK-norm (the row and column rstd scales; dq 128 x 64 / D128 spilled 48 B with it)."""
+    +24 with a QK-norm (the row and column rstd scales; dq 128 x 64 / D128 spilled 48 B with it);
+    +BWD_FEATURE_REGS per feature (`features`: a left window bound, a softcap)."""
     inner = next(iter(cfg.kwargs.values()))
     acc = outer * (BD + BDV) + 4 * outer * inner if dkdv else outer * BD + 2 * outer * inner
-    return _regs(acc, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
+    return (_regs(acc, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
+            + BWD_FEATURE_REGS * features)
 
 
 def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability,
-              dkdv: bool = True, norm: bool = False) -> list[triton.Config]:
+              dkdv: bool = True, norm: bool = False, features: int = 0) -> list[triton.Config]:
     """Inner tiles up to the outer tile that fit shared memory and the register budget; when none
-    fits the budget, the one with the fewest estimated registers that fits shared memory."""
+    fits the budget, the one with the fewest estimated registers that fits shared memory.
+    `features`: how many of (left window bound, softcap) the call has (see `bwd_regs`)."""
     limit = smem_limit(capability)
     fits = [c for c in configs if next(iter(c.kwargs.values())) <= outer
             and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit]
-    kept = [c for c in fits if bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm) + _mma_sync_regs(capability) <= REG_BUDGET]
+
+    def regs(c):
+        return bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm, features)
+
+    kept = [c for c in fits if regs(c) + _mma_sync_regs(capability) <= REG_BUDGET]
     if kept:
         return kept
     if fits:
-        return [min(fits, key=lambda c: bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm))]
+        return [min(fits, key=regs)]
     name = next(iter(configs[0].kwargs))
     return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
+
+
+def _bwd_features(args) -> int:
+    """Left window bound and softcap of a launch (causal masking alone is the right bound, which
+    the plain estimate already covers)."""
+    return int(bool(args["HAS_WL"])) + int(bool(args["SOFTCAP"]))
 
 
 def _prune_bwd_dkdv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     return prune_bwd(configs, args["BN"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
-                     norm=args["NORM"] != 0)
+                     norm=args["NORM"] != 0, features=_bwd_features(args))
 
 
 def _prune_bwd_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
-                     dkdv=False, norm=args["NORM"] != 0)
+                     dkdv=False, norm=args["NORM"] != 0, features=_bwd_features(args))
 
 
 # ----------------------------------------------------------------------------------- jit helpers
