@@ -312,6 +312,33 @@ def test_backward_prune_counts_window_and_softcap(monkeypatch):
     assert ta._bwd_features({**base, "HAS_WL": True, "SOFTCAP": True}) == 2
 
 
+def test_dkdv_key_tile_is_arch_aware_and_independent_of_dq(monkeypatch):
+    """Before sm_90 the dk/dv programs own 64 keys at head dims above 64 (128 spilled on sm_80);
+    sm_90 and small head dims keep the shared outer tile. The launcher sizes the dk/dv grid by its
+    own tile: a dk/dv key tile unlike the dq row tile gives the same gradients."""
+    assert ta.bwd_dkdv_tile(128, 128, 128, (8, 0)) == 64
+    assert ta.bwd_dkdv_tile(128, 128, 128, (8, 6)) == 64
+    assert ta.bwd_dkdv_tile(128, 128, 128, (9, 0)) == 128
+    assert ta.bwd_dkdv_tile(128, 64, 64, (8, 0)) == 128
+    assert ta.bwd_dkdv_tile(64, 256, 256, (8, 0)) == 64
+    assert ta.bwd_dkdv_tile(32, 128, 128, None) == 32
+    q, k, v = (_data(1, 70, 4, 32).float(), _data(1, 70, 2, 32).float(), _data(1, 70, 2, 32).float())
+    do = _data(1, 70, 4, 32).float()
+
+    def grads():
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o = ta.attention(*leaves, True, 0.3, None, None, None, 1e-6, None, None, False, window=(20, 0), softcap=3.0)
+        return torch.autograd.grad(o, leaves, do)
+
+    base = grads()
+    outer = ta.bwd_outer_tile(32, 32, 4)
+    monkeypatch.setattr(ta, "bwd_dkdv_tile", lambda tile, BD, BDV, cap: tile // 2)
+    half = grads()
+    assert outer // 2 >= 16
+    for name, a, b in zip(("dq", "dk", "dv"), base, half):
+        torch.testing.assert_close(b, a, msg=name)
+
+
 def test_length_bucket_is_coarse():
     assert ta.len_bucket(1) == ta.len_bucket(100) == ta.len_bucket(1025) == ta.len_bucket(2048)
     assert ta.len_bucket(2049) == ta.len_bucket(16384) != ta.len_bucket(16385)

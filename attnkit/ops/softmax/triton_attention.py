@@ -237,6 +237,15 @@ def bwd_outer_tile(BD: int, BDV: int, elsize: int) -> int:
     return 32
 
 
+def bwd_dkdv_tile(outer: int, BD: int, BDV: int, capability) -> int:
+    """Keys per dk/dv program: `outer`, except before sm_90 (`mma.sync`, both operands in
+    registers) at head dims above 64, where 128 keys leave no inner tile within the registers
+    (sm_80 audit, 2026-12-02: inner 16 / w8 / s2 spilled 52 B, 20 B with the QK-norm): 64."""
+    if capability is not None and capability[0] < 9 and outer == 128 and BD + BDV > 128:
+        return 64
+    return outer
+
+
 def bwd_configs(inner: str) -> list[triton.Config]:
     """The inner tile (the side a backward program loops over) is tuned with warps and stages."""
     if interpreted():
@@ -1240,9 +1249,10 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
     tensor_scale = isinstance(scale, torch.Tensor)
     BD, BDV = head_block(D), head_block(DV)
     tile = bwd_outer_tile(BD, BDV, q.element_size())
+    tile_k = bwd_dkdv_tile(tile, BD, BDV, _capability(q))
     n_seq = None if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     n_q = _row_blocks(T * G, n_seq, tile) * B * HK
-    n_k = _row_blocks(S, n_seq, tile) * B * HK
+    n_k = _row_blocks(S, n_seq, tile_k) * B * HK
     # per-program partials, zero where a program writes nothing (varlen padding, early exits)
     f32 = dict(device=q.device, dtype=torch.float32)
     dqw_part = torch.zeros(n_q, D, **f32) if norm is not None and q_w is not None else None
@@ -1276,7 +1286,7 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
             _attention_bwd_preprocess_kernel[(triton.cdiv(T, BT), B * H)](
                 o, do, dlse, delta, T, H=H, DV=DV, BDV=BDV, BT=BT)
             _attention_bwd_dkdv_kernel[(n_k,)](
-                do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile, **dkdv_args)
+                do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile_k, **dkdv_args)
             _attention_bwd_dq_kernel[(n_q,)](
                 do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, qop=qn, rq=rq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
                 dscale_part=dscale_part, BM=tile, **common)
