@@ -222,6 +222,36 @@ def test_queries_outside_every_window_are_never_read():
     torch.testing.assert_close(dv2[:, :TILE], dv[:, :TILE].float(), rtol=1e-4, atol=1e-4)
 
 
+def test_tanh_helper_is_accurate_and_odd():
+    """The kernels' float32 `tanh` (exp2 forms, no libdevice) against float64 torch.tanh: absolute
+    error within 2 ulp of 1 everywhere, relative error within 4 ulp near 0 (where the softcap's
+    logits are small), odd to rounding, saturating to +-1 for huge and infinite inputs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tanh_kernel(x, y, n, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + o, ta.tanh(tl.load(x + o, mask=o < n, other=0.)), mask=o < n)
+
+    pos = torch.cat([torch.logspace(-30, 2, 3001, dtype=F64), torch.linspace(0, 20, 2001, dtype=F64),
+                     torch.tensor([0.25, 0.2499999, 0.2500001, 15., 16., 1e30], dtype=F64)])
+    x32 = torch.cat([pos, -pos]).float()
+    x = torch.cat([x32, torch.tensor([float("inf"), float("-inf")])]).to(DEVICE)
+    y = torch.full_like(x, float("nan"))
+    tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    y = y.cpu().double()
+    want = torch.tanh(x.cpu().double())
+    eps = torch.finfo(torch.float32).eps
+    assert torch.isfinite(y).all()
+    assert (y - want).abs().max() <= 2 * eps
+    small = x.cpu().abs() < 0.25
+    assert ((y - want).abs() / want.abs().clamp_min(1e-300))[small & (x.cpu() != 0)].max() <= 4 * eps
+    n = pos.numel()
+    assert (y[:n] + y[n:2 * n]).abs().max() <= 2 * eps  # odd to rounding (each sign has its own exp2)
+    assert y[-2] == 1. and y[-1] == -1.
+
+
 # ------------------------------------------------------------------------------ configs and prune
 
 
@@ -259,6 +289,54 @@ def test_forward_prune_drops_the_configs_the_sm90_audit_found_spilling(monkeypat
     assert (64, 128, 4, 3) not in sm90_64 and (64, 64, 4, 3) in sm90_64 and (128, 128, 8, 2) in sm90_64
     assert (64, 32, 8, 2) not in sm90_64 | sm90_128 | kept(128, 2, (8, 0))
     assert kept(256, 2, (8, 0)) == {(64, 32, 8, 2)}  # the only config that fits: kept
+
+
+def test_backward_prune_counts_window_and_softcap(monkeypatch):
+    """GPU config list: a left window bound and a softcap each add BWD_FEATURE_REGS to the
+    backward estimate; with both, the dq configs at the register edge on sm_90 (D64 inner 32 on 4
+    warps: 24 B spilled under Triton 3.6; D128 inner 64 / w8 / s2: 254 registers) are dropped, while
+    plain causal calls and either feature alone keep every config they had."""
+    monkeypatch.setattr(ta, "interpreted", lambda: False)
+    cfgs = ta.bwd_configs("BN")
+
+    def kept(BD, features):
+        outer = ta.bwd_outer_tile(BD, BD, 2)
+        return {(c.kwargs["BN"], c.num_warps, c.num_stages)
+                for c in ta.prune_bwd(cfgs, outer, BD, BD, 2, (9, 0), dkdv=False, features=features)}
+
+    for BD, edge in ((64, (32, 4, 2)), (128, (64, 8, 2))):
+        assert kept(BD, 0) == kept(BD, 1) and edge in kept(BD, 0)
+        assert kept(BD, 2) == kept(BD, 0) - {edge}
+    base = dict(HAS_WR=True, NORM=0)
+    assert ta._bwd_features({**base, "HAS_WL": False, "SOFTCAP": False}) == 0  # causal alone
+    assert ta._bwd_features({**base, "HAS_WL": True, "SOFTCAP": True}) == 2
+
+
+def test_dkdv_key_tile_is_arch_aware_and_independent_of_dq(monkeypatch):
+    """Before sm_90 the dk/dv programs own 64 keys at head dims above 64 (128 spilled on sm_80);
+    sm_90 and small head dims keep the shared outer tile. The launcher sizes the dk/dv grid by its
+    own tile: a dk/dv key tile unlike the dq row tile gives the same gradients."""
+    assert ta.bwd_dkdv_tile(128, 128, 128, (8, 0)) == 64
+    assert ta.bwd_dkdv_tile(128, 128, 128, (8, 6)) == 64
+    assert ta.bwd_dkdv_tile(128, 128, 128, (9, 0)) == 128
+    assert ta.bwd_dkdv_tile(128, 64, 64, (8, 0)) == 128
+    assert ta.bwd_dkdv_tile(64, 256, 256, (8, 0)) == 64
+    assert ta.bwd_dkdv_tile(32, 128, 128, None) == 32
+    q, k, v = (_data(1, 70, 4, 32).float(), _data(1, 70, 2, 32).float(), _data(1, 70, 2, 32).float())
+    do = _data(1, 70, 4, 32).float()
+
+    def grads():
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o = ta.attention(*leaves, True, 0.3, None, None, None, 1e-6, None, None, False, window=(20, 0), softcap=3.0)
+        return torch.autograd.grad(o, leaves, do)
+
+    base = grads()
+    outer = ta.bwd_outer_tile(32, 32, 4)
+    monkeypatch.setattr(ta, "bwd_dkdv_tile", lambda tile, BD, BDV, cap: tile // 2)
+    half = grads()
+    assert outer // 2 >= 16
+    for name, a, b in zip(("dq", "dk", "dv"), base, half):
+        torch.testing.assert_close(b, a, msg=name)
 
 
 def test_length_bucket_is_coarse():

@@ -47,8 +47,8 @@ LOG2E = 1.4426950408889634
 
 # Checked by the static GPU audit (attnkit/tools/_requirements.py; CI: `gpu_audit --arch sm_90
 # --quick`): on sm_90, every kept config of the forward and both backward kernels runs every
-# product on wgmma and spills nothing, with and without the RMS QK-norm, and the QK-norm adds no
-# tensor-core work to the forward (no second QKᵀ product).
+# product on wgmma and spills nothing, with and without the RMS QK-norm, with a sliding window and
+# with a softcap, and the QK-norm adds no tensor-core work to the forward (no second QKᵀ product).
 _ATTN_KERNELS = r"^_attention_(fwd|bwd_dkdv|bwd_dq)_kernel$"
 _PLAIN_CALL = r"^attention fwd\+bwd \S+ \S+ causal=True$"
 AUDIT_REQUIREMENTS = [
@@ -59,6 +59,12 @@ AUDIT_REQUIREMENTS = [
     dict(kernel=r"^_attention_fwd_kernel$", arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128),
          case=r"norm=rms", same_mma_count_as=_PLAIN_CALL,
          why="issue 12: the RMS-norm forward has the same number of MMA instructions as the plain forward"),
+    # sliding windows and softcap (issue 15): the windowed calls (causal window in --quick; the
+    # full audit adds window + softcap and a left-only window) and the softcap calls
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=r" window=\(",
+         max_spill_stores=0, mma="wgmma", why="issue 15: sliding-window softmax fwd/bwd on wgmma without spills"),
+    dict(kernel=_ATTN_KERNELS, arch="sm_90", dtypes=("bfloat16",), head_dims=(64, 128), case=r" softcap=",
+         max_spill_stores=0, mma="wgmma", why="issue 15: softcapped softmax fwd/bwd on wgmma without spills"),
 ]
 
 
@@ -231,6 +237,15 @@ def bwd_outer_tile(BD: int, BDV: int, elsize: int) -> int:
     return 32
 
 
+def bwd_dkdv_tile(outer: int, BD: int, BDV: int, capability) -> int:
+    """Keys per dk/dv program: `outer`, except before sm_90 (`mma.sync`, both operands in
+    registers) at head dims above 64, where 128 keys leave no inner tile within the registers
+    (sm_80 audit, 2026-12-02: inner 16 / w8 / s2 spilled 52 B, 20 B with the QK-norm): 64."""
+    if capability is not None and capability[0] < 9 and outer == 128 and BD + BDV > 128:
+        return 64
+    return outer
+
+
 def bwd_configs(inner: str) -> list[triton.Config]:
     """The inner tile (the side a backward program loops over) is tuned with warps and stages."""
     if interpreted():
@@ -246,43 +261,64 @@ def bwd_smem_bytes(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: in
     return elsize * (outer * (BD + BDV) + (max(cfg.num_stages, 1) + 1) * inner * (BD + BDV))
 
 
+# Extra registers of a backward program per feature on top of causal masking: a left window bound
+# (a second visibility test on the masked tiles) and a softcap (tanh and its derivative). Sm_90
+# audit (2026-12-02, bf16): with both, dq spilled 24 B at D64 / 32 inner / 4 warps / 2 stages
+# (estimate 192; Triton 3.6, 255 registers) and sat at 254 registers at D128 / 64 / 8 / 2 (192;
+# 16 B spilled before this round's dq restructuring); with either alone both compile clean.
+BWD_FEATURE_REGS = 12
+
+
 def bwd_regs(cfg: triton.Config, outer: int, BD: int, BDV: int, elsize: int, dkdv: bool,
-             norm: bool = False) -> float:
+             norm: bool = False, features: int = 0) -> float:
     """dk/dv: two float32 accumulators `[outer, BD + BDV]`, resident K, V and `4 x [outer, inner]`
     transposed tiles (`Sᵀ`, `Pᵀ`, `dPᵀ`, `dSᵀ`: the audit's 128 x 64 / D64 config spilled 188 B with
     2); dq: one `[outer, BD]` accumulator, resident Q, dO and `2 x [outer, inner]` logits/dp;
-    +24 with a QK-norm (the row and column rstd scales; dq 128 x 64 / D128 spilled 48 B with it)."""
+    +24 with a QK-norm (the row and column rstd scales; dq 128 x 64 / D128 spilled 48 B with it);
+    +BWD_FEATURE_REGS per feature (`features`: a left window bound, a softcap)."""
     inner = next(iter(cfg.kwargs.values()))
     acc = outer * (BD + BDV) + 4 * outer * inner if dkdv else outer * BD + 2 * outer * inner
-    return _regs(acc, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
+    return (_regs(acc, outer * (BD + BDV), elsize, cfg.num_warps, cfg.num_stages) + 24 * norm
+            + BWD_FEATURE_REGS * features)
 
 
 def prune_bwd(configs, outer: int, BD: int, BDV: int, elsize: int, capability,
-              dkdv: bool = True, norm: bool = False) -> list[triton.Config]:
+              dkdv: bool = True, norm: bool = False, features: int = 0) -> list[triton.Config]:
     """Inner tiles up to the outer tile that fit shared memory and the register budget; when none
-    fits the budget, the one with the fewest estimated registers that fits shared memory."""
+    fits the budget, the one with the fewest estimated registers that fits shared memory.
+    `features`: how many of (left window bound, softcap) the call has (see `bwd_regs`)."""
     limit = smem_limit(capability)
     fits = [c for c in configs if next(iter(c.kwargs.values())) <= outer
             and bwd_smem_bytes(c, outer, BD, BDV, elsize) <= limit]
-    kept = [c for c in fits if bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm) + _mma_sync_regs(capability) <= REG_BUDGET]
+
+    def regs(c):
+        return bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm, features)
+
+    kept = [c for c in fits if regs(c) + _mma_sync_regs(capability) <= REG_BUDGET]
     if kept:
         return kept
     if fits:
-        return [min(fits, key=lambda c: bwd_regs(c, outer, BD, BDV, elsize, dkdv, norm))]
+        return [min(fits, key=regs)]
     name = next(iter(configs[0].kwargs))
     return [triton.Config({name: 16}, num_warps=4, num_stages=1)]
+
+
+def _bwd_features(args) -> int:
+    """Left window bound and softcap of a launch (causal masking alone is the right bound, which
+    the plain estimate already covers)."""
+    return int(bool(args["HAS_WL"])) + int(bool(args["SOFTCAP"]))
 
 
 def _prune_bwd_dkdv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     return prune_bwd(configs, args["BN"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
-                     norm=args["NORM"] != 0)
+                     norm=args["NORM"] != 0, features=_bwd_features(args))
 
 
 def _prune_bwd_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     return prune_bwd(configs, args["BM"], args["BD"], args["BDV"], args["q"].element_size(), _capability(args["q"]),
-                     dkdv=False, norm=args["NORM"] != 0)
+                     dkdv=False, norm=args["NORM"] != 0, features=_bwd_features(args))
 
 
 # ----------------------------------------------------------------------------------- jit helpers
@@ -354,16 +390,16 @@ def tile_split(lo, lo_full, hi, hi_full, BLOCK: tl.constexpr):
 @triton.jit
 def tanh(x):
     """float32 tanh accurate to a few ulp (the interpreter has no libdevice): an odd Taylor
-    polynomial below |x| = 0.25 (no cancellation near 0), `(1 - e) / (1 + e)`, `e = exp(-2|x|)`,
+    polynomial below |x| = 0.25 (no cancellation near 0), `(1 - e) / (1 + e)`, `e = exp(-2x)`,
     above."""
-    a = tl.abs(x)
-    e = tl.exp2(a * -2.8853900817779268)
+    x2 = x * x
+    # signed throughout (both forms are odd), with |x| clamped to 15 so exp2 stays finite
+    # (tanh(15) is 1 in float32): no |x| tile and no sign fix-up live beside the two forms
+    e = tl.exp2(tl.minimum(tl.maximum(x, -15.), 15.) * -2.8853900817779268)
     big = (1. - e) / (1. + e)
-    x2 = a * a
-    small = a * (1. + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+    small = x * (1. + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
-    r = tl.where(a < 0.25, small, big)
-    return tl.where(x < 0, -r, r)
+    return tl.where(x2 < 0.0625, small, big)
 
 
 @triton.jit
@@ -948,16 +984,22 @@ def _dq_tile(b_acc, b_dsr, b_dss, b_pr, b_q, r_q, b_do, b_lse2, b_delta, k_base,
     if SOFTCAP:
         b_th = tanh(b_s)
         b_s = b_th * sc2
-    b_p = tl.exp2(b_s - b_lse2[:, None])
     if MASK:
+        # masked before exp2 (the mask dies here); b_lse2 is finite (rows without keys: 0)
         visible = window_visible(m_col[None, :] & m_row[:, None], q_pos[:, None], cols[None, :], WL, WR,
                                  HAS_WL, HAS_WR)
-        b_p = tl.where(visible, b_p, 0.)
+        b_s = tl.where(visible, b_s, float("-inf"))
+    b_p = tl.exp2(b_s - b_lse2[:, None])
+    if SOFTCAP and not HAS_SCALE_TENSOR:
+        # only dz = p·z'·(dp - delta) is needed: fold the cap's derivative z' = 1 - tanh² into p
+        # before the dp product, so one [BM, BN] float32 tile (not p and tanh) lives across it
+        # (window + softcap, D = 128, BN=64 w8s2 spilled 16 B on sm_90 with both alive)
+        b_p = b_p * (1. - b_th * b_th)
     # [BM, BDV] @ [BDV, BN] -> [BM, BN]
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
     b_ds = b_p * (b_dp - b_delta[:, None])
     b_dz = b_ds
-    if SOFTCAP:
+    if SOFTCAP and HAS_SCALE_TENSOR:
         b_dz = b_ds * (1. - b_th * b_th)
     if HAS_SCALE_TENSOR:
         if MASK:
@@ -1038,6 +1080,9 @@ def _attention_bwd_dq_kernel(
     b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_row[:, None] & m_dv[None, :], other=0.)
     p_lse = (i_b * H + h) * T + bos + t
     b_lse2 = tl.load(lse + p_lse, mask=m_row, other=0.) * 1.4426950408889634
+    # a row that sees no key (lse = -inf) only meets masked tiles, where every logit is -inf:
+    # a finite lse there gives p = exp2(-inf) = 0 (not exp2(-inf + inf) = NaN)
+    b_lse2 = tl.where(b_lse2 == float("-inf"), 0., b_lse2)
     b_delta = tl.load(delta + p_lse, mask=m_row, other=0.)
 
     shift = s_len - t_len
@@ -1204,9 +1249,10 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
     tensor_scale = isinstance(scale, torch.Tensor)
     BD, BDV = head_block(D), head_block(DV)
     tile = bwd_outer_tile(BD, BDV, q.element_size())
+    tile_k = bwd_dkdv_tile(tile, BD, BDV, _capability(q))
     n_seq = None if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     n_q = _row_blocks(T * G, n_seq, tile) * B * HK
-    n_k = _row_blocks(S, n_seq, tile) * B * HK
+    n_k = _row_blocks(S, n_seq, tile_k) * B * HK
     # per-program partials, zero where a program writes nothing (varlen padding, early exits)
     f32 = dict(device=q.device, dtype=torch.float32)
     dqw_part = torch.zeros(n_q, D, **f32) if norm is not None and q_w is not None else None
@@ -1240,7 +1286,7 @@ def attention_bwd(q, k, v, o, lse, do, dlse, *, causal: bool, scale: float | tor
             _attention_bwd_preprocess_kernel[(triton.cdiv(T, BT), B * H)](
                 o, do, dlse, delta, T, H=H, DV=DV, BDV=BDV, BT=BT)
             _attention_bwd_dkdv_kernel[(n_k,)](
-                do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile, **dkdv_args)
+                do=do, lse=lse, delta=delta, dk=dk, dv=dv, rq=rq, rk=rk, BN=tile_k, **dkdv_args)
             _attention_bwd_dq_kernel[(n_q,)](
                 do=do, lse=lse, delta=delta, dlse=dlse, dq=dq, qop=qn, rq=rq, rk=rk, dqw_part=dqw_part, dkw_part=dkw_part,
                 dscale_part=dscale_part, BM=tile, **common)
