@@ -19,6 +19,11 @@ is one opaque node with:
 * for the in-place ops (``attention_decode_append``, ``linear_attention_step``,
   ``loki_cache_append``) the mutated tensors declared in the schema (``Tensor(a!)``).
 
+The public functions without a backend (``loki_rotate``, ``loki_calibrate``, ``lightning_slopes``,
+``layer_decay``) are ops too, outside the dispatcher: traced calls (and eager ones under
+``ATTNKIT_EAGER_CUSTOM_OPS=1``) go through them (:func:`through_op`), plain eager calls run the
+same implementation directly.
+
 The ops take *validated, normalised* arguments (what the prepare step returns): call the public
 functions, not ``torch.ops.attnkit.*``, unless you validate yourself. Callables (a user
 ``feature_map``) never reach an op: the prepare step applies them outside, as ordinary torch code
