@@ -200,9 +200,11 @@ def backendless_cases():
                                              (r(3, 2, 16, dtype=torch.bfloat16, grad=True), comps)),
         "loki_calibrate": (lambda k: attnkit.loki_calibrate(k), (keys,)),
         "loki_calibrate_center_f64_grad_keys": (
-            lambda k: attnkit.loki_calibrate(k, center=True, dtype=torch.float64), (keys.clone().requires_grad_(True),)),
+            lambda k: attnkit.loki_calibrate(k, center=True, dtype=torch.float64),
+            (keys.clone().requires_grad_(True),)),
         "lightning_slopes": (lambda: attnkit.lightning_slopes(7), ()),
-        "layer_decay": (lambda s: attnkit.layer_decay(s, 2, 6), (torch.rand(5, dtype=torch.float64, requires_grad=True),)),
+        "layer_decay": (lambda s: attnkit.layer_decay(s, 2, 6),
+                        (torch.rand(5, dtype=torch.float64, requires_grad=True),)),
         "layer_decay_f16_strided": (lambda s: attnkit.layer_decay(s, 0, 1),
                                     (torch.rand(4, 6, dtype=torch.float16)[:, ::2].requires_grad_(True),)),
     }
