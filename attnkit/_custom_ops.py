@@ -19,6 +19,11 @@ is one opaque node with:
 * for the in-place ops (``attention_decode_append``, ``linear_attention_step``,
   ``loki_cache_append``) the mutated tensors declared in the schema (``Tensor(a!)``).
 
+The public functions without a backend (``loki_rotate``, ``loki_calibrate``, ``lightning_slopes``,
+``layer_decay``) are ops too, outside the dispatcher: traced calls (and eager ones under
+``ATTNKIT_EAGER_CUSTOM_OPS=1``) go through them (:func:`through_op`), plain eager calls run the
+same implementation directly.
+
 The ops take *validated, normalised* arguments (what the prepare step returns): call the public
 functions, not ``torch.ops.attnkit.*``, unless you validate yourself. Callables (a user
 ``feature_map``) never reach an op: the prepare step applies them outside, as ordinary torch code
@@ -824,3 +829,125 @@ def _call_loki_cache_append(kw: dict, backend: str):
 CALLERS["loki_attention_decode"] = _call_loki_attention_decode
 CALLERS["loki_attention_decode_lowrank"] = _call_loki_attention_decode_lowrank
 CALLERS["loki_cache_append"] = _call_loki_cache_append
+
+
+# ------------------------------------------------- backend-less public functions (no dispatch)
+#
+# loki_rotate, loki_calibrate, lightning_slopes and layer_decay are compositions of torch ops with
+# no backend to choose, so they bypass dispatch.FastOp; they are ops all the same (SPEC: every
+# public op), routed like dispatch.run routes the others: traced calls (and eager ones under
+# ATTNKIT_EAGER_CUSTOM_OPS=1) go through torch.ops.attnkit.<name>, plain eager calls run the
+# implementation directly (the same function the op runs, so the results are the same bits).
+
+
+def through_op(*tensors: Tensor | None) -> bool:
+    """Whether a public function outside the dispatcher calls its ``torch.ops.attnkit`` op rather
+    than its implementation: under torch.compile/export, an active fake/proxy/functionalization
+    mode, tensor-subclass inputs (as :func:`attnkit.dispatch.run`), or ATTNKIT_EAGER_CUSTOM_OPS=1."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    if dispatch._env_key()[3] in (b"1", "1"):  # env[3]: ATTNKIT_EAGER_CUSTOM_OPS
+        return True
+    return dispatch._traced(dict(enumerate(tensors)))
+
+
+def _loki_api():
+    from .ops.loki import api
+
+    return api
+
+
+def _linear_api():
+    from .ops.linear import api
+
+    return api
+
+
+@_op("loki_rotate", "(Tensor x, Tensor components) -> Tensor")
+def _loki_rotate(x, components):
+    """`x [..., Hk, D] @ components[h]` per KV head, in x's dtype (the public function validates)."""
+    with torch.no_grad():
+        return _own(_loki_api()._rotate(x, components), x, components)
+
+
+@_loki_rotate.register_fake
+def _(x, components):
+    return x.new_empty(x.shape)
+
+
+def _loki_rotate_setup(ctx, inputs, output):
+    x, components = inputs
+    ctx.save_for_backward(x, components)
+
+
+def _loki_rotate_bwd(ctx, grad):
+    """The rotation is bilinear: dx = g @ C^T per head, dC = sum over the leading dims of x^T g,
+    computed in the forward's compute dtype and returned in each input's dtype (what autograd
+    through the eager einsum gives). Plain torch ops, so it traces and double-differentiates."""
+    x, components = ctx.saved_tensors
+    cd = _loki_api().reference.compute_dtype(x.dtype)
+    g = grad.to(cd)
+    dx = dc = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.einsum("...he,hde->...hd", g, components.to(cd)).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        dc = torch.einsum("...hd,...he->hde", x.to(cd), g).to(components.dtype)
+    return dx, dc
+
+
+_loki_rotate.register_autograd(_loki_rotate_bwd, setup_context=_loki_rotate_setup)
+
+
+@_op("loki_calibrate", "(Tensor keys, *, bool center, ScalarType dtype) -> (Tensor, Tensor, Tensor)")
+def _loki_calibrate(keys, *, center, dtype):
+    """`(components [Hk, D, D], explained_variance_ratio [Hk, D], mean [Hk, D] or empty)` in
+    `dtype`. Not differentiable (the public function passes detached keys): no autograd."""
+    with torch.no_grad():
+        components, ratio, mean = _loki_api()._calibrate(keys, center, dtype)
+    return (_own(components, keys), _own(ratio, keys),
+            _own(mean, keys) if mean is not None else _empty(keys, dtype))
+
+
+@_loki_calibrate.register_fake
+def _(keys, *, center, dtype):
+    _, hk, d = keys.shape
+    return (keys.new_empty(hk, d, d, dtype=dtype), keys.new_empty(hk, d, dtype=dtype),
+            keys.new_empty(hk, d, dtype=dtype) if center else _empty(keys, dtype))
+
+
+@_op("lightning_slopes", "(int num_heads) -> Tensor")
+def _lightning_slopes(num_heads):
+    """float32 `[num_heads]` on the CPU (the public function has no device argument)."""
+    return _linear_api()._lightning_slopes(num_heads)
+
+
+@_lightning_slopes.register_fake
+def _(num_heads):
+    return torch.empty(num_heads, dtype=torch.float32)
+
+
+@_op("layer_decay", "(Tensor slopes, int layer_idx, int num_layers) -> Tensor")
+def _layer_decay(slopes, layer_idx, num_layers):
+    """float32, the shape of `slopes` (contiguous)."""
+    with torch.no_grad():
+        return _own(_linear_api()._layer_decay(slopes, layer_idx, num_layers), slopes)
+
+
+@_layer_decay.register_fake
+def _(slopes, layer_idx, num_layers):
+    return slopes.new_empty(slopes.shape, dtype=torch.float32)
+
+
+def _layer_decay_setup(ctx, inputs, output):
+    slopes, layer_idx, num_layers = inputs
+    ctx.factor = _linear_api()._depth_factor(layer_idx, num_layers)
+    ctx.slopes_dtype = slopes.dtype
+
+
+def _layer_decay_bwd(ctx, grad):
+    """d/dslopes of `slopes.to(float32) * factor`: `(g * factor)` back in slopes' dtype."""
+    ds = (grad * ctx.factor).to(ctx.slopes_dtype) if ctx.needs_input_grad[0] else None
+    return ds, None, None
+
+
+_layer_decay.register_autograd(_layer_decay_bwd, setup_context=_layer_decay_setup)

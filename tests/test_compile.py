@@ -131,24 +131,92 @@ def test_compile_loki_ops():
                    q2, k_rot, v_c, cache.seqlens.clone())
 
 
+def _attnkit_ops(fn, *args):
+    """`fn(*args)` compiled with fullgraph=True (aot_eager): its outputs and the attnkit ops in its
+    dynamo graph (so a test can check that the call went through ``torch.ops.attnkit``)."""
+    counter = CompileCounterWithBackend("aot_eager")
+    out = torch.compile(fn, fullgraph=True, backend=counter)(*args)
+    assert counter.frame_count == 1
+    names = {n.target.name() for g in counter.graphs for n in g.graph.nodes
+             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+             and n.target.namespace == "attnkit"}
+    return out, names
+
+
 def test_compile_loki_calibrate_and_rotate():
-    """Not custom ops (compositions of torch ops, no backend to dispatch; docs/compile.md): they
-    trace as ordinary torch code, with fullgraph=True, and equal eager."""
+    """Custom ops without a backend to choose (docs/compile.md): compiled, the call is the op
+    (`torch.ops.attnkit.loki_calibrate` / `loki_rotate`) and equals eager bit for bit (the op runs
+    the function eager calls); rotate's registered backward equals autograd through the eager
+    einsum; shape checks still raise at trace time."""
     keys = r(40, 2, 16)
     for center in (False, True):
-        calib = torch.compile(lambda k: attnkit.loki_calibrate(k, center=center), fullgraph=True, backend="aot_eager")
-        got, want = calib(keys), attnkit.loki_calibrate(keys, center=center)
-        assert isinstance(got, attnkit.LokiBasis)
-        for a, b in zip((got.components, got.explained_variance_ratio, got.mean),
-                        (want.components, want.explained_variance_ratio, want.mean)):
-            if b is None:
-                assert a is None
-            else:
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for dtype in (torch.float32, torch.float64):
+            got, names = _attnkit_ops(lambda k: attnkit.loki_calibrate(k, center=center, dtype=dtype), keys)
+            want = attnkit.loki_calibrate(keys, center=center, dtype=dtype)
+            assert names == {"attnkit::loki_calibrate"}
+            assert isinstance(got, attnkit.LokiBasis)
+            for a, b in zip((got.components, got.explained_variance_ratio, got.mean),
+                            (want.components, want.explained_variance_ratio, want.mean)):
+                if b is None:
+                    assert a is None
+                else:
+                    assert a.dtype == b.dtype == dtype
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
     basis = attnkit.loki_calibrate(keys)
+    x = r(2, 3, 2, 16)
+    got, names = _attnkit_ops(lambda x: attnkit.loki_rotate(x, basis), x)
+    assert names == {"attnkit::loki_rotate"}
+    torch.testing.assert_close(got, attnkit.loki_rotate(x, basis), rtol=0, atol=0)
     check_compiled(lambda x: attnkit.loki_rotate(x, basis), r(2, 3, 2, 16, grad=True))
+    check_compiled(lambda x: attnkit.loki_rotate(x, basis), r(5, 2, 16, grad=True, dtype=torch.float64))
+    # a basis whose components require grad (a trained basis): gradients reach them, as eagerly
+    comps = basis.components.detach().clone().requires_grad_(True)
+    check_compiled(lambda x, c: attnkit.loki_rotate(x, attnkit.LokiBasis(c, basis.explained_variance_ratio)),
+                   r(3, 2, 16, grad=True, dtype=torch.bfloat16), comps, exact=False)
     with pytest.raises(Exception, match="basis must have components of shape"):
         torch.compile(lambda x: attnkit.loki_rotate(x, basis), fullgraph=True, backend="aot_eager")(r(2, 3, 4, 16))
+
+
+def test_compiled_loki_calibrate_checks_finite_keys_when_run():
+    """The finite-covariance check is inside the op: skipped while tracing (values unknown), it
+    runs when the compiled graph runs the op on CPU tensors, with the eager error."""
+    keys = r(40, 2, 16)
+    keys[3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="keys must be finite to calibrate a basis"):
+        attnkit.loki_calibrate(keys)
+    calib = torch.compile(lambda k: attnkit.loki_calibrate(k), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="keys must be finite to calibrate a basis"):
+        calib(keys)
+
+
+def test_compile_lightning_slopes_and_layer_decay():
+    """Ops too (`torch.ops.attnkit.lightning_slopes`, `layer_decay`): compiled equals eager bit for
+    bit, gradients of layer_decay included (float64 and float16 slopes: the gradient comes back in
+    the slopes' dtype, as through eager autograd)."""
+    for h in (1, 7, 16):
+        got, names = _attnkit_ops(lambda: attnkit.lightning_slopes(h))
+        assert names == {"attnkit::lightning_slopes"}
+        want = attnkit.lightning_slopes(h)
+        assert got.dtype == want.dtype == torch.float32 and got.device == want.device
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got, names = _attnkit_ops(lambda: attnkit.layer_decay(attnkit.lightning_slopes(8), 3, 8))
+    assert names == {"attnkit::lightning_slopes", "attnkit::layer_decay"}
+    torch.testing.assert_close(got, attnkit.layer_decay(attnkit.lightning_slopes(8), 3, 8), rtol=0, atol=0)
+    for dtype in (torch.float64, torch.float16, torch.float32):
+        torch._dynamo.reset()  # 3 layer positions per dtype: under the recompile limit
+        s = torch.rand(6, dtype=torch.float64, device=DEVICE).to(dtype).requires_grad_(True)
+        for layer_idx, num_layers in ((0, 1), (2, 5), (4, 5)):
+            s_c = s.detach().clone().requires_grad_(True)
+            f = torch.compile(lambda s: attnkit.layer_decay(s, layer_idx, num_layers), fullgraph=True,
+                              backend="aot_eager")
+            out_c, out_e = f(s_c), attnkit.layer_decay(s, layer_idx, num_layers)
+            torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+            g = torch.randn(6, device=DEVICE)
+            (gc,), (ge,) = torch.autograd.grad(out_c, s_c, g), torch.autograd.grad(out_e, s, g)
+            assert gc.dtype == ge.dtype == dtype
+            torch.testing.assert_close(gc, ge, rtol=0, atol=0)
+    with pytest.raises(Exception, match="layer_idx must be in 0..3"):  # dynamo wraps the ValueError
+        torch.compile(lambda s: attnkit.layer_decay(s, 4, 4), fullgraph=True, backend="aot_eager")(torch.rand(4))
 
 
 # -------------------------------------------------------------------------------------- modules

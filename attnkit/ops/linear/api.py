@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ... import dispatch
+from ... import _custom_ops, dispatch
 from ..._validation import (
     REFERENCE_DTYPES,
     SMALL_READ,
@@ -416,6 +416,13 @@ def lightning_slopes(num_heads: int) -> torch.Tensor:
         raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if _custom_ops.through_op():  # traced: torch.ops.attnkit.lightning_slopes (docs/compile.md)
+        return _custom_ops.OPS["lightning_slopes"](num_heads)
+    return _lightning_slopes(num_heads)
+
+
+def _lightning_slopes(num_heads: int) -> torch.Tensor:
+    """The body of :func:`lightning_slopes` and of its op (validated `num_heads`)."""
     i = torch.arange(num_heads, dtype=torch.float64)
     return torch.pow(2.0, -8.0 * (i + 1) / num_heads).to(torch.float32)
 
@@ -434,8 +441,18 @@ def layer_decay(slopes: torch.Tensor, layer_idx: int, num_layers: int) -> torch.
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if not 0 <= layer_idx < num_layers:
         raise ValueError(f"layer_idx must be in 0..{num_layers - 1}, got {layer_idx}")
-    factor = 1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5
-    return (slopes.to(torch.float32) * factor).to(torch.float32)
+    if _custom_ops.through_op(slopes):  # traced: torch.ops.attnkit.layer_decay (docs/compile.md)
+        return _custom_ops.OPS["layer_decay"](slopes, layer_idx, num_layers)
+    return _layer_decay(slopes, layer_idx, num_layers)
+
+
+def _depth_factor(layer_idx: int, num_layers: int) -> float:
+    return 1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5
+
+
+def _layer_decay(slopes: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """The body of :func:`layer_decay` and of its op (validated arguments)."""
+    return (slopes.to(torch.float32) * _depth_factor(layer_idx, num_layers)).to(torch.float32)
 
 
 # --------------------------------------------------------------------------------- registrations

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from ... import _custom_ops, dispatch
 from ... import _validation as V
-from ... import dispatch
 from . import reference
 
 __all__ = ["LokiBasis", "loki_attention_decode", "loki_calibrate", "loki_rotate"]
@@ -209,6 +209,18 @@ def loki_calibrate(keys: torch.Tensor, *, center: bool = False,
         raise TypeError(f"center must be a bool, got {type(center).__name__}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if _custom_ops.through_op(keys):  # traced: torch.ops.attnkit.loki_calibrate (docs/compile.md)
+        # detached: calibration is not differentiable (the op registers no autograd)
+        components, ratio, mean = _custom_ops.OPS["loki_calibrate"](keys.detach(), center=center, dtype=dtype)
+        return LokiBasis(components, ratio, mean if center else None)
+    return LokiBasis(*_calibrate(keys, center, dtype))
+
+
+def _calibrate(keys: torch.Tensor, center: bool, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The tensors of :func:`loki_calibrate`'s basis (validated arguments; also the body of the
+    op ``torch.ops.attnkit.loki_calibrate``): `(components, explained_variance_ratio, mean or
+    None)` in `dtype`. The finite-covariance check reads values: skipped while tracing."""
     with torch.no_grad():
         cov, mean = reference.key_covariance(keys, center)  # float64 [Hk, D, D], [Hk, D]
         # eigh cannot digest NaN/Inf (it raises a LinAlgError): say why instead.
@@ -216,7 +228,7 @@ def loki_calibrate(keys: torch.Tensor, *, center: bool = False,
             raise ValueError("keys must be finite to calibrate a basis: their float64 covariance "
                              "has NaN/Inf entries")
         components, ratio = reference.eigh_descending(cov)
-    return LokiBasis(components.to(dtype), ratio.to(dtype), mean.to(dtype) if mean is not None else None)
+    return components.to(dtype), ratio.to(dtype), mean.to(dtype) if mean is not None else None
 
 
 def loki_rotate(x: torch.Tensor, basis: LokiBasis) -> torch.Tensor:
@@ -241,7 +253,13 @@ def loki_rotate(x: torch.Tensor, basis: LokiBasis) -> torch.Tensor:
         raise ValueError(f"x must have shape [..., Hk, D] (at least 2 dims), got {V.shape_str(x)}")
     V.expect_float("x", x)
     _check_basis(basis, x.shape[-2], x.shape[-1], x.device, against="x")
-    return reference.rotate(x, basis.components)
+    components = basis.components
+    if _custom_ops.through_op(x, components):  # traced: torch.ops.attnkit.loki_rotate (docs/compile.md)
+        return _custom_ops.OPS["loki_rotate"](x, components)
+    return _rotate(x, components)
+
+
+_rotate = reference.rotate  # the body of loki_rotate and of its op
 
 
 # ------------------------------------------------------------------------------------ decode
