@@ -63,6 +63,24 @@ TILE_STATE_BUDGET = 128 * 64
 NORM_TILE_STATE_BUDGET = 128 * 32
 
 
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+# The block budgets above and the prune below are tuned to triton 3.9's ptxas (CUDA 13.4; CI
+# pins 3.9). Triton 3.6 (the GPU machine's version; ptxas 12.8 below sm_100) allocates registers
+# differently and spilled 68-416 B in some of those configs, so below 3.9 a few narrower blocks
+# and fewer stages are used (`old_triton()`; the evidence table is in docs/linear_attention.md,
+# "Triton 3.6"). Tests monkeypatch TRITON_VERSION to check both rule sets.
+TRITON_VERSION = _version_tuple(triton.__version__)
+
+
+def old_triton() -> bool:
+    """Whether the installed triton is older than 3.9 (the version the budgets are tuned to)."""
+    return TRITON_VERSION < (3, 9)
+
+
 def _autotune_configs() -> list[triton.Config]:
     if interpreted():
         return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
@@ -95,6 +113,10 @@ def _prune_configs(configs, named_args, **kwargs):
         kept = [c for c in kept if c.num_stages <= 2]
     elif "dk" in args and max(args["K"], args["V"]) > 128 and not wide and big_smem:
         # the dk and dv passes at head dims over 128 spill up to 36 B with 2 stages, none with 3 (bf16)
+        kept = [c for c in kept if c.num_stages >= 3]
+    elif old_triton() and "dk" in args and args.get("STORE_DV") and not wide and big_smem:
+        # triton < 3.9 (ptxas 12.8): the passes that store dv (dk+dv at D = 64 too) spill 84-192 B
+        # with 2 stages at D = 64/128, none with 3 (bf16, sm_90)
         kept = [c for c in kept if c.num_stages >= 3]
     if (wide or not big_smem) and max(args["K"], args["V"]) > 128:
         # float32 tiles, or sm_80, at head dims over 128: 3 stages exceed the shared memory
