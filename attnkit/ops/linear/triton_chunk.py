@@ -130,17 +130,11 @@ def _tile_budget(normalize: bool, grouped: bool = False, K: int = 0, V: int = 0)
     return NORM_TILE_STATE_BUDGET if small else TILE_STATE_BUDGET
 
 
-def _narrow_dv(BK: int, BV: int, normalize: bool, grouped: bool) -> int:
-    """Dv columns of the output and dv passes' `[BK, BV]` state block beyond the budget (the dv
-    pass with normalize also takes at most 32, at its call): below triton 3.9 (`kern.old_triton()`, ptxas 12.8) the
-    Dk-whole blocks at Dk >= 128 with normalize take 16 (32 spilled 276-416 B) and lightning GQA's
-    grouped dv at most 32 (`[64, 64]` spilled 68-104 B at D = 64)."""
-    if kern.old_triton():
-        if normalize and BK >= 128:
-            return min(BV, 16)
-        if grouped:
-            return min(BV, 32)
-    return BV
+def _narrow_dv(BV: int, grouped: bool) -> int:
+    """Dv columns of the dv pass's `[BK, BV]` state block beyond the budget: below triton 3.9
+    (`kern.old_triton()`, ptxas 12.8) lightning GQA's grouped dv takes at most 32 (`[64, 64]`
+    spilled 68-104 B at D = 64 with 2 and 3 stages; `[64, 32]` none)."""
+    return min(BV, 32) if grouped and kern.old_triton() else BV
 
 
 def _dims(q, k, v, cu_seqlens):
@@ -220,7 +214,6 @@ def chunk_linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decay
         s_in, z_in = (hs, zs) if causal else (ht, zt)
         if plan.nseg and HS:
             BK, BV = _blocks_dv_split(K, V, _tile_budget(normalize, False, K, V))
-            BV = _narrow_dv(BK, BV, normalize, False)
             grid = (plan.nseg, HS, triton.cdiv(V, BV))
             kern._segment_output_kernel[grid](
                 q, k, v, o, den, decay, s_in, z_in, plan.seg_info, cu_seqlens, scale, eps, T, plan.NS, plan.SEG,
@@ -305,7 +298,7 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
                 kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(K, BK))](
                     *args, dk, None, gwork=work, BK=BK, BV=BV, **tail)
                 BK, BV = _blocks_dv_split(K, V, budget)
-                BV = min(_narrow_dv(BK, BV, normalize, GPS > 1), 32 if normalize else BV)
+                BV = min(BV, 32) if normalize else _narrow_dv(BV, GPS > 1)
                 kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(V, BV))](
                     *args, None, dv, gwork=g_in if GPS > 1 else None, BK=BK, BV=BV, **tail)
     return dq, dk, dv, dh0, dz0

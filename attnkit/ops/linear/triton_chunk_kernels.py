@@ -114,9 +114,11 @@ def _prune_configs(configs, named_args, **kwargs):
     elif "dk" in args and max(args["K"], args["V"]) > 128 and not wide and big_smem:
         # the dk and dv passes at head dims over 128 spill up to 36 B with 2 stages, none with 3 (bf16)
         kept = [c for c in kept if c.num_stages >= 3]
-    elif old_triton() and "dk" in args and args.get("STORE_DV") and not wide and big_smem:
+    elif old_triton() and "dk" in args and args.get("STORE_DV") and not args.get("NORMALIZE") and not wide \
+            and big_smem:
         # triton < 3.9 (ptxas 12.8): the passes that store dv (dk+dv at D = 64 too) spill 84-192 B
-        # with 2 stages at D = 64/128, none with 3 (bf16, sm_90)
+        # with 2 stages at D = 64/128, none with 3 (bf16, sm_90; lightning attention, measured
+        # without normalize: with it both stage counts behave alike)
         kept = [c for c in kept if c.num_stages >= 3]
     if (wide or not big_smem) and max(args["K"], args["V"]) > 128:
         # float32 tiles, or sm_80, at head dims over 128: 3 stages exceed the shared memory
@@ -449,8 +451,13 @@ def _segment_output_kernel(
             # [BT, BV]
             b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]),
                           mask=m_t[:, None] & m_v[None, :], other=0.)
-            # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early
-            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
+            # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early;
+            # without decay the weights are the 0/1 row mask and k̃ is already 0 on padding rows,
+            # so the update reads k̃ itself (one [BT, BK] tile fewer live across the head loop)
+            if USE_DECAY:
+                b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
+            else:
+                b_kw = b_k
             if NORMALIZE:
                 # the normaliser after this chunk, Σ φ(k_j) in float32 ([BK]: the [BT, BK] float32
                 # copy of k̃ dies here, nothing [BT, BK] stays live across the query-head loop)
@@ -722,6 +729,12 @@ def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_
             if NORMALIZE:
                 b_qs = b_qs * b_rd
             b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+            if NORMALIZE and STORE_DK:
+                # Gz <- Gz + Σ_t dd_t q̃_t (only dk reads Gz), now so that the float32 q̃ dies here
+                b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
+                if FEATURE_MAP == 0:
+                    b_dzc *= scale
+                b_dz += b_dzc
             # (Q̃ ⊙ λ^(t+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃
             # tile dies early)
             if TRANS_G:
@@ -747,11 +760,6 @@ def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_
                     if FEATURE_MAP == 0:
                         b_dzq *= scale
                     b_dk += b_dzq
-            if NORMALIZE:
-                b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
-                if FEATURE_MAP == 0:
-                    b_dzc *= scale
-                b_dz += b_dzc
     return b_dk, b_dv, b_dh, b_dz
 
 
