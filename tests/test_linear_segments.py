@@ -255,7 +255,7 @@ def test_prune_keeps_a_config_on_every_version(monkeypatch, version):
                         stores_dv = pass_name in ("dv", "dkdv") and not normalize
                         if normalize and pass_name in ("dq", "dk"):
                             assert stages == {2}, where  # dq, dk with normalize: 3 stages spill
-                        elif D > 128 and not big:
+                        elif D > 128 and not big or D > 64 and arch == "sm_80" and dtype == torch.float32:
                             assert stages == {2}, where  # shared memory (sm_80, float32 tiles)
                         elif stores_dv and big and (D > 128 or version < (3, 9)):
                             assert stages == {3}, where  # spills with 2 stages (ptxas)

@@ -120,8 +120,11 @@ def _prune_configs(configs, named_args, **kwargs):
         # with 2 stages at D = 64/128, none with 3 (bf16, sm_90; lightning attention, measured
         # without normalize: with it both stage counts behave alike)
         kept = [c for c in kept if c.num_stages >= 3]
-    if (wide or not big_smem) and max(args["K"], args["V"]) > 128:
-        # float32 tiles, or sm_80, at head dims over 128: 3 stages exceed the shared memory
+    if (wide or not big_smem) and max(args["K"], args["V"]) > 128 or wide and not big_smem and \
+            max(args["K"], args["V"]) > 64:
+        # float32 tiles, or sm_80, at head dims over 128, and float32 tiles on sm_80 at head dims
+        # over 64 (gpu_audit --arch sm_80, float32, D = 128: 3 stages need 197-229 KB): 3 stages
+        # exceed the shared memory
         kept = [c for c in kept if c.num_stages <= 2]
     return kept or configs[:1]
 
