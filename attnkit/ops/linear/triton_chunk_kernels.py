@@ -120,6 +120,11 @@ def _prune_configs(configs, named_args, **kwargs):
         # with 2 stages at D = 64/128, none with 3 (bf16, sm_90; lightning attention, measured
         # without normalize: with it both stage counts behave alike)
         kept = [c for c in kept if c.num_stages >= 3]
+    elif old_triton() and "o" in args and "k" in args and max(args["K"], args["V"]) > 128 and not wide \
+            and big_smem:
+        # triton < 3.9: the output pass at head dims over 128 spills 168 B with 2 stages, none
+        # with 3 (lightning, bf16, sm_90, [256, 16] blocks)
+        kept = [c for c in kept if c.num_stages >= 3]
     if (wide or not big_smem) and max(args["K"], args["V"]) > 128 or wide and not big_smem and \
             max(args["K"], args["V"]) > 64:
         # float32 tiles, or sm_80, at head dims over 128, and float32 tiles on sm_80 at head dims
