@@ -210,3 +210,80 @@ def test_launch_plan_contract(op, shape, flags):
     for a in plan["allocations"]:
         if a["dtype"] == "float32":
             assert torch.Size(a["shape"]).numel() <= per_token // 4, a
+
+
+# ------------------------------------------------------------ triton-version rules (3.6 vs 3.9)
+
+def _prune_args(pass_name, D, dtype, normalize=False, grouped=False):
+    """The named arguments the autotuner's prune sees for one launch (meta tensors: no data)."""
+    x = torch.empty(1, 1, 1, D, dtype=dtype, device="meta")
+    args = dict(K=D, V=D, BK=D, BV=D, NORMALIZE=normalize, GPS=4 if grouped else 1)
+    if pass_name == "state":
+        return {**args, "k": x}
+    args.update(q=x, k=x)
+    if pass_name == "output":
+        args["o"] = x
+    if pass_name == "dq":
+        args["dq"] = x
+    elif pass_name in ("dk", "dv", "dkdv"):
+        args.update(dk=x, STORE_DK=pass_name != "dv", STORE_DV=pass_name != "dk")
+    return args
+
+
+@pytest.mark.parametrize("version", [(3, 6), (3, 9)])
+def test_prune_keeps_a_config_on_every_version(monkeypatch, version):
+    # the version-aware prune (triton < 3.9: the dv-storing passes keep 3 stages on sm_90 in 16-bit)
+    # still keeps at least one config of every (pass, flags, head dim, dtype, arch), and the 3.9
+    # rules are unchanged; no GPU and no interpreter: the prune only reads shapes and flags
+    from attnkit.ops.linear import triton_chunk_kernels as kern
+    from attnkit.ops.softmax import triton_attention
+
+    monkeypatch.setattr(kern, "TRITON_VERSION", version)
+    monkeypatch.setattr(kern, "interpreted", lambda: False)
+    monkeypatch.setattr(triton_attention, "interpreted", lambda: False)
+    import triton
+    configs = [triton.Config({"BT": 64}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    for arch in ("sm_90", "sm_80"):
+        monkeypatch.setenv("ATTNKIT_TARGET_ARCH", arch)
+        for dtype in (torch.bfloat16, torch.float32):
+            for D in (64, 128, 256):
+                for pass_name in ("state", "output", "dq", "dk", "dv", "dkdv"):
+                    for normalize, grouped in ((False, False), (True, False), (False, True)):
+                        kept = kern._prune_configs(configs, _prune_args(pass_name, D, dtype, normalize, grouped))
+                        where = (arch, dtype, D, pass_name, normalize, grouped)
+                        assert kept and all(c in configs for c in kept), where
+                        stages = {c.num_stages for c in kept}
+                        big = arch == "sm_90" and dtype == torch.bfloat16
+                        stores_dv = pass_name in ("dv", "dkdv") and not normalize
+                        if normalize and pass_name in ("dq", "dk"):
+                            assert stages == {2}, where  # dq, dk with normalize: 3 stages spill
+                        elif D > 128 and not big or D > 64 and arch == "sm_80" and dtype == torch.float32:
+                            assert stages == {2}, where  # shared memory (sm_80, float32 tiles)
+                        elif big and D > 128 and pass_name == "output" and version < (3, 9):
+                            assert stages == {3}, where  # 3.6: the D = 256 output pass spills with 2
+                        elif stores_dv and big and (D > 128 or version < (3, 9)):
+                            assert stages == {3}, where  # spills with 2 stages (ptxas)
+                        elif stores_dv and big and D <= 128:
+                            assert stages == {2, 3}, where  # 3.9: both kept, as before
+    assert kern.old_triton() == (version < (3, 9))
+
+
+@pytest.mark.parametrize("version", [(3, 6), (3, 9)])
+def test_old_triton_blocks_match_reference(monkeypatch, version, nan_empty):
+    # lightning GQA's grouped dv takes at most 32 Dv columns below triton 3.9 (two Dv blocks here,
+    # one on 3.9): both block choices against the float64 reference
+    from attnkit.ops.linear import triton_chunk_kernels as kern
+
+    monkeypatch.setattr(kern, "TRITON_VERSION", version)
+    assert triton_chunk._narrow_dv(64, True) == (32 if version < (3, 9) else 64)
+    assert triton_chunk._narrow_dv(64, False) == 64
+    B, T, H, Hk, Dk, Dv = 1, 53, 4, 2, 32, 64
+    q, k, v = _data(B, T, H, Dk), _data(B, T, Hk, Dk), _data(B, T, Hk, Dv)
+    decay, s0 = _decay(H), _data(B, H, Dk, Dv)
+
+    def make_args(dt):
+        return ((cast_input(q, dt), cast_input(k, dt), cast_input(v, dt), decay),
+                dict(scale=0.5, initial_state=_state(s0, dt), output_final_state=True))
+
+    compare_op(_Seg(attnkit.lightning_attention, 20), make_args, torch.float32, BACKEND, grad=True,
+               output_names=["o", "S"])

@@ -130,6 +130,13 @@ def _tile_budget(normalize: bool, grouped: bool = False, K: int = 0, V: int = 0)
     return NORM_TILE_STATE_BUDGET if small else TILE_STATE_BUDGET
 
 
+def _narrow_dv(BV: int, grouped: bool) -> int:
+    """Dv columns of the dv pass's `[BK, BV]` state block beyond the budget: below triton 3.9
+    (`kern.old_triton()`, ptxas 12.8) lightning GQA's grouped dv takes at most 32 (`[64, 64]`
+    spilled 68-104 B at D = 64 with 2 and 3 stages; `[64, 32]` none)."""
+    return min(BV, 32) if grouped and kern.old_triton() else BV
+
+
 def _dims(q, k, v, cu_seqlens):
     B, T, H, K = q.shape
     HK, V = k.shape[2], v.shape[-1]
@@ -291,7 +298,7 @@ def chunk_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
                 kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(K, BK))](
                     *args, dk, None, gwork=work, BK=BK, BV=BV, **tail)
                 BK, BV = _blocks_dv_split(K, V, budget)
-                BV = min(BV, 32) if normalize else BV
+                BV = min(BV, 32) if normalize else _narrow_dv(BV, GPS > 1)
                 kern._segment_dkdv_kernel[(plan.nseg, heads, triton.cdiv(V, BV))](
                     *args, None, dv, gwork=g_in if GPS > 1 else None, BK=BK, BV=BV, **tail)
     return dq, dk, dv, dh0, dz0

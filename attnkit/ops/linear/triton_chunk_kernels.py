@@ -63,6 +63,24 @@ TILE_STATE_BUDGET = 128 * 64
 NORM_TILE_STATE_BUDGET = 128 * 32
 
 
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+# The block budgets above and the prune below are tuned to triton 3.9's ptxas (CUDA 13.4; CI
+# pins 3.9). Triton 3.6 (the GPU machine's version; ptxas 12.8 below sm_100) allocates registers
+# differently and spilled 68-416 B in some of those configs, so below 3.9 a few narrower blocks
+# and fewer stages are used (`old_triton()`; the evidence table is in docs/linear_attention.md,
+# "Triton 3.6"). Tests monkeypatch TRITON_VERSION to check both rule sets.
+TRITON_VERSION = _version_tuple(triton.__version__)
+
+
+def old_triton() -> bool:
+    """Whether the installed triton is older than 3.9 (the version the budgets are tuned to)."""
+    return TRITON_VERSION < (3, 9)
+
+
 def _autotune_configs() -> list[triton.Config]:
     if interpreted():
         return [triton.Config({"BT": 32}, num_warps=4, num_stages=1)]
@@ -96,8 +114,22 @@ def _prune_configs(configs, named_args, **kwargs):
     elif "dk" in args and max(args["K"], args["V"]) > 128 and not wide and big_smem:
         # the dk and dv passes at head dims over 128 spill up to 36 B with 2 stages, none with 3 (bf16)
         kept = [c for c in kept if c.num_stages >= 3]
-    if (wide or not big_smem) and max(args["K"], args["V"]) > 128:
-        # float32 tiles, or sm_80, at head dims over 128: 3 stages exceed the shared memory
+    elif old_triton() and "dk" in args and args.get("STORE_DV") and not args.get("NORMALIZE") and not wide \
+            and big_smem:
+        # triton < 3.9 (ptxas 12.8): the passes that store dv (dk+dv at D = 64 too) spill 84-192 B
+        # with 2 stages at D = 64/128, none with 3 (bf16, sm_90; lightning attention, measured
+        # without normalize: with it both stage counts behave alike)
+        kept = [c for c in kept if c.num_stages >= 3]
+    elif old_triton() and "o" in args and "k" in args and max(args["K"], args["V"]) > 128 and not wide \
+            and big_smem:
+        # triton < 3.9: the output pass at head dims over 128 spills 168 B with 2 stages, none
+        # with 3 (lightning, bf16, sm_90, [256, 16] blocks)
+        kept = [c for c in kept if c.num_stages >= 3]
+    if (wide or not big_smem) and max(args["K"], args["V"]) > 128 or wide and not big_smem and \
+            max(args["K"], args["V"]) > 64:
+        # float32 tiles, or sm_80, at head dims over 128, and float32 tiles on sm_80 at head dims
+        # over 64 (gpu_audit --arch sm_80, float32, D = 128: 3 stages need 197-229 KB): 3 stages
+        # exceed the shared memory
         kept = [c for c in kept if c.num_stages <= 2]
     return kept or configs[:1]
 
@@ -427,8 +459,13 @@ def _segment_output_kernel(
             # [BT, BV]
             b_v = tl.load(v + (start * HK + i_hk) * V + (t[:, None] * (HK * V) + o_v[None, :]),
                           mask=m_t[:, None] & m_v[None, :], other=0.)
-            # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early
-            b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
+            # K ⊙ λ^(L-1-j) for the state update, formed now so the float32 copy of k dies early;
+            # without decay the weights are the 0/1 row mask and k̃ is already 0 on padding rows,
+            # so the update reads k̃ itself (one [BT, BK] tile fewer live across the head loop)
+            if USE_DECAY:
+                b_kw = (b_kf * b_kd[:, None]).to(b_k.dtype)
+            else:
+                b_kw = b_k
             if NORMALIZE:
                 # the normaliser after this chunk, Σ φ(k_j) in float32 ([BK]: the [BT, BK] float32
                 # copy of k̃ dies here, nothing [BT, BK] stays live across the query-head loop)
@@ -700,6 +737,12 @@ def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_
             if NORMALIZE:
                 b_qs = b_qs * b_rd
             b_qw = (b_qf * b_qs[:, None]).to(b_q.dtype)
+            if NORMALIZE and STORE_DK:
+                # Gz <- Gz + Σ_t dd_t q̃_t (only dk reads Gz), now so that the float32 q̃ dies here
+                b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
+                if FEATURE_MAP == 0:
+                    b_dzc *= scale
+                b_dz += b_dzc
             # (Q̃ ⊙ λ^(t+1) / d)ᵀ dO: [BK, BT] @ [BT, BV] -> [BK, BV] (first, so the weighted q̃
             # tile dies early)
             if TRANS_G:
@@ -725,11 +768,6 @@ def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_
                     if FEATURE_MAP == 0:
                         b_dzq *= scale
                     b_dk += b_dzq
-            if NORMALIZE:
-                b_dzc = tl.sum(b_qf * b_dd[:, None], 0)
-                if FEATURE_MAP == 0:
-                    b_dzc *= scale
-                b_dz += b_dzc
     return b_dk, b_dv, b_dh, b_dz
 
 
