@@ -218,6 +218,33 @@ def _loki_score_kernel(
 
 
 @triton.jit
+def _write_selected(base, out, start, end, tau, k_rem, n_out, n_tie, BLK: tl.constexpr):
+    """Write, in position order, the positions in [start, end) whose score key is above `tau`, and
+    those equal to it while the ties taken so far (`n_tie` before this range) stay within `k_rem`;
+    `n_out` is where this range's first index goes."""
+    o = tl.arange(0, BLK)
+    for n0 in range(start, end, BLK):
+        cols = n0 + o
+        m = cols < end
+        key = _score_key(tl.load(base + cols, mask=m, other=0.))
+        gt = m & (key > tau)
+        eq = (m & (key == tau)).to(tl.int32)
+        take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
+        t32 = take.to(tl.int32)
+        tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
+        n_out += tl.sum(t32, 0)
+        n_tie += tl.sum(eq, 0)
+
+
+@triton.jit
+def _fill_short_row(out, k, top_k, Smax, BLK: tl.constexpr):
+    """A row shorter than top_k: the remaining slots point past its length (masked by index later)."""
+    o = tl.arange(0, BLK)
+    for j0 in range(k, top_k, BLK):
+        tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
+
+
+@triton.jit
 def _score_key(x):
     """float32 -> uint32 keys in the same order (larger score, larger key; NaN above +inf, as
     torch.topk ranks it)."""
@@ -286,22 +313,9 @@ def _loki_select_kernel(scores, cache_seqlens, idx, Smax, top_k, HSEL: tl.conste
         take = gt | ((eq == 1) & (tl.cumsum(eq, 0) <= k_rem))
         tl.store(out + tl.cumsum(take.to(tl.int32), 0) - 1, o, mask=take)
     else:
-        n_out = tl.zeros([1], dtype=tl.int32)
-        n_tie = tl.zeros([1], dtype=tl.int32)
-        for n0 in range(0, seq_len, BLK):
-            cols = n0 + o
-            m = cols < seq_len
-            key = _score_key(tl.load(base + cols, mask=m, other=0.))
-            gt = m & (key > prefix)
-            eq = (m & (key == prefix)).to(tl.int32)
-            take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
-            t32 = take.to(tl.int32)
-            tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
-            n_out += tl.sum(t32, 0)
-            n_tie += tl.sum(eq, 0)
-    # a row shorter than top_k: the remaining slots point past its length (masked by index later)
-    for j0 in range(k, top_k, BLK):
-        tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
+        _write_selected(base, out, 0, seq_len, prefix, k_rem, tl.zeros([1], dtype=tl.int32),
+                        tl.zeros([1], dtype=tl.int32), BLK)
+    _fill_short_row(out, k, top_k, Smax, BLK)
 
 
 @triton.jit
@@ -396,24 +410,10 @@ def _loki_select_write_kernel(scores, cache_seqlens, hist, stats, idx, Smax, top
     n_out = gt_before + tl.minimum(eq_before, k_rem)
     base = scores + row * Smax
     out = idx + row * top_k
-    o = tl.arange(0, BLK)
     start = i_seg * seg_len
-    end = tl.minimum(start + seg_len, seq_len)
-    for n0 in range(start, end, BLK):
-        cols = n0 + o
-        m = cols < end
-        key = _score_key(tl.load(base + cols, mask=m, other=0.))
-        gt = m & (key > tau)
-        eq = (m & (key == tau)).to(tl.int32)
-        take = gt | ((eq == 1) & (n_tie + tl.cumsum(eq, 0) <= k_rem))
-        t32 = take.to(tl.int32)
-        tl.store(out + n_out + tl.cumsum(t32, 0) - 1, cols, mask=take)
-        n_out += tl.sum(t32, 0)
-        n_tie += tl.sum(eq, 0)
+    _write_selected(base, out, start, tl.minimum(start + seg_len, seq_len), tau, k_rem, n_out, n_tie, BLK)
     if i_seg == 0:
-        # a row shorter than top_k: the remaining slots point past its length (masked by index later)
-        for j0 in range(k, top_k, BLK):
-            tl.store(out + j0 + o, Smax + tl.zeros([BLK], dtype=tl.int32), mask=j0 + o < top_k)
+        _fill_short_row(out, k, top_k, Smax, BLK)
 
 
 @triton.jit
