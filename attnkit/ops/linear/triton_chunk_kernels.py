@@ -751,9 +751,14 @@ def _dkdv_head(q, do, den, delta, decay, scale, start, t, i_s, o_t, o_k, o_v, m_
                 b_dh = tl.dot(tl.trans(b_qw), b_do, b_dh, input_precision=DOT_PRECISION)
             if STORE_DV:
                 # Aᵀ diag(1/d) = (K̃ Q̃ᵀ) ⊙ Mᵀ / d_t: [BT, BK] @ [BK, BT] -> [BT, BT]; dv += (..) dO
-                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
-                if NORMALIZE:
-                    b_st = b_st * b_rd[None, :]
+                if NORMALIZE and not USE_DECAY:
+                    # b_qw = q̃ ⊙ [scale ·] 1/d (λ = 1): the product yields the scaled columns itself
+                    # (no 1/d broadcast in the product's layout: triton 3.6 spilled 392-416 B here)
+                    b_st = tl.dot(b_k, tl.trans(b_qw), input_precision=DOT_PRECISION) * _intra_mask_t(b_a, o_t, False)
+                else:
+                    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * b_mt
+                    if NORMALIZE:
+                        b_st = b_st * b_rd[None, :]
                 b_dv = tl.dot(b_st.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION)
             if STORE_DK:
                 # dAᵀ = (V dNᵀ [+ 1 ddᵀ]) ⊙ Mᵀ: [BT, BV] @ [BV, BT] -> [BT, BT]; dk += dAᵀ Q̃
