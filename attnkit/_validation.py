@@ -287,6 +287,22 @@ def check_block_table(block_table: Any, batch: int, num_blocks: int, block_size:
     return block_table.contiguous()
 
 
+def _table_capacity_error(b: int, longest: int, max_blocks: int, block_size: int) -> ValueError:
+    return ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
+                      f"row {b}: max_blocks * block_size = {max_blocks} * "
+                      f"{block_size} = {max_blocks * block_size}")
+
+
+def _table_entry_error(b: int, j: int, value: int, num_blocks: int) -> ValueError:
+    return ValueError(f"block_table[{b}, {j}] = {value} is used by row {b} but "
+                      f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
+                      f"(num_blocks = k_cache.shape[0])")
+
+
+_SHARED_SLOT = ("block_table makes two rows append k_new/v_new into the same cache "
+                "slot; rows may share blocks they only read, not blocks they write")
+
+
 def block_table_values(block_table: torch.Tensor, num_blocks: int, block_size: int, lengths: torch.Tensor,
                        new_tokens: int) -> None:
     """The value checks of :func:`check_block_table` (its shape checks passed; the caller decides
@@ -303,9 +319,7 @@ def block_table_values(block_table: torch.Tensor, num_blocks: int, block_size: i
     longest = int(total.max())
     if longest > capacity:
         b = int(total.argmax())
-        raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
-                         f"row {b}: max_blocks * block_size = {block_table.shape[1]} * "
-                         f"{block_size} = {capacity}")
+        raise _table_capacity_error(b, longest, block_table.shape[1], block_size)
     # Row b uses its first need[b] entries: one min/max over the columns every row uses, and one
     # more, masked, only for ragged rows (no masked gather of the whole table on every call).
     dev = block_table.device
@@ -323,16 +337,13 @@ def block_table_values(block_table: torch.Tensor, num_blocks: int, block_size: i
         used = torch.arange(block_table.shape[1], device=dev)[None] < need[:, None]
         bad = used & ((block_table < 0) | (block_table >= num_blocks))
         b, j = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is used by row {b} but "
-                         f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
-                         f"(num_blocks = k_cache.shape[0])")
+        raise _table_entry_error(b, j, int(block_table[b, j]), num_blocks)
     if new_tokens > 0:
         pos = lengths.long()[:, None] + torch.arange(new_tokens, device=lengths.device)
         rows = torch.arange(batch, device=lengths.device)[:, None].expand_as(pos)
         slots = block_table[rows, pos // block_size].long() * block_size + pos % block_size
         if torch.unique(slots).numel() != slots.numel():
-            raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
-                             "slot; rows may share blocks they only read, not blocks they write")
+            raise ValueError(_SHARED_SLOT)
 
 
 def _block_table_values_small(block_table: torch.Tensor, num_blocks: int, block_size: int,
@@ -346,18 +357,13 @@ def _block_table_values_small(block_table: torch.Tensor, num_blocks: int, block_
     longest = max(totals)
     if longest > capacity:
         b = totals.index(longest)
-        raise ValueError(f"cache_seqlens[{b}] + Tq = {longest} tokens do not fit in block_table "
-                         f"row {b}: max_blocks * block_size = {max_blocks} * "
-                         f"{block_size} = {capacity}")
+        raise _table_capacity_error(b, longest, max_blocks, block_size)
     for b, (row, total) in enumerate(zip(rows, totals)):
         for j in range(max(0, -(-total // block_size))):  # the blocks of the row's first `total` tokens
             if not 0 <= row[j] < num_blocks:
-                raise ValueError(f"block_table[{b}, {j}] = {row[j]} is used by row {b} but "
-                                 f"is not a block of the cache: values must be in 0..{num_blocks - 1} "
-                                 f"(num_blocks = k_cache.shape[0])")
+                raise _table_entry_error(b, j, row[j], num_blocks)
     if new_tokens > 0:
         slots = [row[p // block_size] * block_size + p % block_size
                  for row, total in zip(rows, totals) for p in range(total - new_tokens, total)]
         if len(set(slots)) != len(slots):
-            raise ValueError("block_table makes two rows append k_new/v_new into the same cache "
-                             "slot; rows may share blocks they only read, not blocks they write")
+            raise ValueError(_SHARED_SLOT)
